@@ -1,0 +1,595 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+The INI file, read into frozen values, or refused with one line that says where.
+
+A proxy that starts with a typo in its configuration is a proxy that is open,
+or closed, in a way nobody asked for; so every unknown section or key and
+every bad value stops start-up with a L{ConfigError} naming the file, the
+section and the key.  The defaults live in one table (L{SCHEMA}) and go
+through the same parsers as the file's values, so L{defaultConfig} cannot
+drift from what a file with every key at its default would give.
+
+Only L{loadConfig} reads files; L{parseConfig} works on text (it does ask
+Twisted to build each listen endpoint, which for C{ssl:} reads the
+certificate it names, because that is the only complete validation of an
+endpoint string).
+"""
+
+from __future__ import annotations
+
+import configparser
+import difflib
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from attrs import frozen
+
+from gateway import policy, upstream
+
+__all__ = [
+    "SCHEMA",
+    "AuthConfig",
+    "Config",
+    "ConfigError",
+    "LogConfig",
+    "MetricsConfig",
+    "MitmConfig",
+    "ProxyConfig",
+    "UpstreamConfig",
+    "defaultConfig",
+    "endpointAddress",
+    "loadConfig",
+    "parseConfig",
+]
+
+SelfAddress = tuple[str | None, int]
+
+
+class ConfigError(Exception):
+    """
+    A configuration that must not start.  C{str(e)} is one line:
+    "<file>: [section] key: problem", "<file>: [section]: problem" or
+    "<file>: problem", and never contains a password.
+    """
+
+
+@frozen
+class ProxyConfig:
+    listen: tuple[str, ...]
+    allowed_client_cidrs: tuple[policy.IPNetwork, ...]
+    connect_ports: tuple[tuple[int, int], ...]
+    allow_destinations: tuple[policy.HostPattern, ...]
+    deny_destinations: tuple[policy.HostPattern, ...]
+    via: str
+    forwarded_for: bool
+    connect_timeout: float
+    header_timeout: float
+    idle_timeout: float
+    max_header_size: int
+    max_connections: int
+
+
+@frozen
+class AuthConfig:
+    htpasswd: str | None
+    realm: str
+
+
+@frozen
+class UpstreamConfig:
+    proxy: upstream.ProxyURL | None
+    no_proxy: upstream.NoProxy
+    ca_certificate: str | None
+    verify: bool
+
+
+@frozen
+class MitmConfig:
+    enabled: bool
+    ca_cert: str
+    ca_key: str
+    intercept: tuple[policy.HostPattern, ...]
+    passthrough: tuple[policy.HostPattern, ...]
+    upstream_ca_bundle: str | None
+    verify_upstream: bool
+
+
+@frozen
+class MetricsConfig:
+    listen: tuple[str, ...]
+    path: str
+
+
+@frozen
+class LogConfig:
+    access_log: str | None
+    format: str
+
+
+@frozen
+class Config:
+    proxy: ProxyConfig
+    auth: AuthConfig
+    upstream: UpstreamConfig
+    mitm: MitmConfig
+    metrics: MetricsConfig
+    log: LogConfig
+    path: str | None
+
+    def selfAddresses(self) -> frozenset[SelfAddress]:
+        """
+        The (interface, port) pairs of the proxy and metrics listeners, for
+        L{policy.DestinationPolicy.withSelfAddresses}; interface None means
+        every interface.  Port 0 listeners are left out: only the bound port
+        (C{IListeningPort.getHost()}) is known, so the service adds those.
+        """
+        found: set[SelfAddress] = set()
+        for description in self.proxy.listen + self.metrics.listen:
+            address = endpointAddress(description)
+            if address is not None and address[1] != 0:
+                found.add(address)
+        return frozenset(found)
+
+
+# -- endpoint strings --------------------------------------------------------------------------
+
+
+def _endpointParts(description: str) -> tuple[str, list[str], dict[str, str]]:
+    """Split an endpoint string as Twisted does: ':' between fields, '=' in key=value, '\\' escapes."""
+    fields: list[list[str]] = [[""]]
+    chars = iter(description)
+    afterEquals = False
+    for char in chars:
+        if char == "\\":
+            fields[-1][-1] += next(chars, "")
+        elif char == ":":
+            fields.append([""])
+            afterEquals = False
+        elif char == "=" and not afterEquals:
+            fields[-1].append("")
+            afterEquals = True
+        else:
+            fields[-1][-1] += char
+    kind = fields[0][0] if len(fields[0]) == 1 else ""
+    args = [f[0] for f in fields[1:] if len(f) == 1]
+    kwargs = {f[0]: f[1] for f in fields[1:] if len(f) == 2}
+    return kind, args, kwargs
+
+
+_NETWORK_ENDPOINTS = {
+    # kind: (index of the positional port, default port, default interface)
+    "tcp": (0, None, ""),
+    "tcp6": (0, None, "::"),
+    "ssl": (0, None, ""),
+    "tls": (1, "443", "::"),
+}
+
+
+def _endpointBinding(description: str) -> tuple[str, str | None] | None:
+    """(interface, port text) of a TCP-based server endpoint, None for other kinds."""
+    kind, args, kwargs = _endpointParts(description)
+    if kind not in _NETWORK_ENDPOINTS:
+        return None
+    index, defaultPort, defaultInterface = _NETWORK_ENDPOINTS[kind]
+    port = kwargs.get("port", args[index] if len(args) > index else defaultPort)
+    return kwargs.get("interface", defaultInterface), port
+
+
+def endpointAddress(description: str) -> SelfAddress | None:
+    """
+    The (interface, port) a tcp:, tcp6:, ssl: or tls: server endpoint binds,
+    interface None when it is every interface; None for any other kind
+    (unix:, systemd:, plugins) or a string that does not say.
+    """
+    binding = _endpointBinding(description)
+    if binding is None or binding[1] is None or not binding[1].isdigit():
+        return None
+    interface, port = binding
+    address = policy.parseIP(interface)
+    if not interface or (address is not None and address.is_unspecified):
+        return (None, int(port))
+    return (str(address) if address is not None else interface, int(port))
+
+
+def _isLocalOnly(description: str) -> bool:
+    """
+    Can only this machine connect?  unix: sockets and loopback binds can;
+    wildcard or other binds, and endpoint kinds we cannot see into, count as
+    reachable from the network.
+    """
+    kind = _endpointParts(description)[0]
+    if kind == "unix":
+        return True
+    binding = _endpointBinding(description)
+    if binding is None:
+        return False
+    interface = binding[0]
+    if interface.lower() == "localhost":
+        return True
+    address = policy.parseIP(interface)
+    return address is not None and address.is_loopback
+
+
+def _checkEndpoint(description: str) -> None:
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        serverFromString(reactor, description)
+    except Exception as e:  # Twisted raises ValueError, TypeError, OSError, KeyError...
+        problem = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(f"invalid endpoint {description!r}: {problem}") from None
+    binding = _endpointBinding(description)
+    if binding is not None and binding[1] is not None:
+        port = binding[1]
+        if not (port.isdigit() and 0 <= int(port) <= 65535):
+            raise ValueError(f"invalid endpoint {description!r}: port {port!r} is not in 0-65535")
+
+
+# -- value parsers -----------------------------------------------------------------------------
+# Each takes the raw value and the folder relative paths are relative to, and
+# raises ValueError with a one-line problem (the caller adds file/section/key).
+
+Parser = Callable[[str, str], Any]
+
+
+def _items(value: str) -> list[str]:
+    return [item for item in re.split(r"[\s,]+", value.strip()) if item]
+
+
+def _endpoints(value: str, baseDir: str) -> tuple[str, ...]:
+    items = _items(value)
+    for item in items:
+        _checkEndpoint(item)
+    return tuple(items)
+
+
+def _requiredEndpoints(value: str, baseDir: str) -> tuple[str, ...]:
+    items = _endpoints(value, baseDir)
+    if not items:
+        raise ValueError("at least one endpoint is required (e.g. tcp:3128:interface=127.0.0.1)")
+    return items
+
+
+def _cidrs(value: str, baseDir: str) -> tuple[policy.IPNetwork, ...]:
+    networks = []
+    for item in _items(value):
+        text = item[1:-1] if item.startswith("[") and item.endswith("]") else item
+        try:
+            network = ipaddress.ip_network(text, strict=True)
+        except ValueError as e:
+            try:
+                loose = ipaddress.ip_network(text, strict=False)
+            except ValueError:
+                raise ValueError(f"invalid CIDR {item!r}: {e}") from None
+            raise ValueError(f"invalid CIDR {item!r}: host bits set (did you mean {loose}?)")
+        networks.append(policy.normaliseNetwork(network))
+    return tuple(networks)
+
+
+def _ports(value: str, baseDir: str) -> tuple[tuple[int, int], ...]:
+    return policy.parsePortRanges(_items(value))
+
+
+def _patterns(value: str, baseDir: str) -> tuple[policy.HostPattern, ...]:
+    return policy.parseHostPatterns(_items(value))
+
+
+_BOOLEANS = {
+    "on": True, "true": True, "yes": True, "1": True,
+    "off": False, "false": False, "no": False, "0": False,
+}  # fmt: skip
+
+
+def _boolean(value: str, baseDir: str) -> bool:
+    try:
+        return _BOOLEANS[value.strip().lower()]
+    except KeyError:
+        raise ValueError(
+            f"invalid boolean {value!r} (use on/off, true/false, yes/no or 1/0)"
+        ) from None
+
+
+def _seconds(value: str, baseDir: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"invalid number of seconds {value!r}") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"must be a number of seconds greater than 0, not {value!r}")
+    return seconds
+
+
+def _positiveInteger(value: str, baseDir: str) -> int:
+    text = value.strip()
+    if not re.fullmatch(r"[0-9]+", text):
+        raise ValueError(f"invalid integer {value!r}")
+    number = int(text)
+    if number <= 0:
+        raise ValueError(f"must be greater than 0, not {value!r}")
+    return number
+
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def _via(value: str, baseDir: str) -> str:
+    if value and not _TOKEN.fullmatch(value):
+        raise ValueError(
+            f"invalid pseudonym {value!r}: one HTTP token (letters, digits, "
+            "!#$%&'*+-.^_`|~), or empty for no Via"
+        )
+    return value
+
+
+def _realm(value: str, baseDir: str) -> str:
+    if not value or not all(" " <= c <= "~" and c not in '"\\' for c in value):
+        raise ValueError(f"invalid realm {value!r}: printable ASCII without '\"' or '\\'")
+    return value
+
+
+def _path(value: str, baseDir: str) -> str:
+    if not value:
+        raise ValueError("a file path is required")
+    return os.path.normpath(os.path.join(baseDir, os.path.expanduser(value)))
+
+
+def _optionalPath(value: str, baseDir: str) -> str | None:
+    return _path(value, baseDir) if value else None
+
+
+def _accessLog(value: str, baseDir: str) -> str | None:
+    return "-" if value == "-" else _optionalPath(value, baseDir)
+
+
+_LOG_FORMATS = ("squid", "combined", "json")
+
+
+def _logFormat(value: str, baseDir: str) -> str:
+    if value.lower() not in _LOG_FORMATS:
+        raise ValueError(f"unknown log format {value!r} (use {', '.join(_LOG_FORMATS)})")
+    return value.lower()
+
+
+def _urlPath(value: str, baseDir: str) -> str:
+    if not re.fullmatch(r"/[!$&'()*+,\-./0-9:;=@A-Z_a-z~%]*", value):
+        raise ValueError(f"invalid path {value!r}: must start with '/', no query or spaces")
+    return value
+
+
+def _proxyURL(value: str, baseDir: str) -> upstream.ProxyURL | None:
+    # parseProxyURL's messages never quote the URL; neither may anything here.
+    return upstream.parseProxyURL(value) if value else None
+
+
+def _noProxy(value: str, baseDir: str) -> upstream.NoProxy:
+    return upstream.parseNoProxy(_items(value))
+
+
+# section -> key -> (default as written in the INI, parser)
+SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
+    "proxy": {
+        "listen": ("tcp:3128:interface=127.0.0.1", _requiredEndpoints),
+        "allowed_client_cidrs": ("127.0.0.0/8 ::1/128", _cidrs),
+        "connect_ports": ("443", _ports),
+        "allow_destinations": ("", _patterns),
+        "deny_destinations": (
+            "127.0.0.0/8 ::1/128 169.254.0.0/16 fe80::/10 0.0.0.0/8",
+            _patterns,
+        ),
+        "via": ("proxygate", _via),
+        "forwarded_for": ("off", _boolean),
+        "connect_timeout": ("10", _seconds),
+        "header_timeout": ("30", _seconds),
+        "idle_timeout": ("300", _seconds),
+        "max_header_size": ("65536", _positiveInteger),
+        "max_connections": ("10000", _positiveInteger),
+    },
+    "auth": {
+        "htpasswd": ("", _optionalPath),
+        "realm": ("proxygate", _realm),
+    },
+    "upstream": {
+        "proxy": ("", _proxyURL),
+        "no_proxy": ("", _noProxy),
+        "ca_certificate": ("", _optionalPath),
+        "verify": ("on", _boolean),
+    },
+    "mitm": {
+        "enabled": ("off", _boolean),
+        "ca_cert": ("proxygate-ca.pem", _path),
+        "ca_key": ("proxygate-ca.key", _path),
+        "intercept": ("*", _patterns),
+        "passthrough": ("", _patterns),
+        "upstream_ca_bundle": ("", _optionalPath),
+        "verify_upstream": ("on", _boolean),
+    },
+    "metrics": {
+        "listen": ("tcp:9530:interface=127.0.0.1", _endpoints),
+        "path": ("/metrics", _urlPath),
+    },
+    "log": {
+        "access_log": ("-", _accessLog),
+        "format": ("squid", _logFormat),
+    },
+}
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word.lower(), list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _unknownKeyProblem(section: str, key: str) -> str:
+    homes = [name for name, keys in SCHEMA.items() if key in keys and name != section]
+    if homes:
+        return f"unknown key {key!r} (it belongs in " + " or ".join(f"[{h}]" for h in homes) + ")"
+    return f"unknown key {key!r}" + _suggest(key, SCHEMA[section])
+
+
+def _read(text: str, path: str) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(
+        delimiters=("=",),
+        inline_comment_prefixes=(";", "#"),
+        interpolation=None,
+        strict=True,
+        default_section="\x00none",  # so a [DEFAULT] section is refused, not inherited
+    )
+    try:
+        parser.read_string(text, source=path)
+    except configparser.DuplicateOptionError as e:
+        raise ConfigError(f"{path}: [{e.section}] {e.option}: duplicate key (line {e.lineno})")
+    except configparser.DuplicateSectionError as e:
+        raise ConfigError(f"{path}: [{e.section}]: duplicate section (line {e.lineno})")
+    except configparser.MissingSectionHeaderError as e:
+        raise ConfigError(f"{path}: line {e.lineno}: a key before any [section] header")
+    except configparser.ParsingError as e:
+        # The offending line is not quoted: it may be a mistyped proxy URL with a password.
+        lines = [str(lineno) for lineno, _ in e.errors]
+        more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+        raise ConfigError(f"{path}: line {lines[0]}: expected 'key = value'{more}")
+    return parser
+
+
+def _values(parser: configparser.ConfigParser, path: str, baseDir: str) -> dict[str, Any]:
+    """Every key of every section: the file's value or the default, parsed."""
+    for section in parser.sections():
+        if section not in SCHEMA:
+            raise ConfigError(
+                f"{path}: [{section}]: unknown section {section!r}"
+                + (_suggest(section, SCHEMA) or f" (sections: {', '.join(SCHEMA)})")
+            )
+        for key in parser[section]:
+            if key not in SCHEMA[section]:
+                raise ConfigError(f"{path}: [{section}] {key}: {_unknownKeyProblem(section, key)}")
+    values: dict[str, Any] = {}
+    for section, keys in SCHEMA.items():
+        for key, (default, parse) in keys.items():
+            raw = parser.get(section, key, fallback=default) if parser.has_section(section) else default
+            try:
+                values[f"{section}.{key}"] = parse(raw.strip(), baseDir)
+            except ValueError as e:
+                raise ConfigError(f"{path}: [{section}] {key}: {e}") from None
+    return values
+
+
+def _coversEverything(networks: Iterable[policy.IPNetwork]) -> bool:
+    for version, everything in ((4, "0.0.0.0/0"), (6, "::/0")):
+        nets = [n for n in networks if n.version == version]
+        if list(ipaddress.collapse_addresses(nets)) == [ipaddress.ip_network(everything)]:
+            return True
+    return False
+
+
+def _refuseOpenProxy(config: Config, path: str) -> None:
+    """
+    A proxy reachable from the network, letting in every address, without a
+    password, is an open proxy: spam, abuse and SSRF for anyone who finds it.
+    """
+    if config.auth.htpasswd is not None:
+        return
+    if not _coversEverything(config.proxy.allowed_client_cidrs):
+        return
+    for description in config.proxy.listen:
+        if not _isLocalOnly(description):
+            raise ConfigError(
+                f"{path}: [proxy] allowed_client_cidrs: refusing to run an open proxy: "
+                f"listen {description!r} is reachable from other hosts, "
+                "allowed_client_cidrs admits every address and [auth] htpasswd is empty "
+                "(narrow allowed_client_cidrs or set [auth] htpasswd)"
+            )
+
+
+def parseConfig(text: str, path: str = "<config>", *, allowOpenProxy: bool = False) -> Config:
+    """
+    Read INI text.  Relative paths are relative to the folder of C{path}
+    (the current folder for the default "<config>").  C{allowOpenProxy} is
+    for a deliberate, explicit command-line override, never a default.
+    """
+    baseDir = os.path.dirname(os.path.abspath(path))
+    v = _values(_read(text, path), path, baseDir)
+    config = Config(
+        proxy=ProxyConfig(
+            listen=v["proxy.listen"],
+            allowed_client_cidrs=v["proxy.allowed_client_cidrs"],
+            connect_ports=v["proxy.connect_ports"],
+            allow_destinations=v["proxy.allow_destinations"],
+            deny_destinations=v["proxy.deny_destinations"],
+            via=v["proxy.via"],
+            forwarded_for=v["proxy.forwarded_for"],
+            connect_timeout=v["proxy.connect_timeout"],
+            header_timeout=v["proxy.header_timeout"],
+            idle_timeout=v["proxy.idle_timeout"],
+            max_header_size=v["proxy.max_header_size"],
+            max_connections=v["proxy.max_connections"],
+        ),
+        auth=AuthConfig(htpasswd=v["auth.htpasswd"], realm=v["auth.realm"]),
+        upstream=UpstreamConfig(
+            proxy=v["upstream.proxy"],
+            no_proxy=v["upstream.no_proxy"],
+            ca_certificate=v["upstream.ca_certificate"],
+            verify=v["upstream.verify"],
+        ),
+        mitm=MitmConfig(
+            enabled=v["mitm.enabled"],
+            ca_cert=v["mitm.ca_cert"],
+            ca_key=v["mitm.ca_key"],
+            intercept=v["mitm.intercept"],
+            passthrough=v["mitm.passthrough"],
+            upstream_ca_bundle=v["mitm.upstream_ca_bundle"],
+            verify_upstream=v["mitm.verify_upstream"],
+        ),
+        metrics=MetricsConfig(listen=v["metrics.listen"], path=v["metrics.path"]),
+        log=LogConfig(access_log=v["log.access_log"], format=v["log.format"]),
+        path=None if path == "<config>" else os.path.abspath(path),
+    )
+    if not allowOpenProxy:
+        _refuseOpenProxy(config, path)
+    return config
+
+
+def defaultConfig() -> Config:
+    """The built-in defaults (DESIGN.md); relative paths are relative to the current folder."""
+    return parseConfig("")
+
+
+def _checkReadable(config: Config, path: str) -> None:
+    """Files the proxy must read at start: fail now, naming the key, not later in a traceback."""
+    for section, key, filename in (
+        ("auth", "htpasswd", config.auth.htpasswd),
+        ("upstream", "ca_certificate", config.upstream.ca_certificate),
+        ("mitm", "upstream_ca_bundle", config.mitm.upstream_ca_bundle),
+    ):
+        if filename is None:
+            continue
+        try:
+            with open(filename, "rb"):
+                pass
+        except OSError as e:
+            raise ConfigError(f"{path}: [{section}] {key}: cannot read {filename}: {e.strerror}")
+
+
+def loadConfig(path: str | None, *, allowOpenProxy: bool = False) -> Config:
+    """
+    Read the INI file at C{path} (None: the built-in defaults), and check that
+    the files it names for reading exist; any problem is a L{ConfigError}.
+    """
+    if path is None:
+        return defaultConfig()
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    config = parseConfig(text, path, allowOpenProxy=allowOpenProxy)
+    _checkReadable(config, path)
+    return config

@@ -1,0 +1,173 @@
+"""
+Header rules for an intermediary: what is hop-by-hop, what the proxy adds, and the request
+target forms it accepts. Pure functions over plain lists of (name, value) pairs.
+"""
+
+from __future__ import annotations
+
+import time
+from email.utils import formatdate
+
+from .parse import Headers, HTTPError, splitTokens
+
+__all__ = [
+    "HOP_BY_HOP",
+    "Target",
+    "connectionTokens",
+    "httpDate",
+    "parseAbsoluteTarget",
+    "parseAuthority",
+    "stripHopByHop",
+]
+
+# RFC 9110 §7.6.1 names these (and "not limited to"); Proxy-Authorization is consumed by
+# this proxy and Proxy-Authenticate answers it, so neither ever crosses a hop.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+    }
+)
+# The proxy frames every message itself; a client listing these in Connection must not make
+# the proxy drop the framing or the Host it computes (Go CVE-2021-33197).
+_PROTECTED = frozenset({b"host", b"content-length"})
+
+
+def connectionTokens(headers: Headers) -> list[bytes]:
+    """The lower-cased options of every Connection field."""
+    return splitTokens([v for n, v in headers if n.lower() == b"connection"])
+
+
+def stripHopByHop(headers: Headers, keep: frozenset[bytes] = frozenset()) -> Headers:
+    """
+    Drop hop-by-hop fields and every field the Connection header names.
+
+    The removal set is computed first and applied once (tinyproxy CVE-2023-49606 freed the
+    list it was iterating when Connection named itself). Fields in C{keep} survive (the
+    upgrade handshake keeps Upgrade and Connection for its own hop). Content-Length and
+    framing fields are dropped too: the caller writes its own framing.
+    """
+    drop = set(HOP_BY_HOP)
+    drop.add(b"content-length")
+    for token in connectionTokens(headers):
+        if token not in _PROTECTED:
+            drop.add(token)
+    drop.difference_update(keep)
+    return [(n, v) for n, v in headers if n.lower() not in drop]
+
+
+class Target:
+    """Where an absolute-form request goes, and what the origin sees as its target."""
+
+    __slots__ = ("host", "hostHeader", "path", "port", "scheme")
+
+    def __init__(self, scheme: str, host: str, port: int, path: bytes, hostHeader: bytes):
+        self.scheme = scheme
+        self.host = host  # no brackets for IPv6
+        self.port = port
+        self.path = path
+        self.hostHeader = hostHeader
+
+    def url(self) -> str:
+        """The URL for logs, without its query (Squid's strip_query_terms)."""
+        path = self.path.split(b"?", 1)[0].decode("ascii", "replace")
+        return f"{self.scheme}://{self.hostHeader.decode('ascii', 'replace')}{path}"
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def parseAuthority(authority: bytes, defaultPort: int | None) -> tuple[str, int]:
+    """
+    Split C{host[:port]} (IPv6 literals in brackets).
+
+    @raise HTTPError: 400 for an empty host, a bad or missing port, userinfo, or characters
+        that have no business in a host name.
+    """
+    if not authority or b"@" in authority:
+        raise HTTPError(400, "invalid authority (no host, or userinfo)")
+    if authority.startswith(b"["):
+        close = authority.find(b"]")
+        if close < 0:
+            raise HTTPError(400, "unterminated IPv6 literal")
+        host = authority[1:close]
+        rest = authority[close + 1 :]
+        if not host or not all(c in b"0123456789abcdefABCDEF:." for c in host):
+            raise HTTPError(400, "invalid IPv6 literal")
+        if rest and not rest.startswith(b":"):
+            raise HTTPError(400, "junk after the IPv6 literal")
+        portText = rest[1:] if rest else None
+    else:
+        host, sep, portText = authority.partition(b":")
+        if not sep:
+            portText = None
+        if not host:
+            raise HTTPError(400, "empty host")
+        for c in host:
+            # letters, digits, '-', '.', '_' (seen in real internal names)
+            if not (c == 45 or c == 46 or c == 95 or 48 <= c <= 57 or 65 <= c <= 90 or 97 <= c <= 122):
+                raise HTTPError(400, "invalid character in the host")
+    if portText is None or portText == b"":
+        if defaultPort is None:
+            raise HTTPError(400, "the target has no port")
+        port = defaultPort
+    else:
+        if not portText.isdigit() or len(portText) > 5:
+            raise HTTPError(400, "invalid port")
+        port = int(portText)
+        if not 0 < port < 65536:
+            raise HTTPError(400, "port out of range")
+    return host.decode("ascii").lower(), port
+
+
+def parseAbsoluteTarget(target: bytes) -> Target:
+    """
+    Parse an absolute-form request target (RFC 9112 §3.2.2).
+
+    Only C{http://} is forwarded in plain HTTP: other schemes (ftp, gopher, file, urn...)
+    were the source of a string of Squid CVEs and have no place in an HTTP proxy. The path
+    and query go to the origin byte for byte (RFC 9110 §7.7); an empty path becomes C{/}.
+    """
+    sep = target.find(b"://")
+    if sep < 0:
+        raise HTTPError(400, "the request target is not an absolute URI")
+    scheme = target[:sep].lower()
+    if scheme != b"http":
+        raise HTTPError(400, f"unsupported URI scheme {scheme[:16].decode('ascii', 'replace')!r}")
+    rest = target[sep + 3 :]
+    slash = len(rest)
+    for delim in (b"/", b"?"):
+        i = rest.find(delim)
+        if 0 <= i < slash:
+            slash = i
+    authority = rest[:slash]
+    path = rest[slash:]
+    if not path:
+        path = b"/"
+    elif path[:1] == b"?":
+        path = b"/" + path
+    host, port = parseAuthority(authority, 80)
+    if port == 80:
+        hostHeader = authority.rsplit(b":", 1)[0] if authority.endswith(b":80") else authority
+    else:
+        hostHeader = authority
+    return Target("http", host, port, path, hostHeader.lower())
+
+
+_dateCache: tuple[int, bytes] = (0, b"")
+
+
+def httpDate() -> bytes:
+    """The current IMF-fixdate, formatted once per second (it is added to every response)."""
+    global _dateCache
+    now = int(time.time())
+    if _dateCache[0] != now:
+        _dateCache = (now, formatdate(now, usegmt=True).encode("ascii"))
+    return _dateCache[1]

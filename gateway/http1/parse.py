@@ -1,0 +1,185 @@
+"""
+Strict, sans-IO parsing of HTTP/1.1 message heads (RFC 9112 §2-§5).
+
+A forward proxy sits between peers that disagree about HTTP, and nearly every proxy CVE of
+the last years is a parser that was lenient in one place and strict in another. So the rules
+here are the strict reading, applied the same way in every message: exactly CRLF line ends,
+single spaces in the start line, token field names, no whitespace before the colon, no
+control characters in values. Requests that break them are refused (400); responses get the
+few repairs RFC 9112 requires of a proxy (whitespace before the colon removed, obs-fold
+unfolded) and are otherwise refused too (502).
+
+The functions take the head *without* its final empty line, as found by the caller in its
+receive buffer, and return plain values; they never see a socket.
+"""
+
+from __future__ import annotations
+
+import re
+
+from attrs import define
+
+__all__ = [
+    "HTTPError",
+    "RequestHead",
+    "ResponseHead",
+    "parseRequestHead",
+    "parseResponseHead",
+]
+
+
+class HTTPError(Exception):
+    """
+    A message the proxy cannot or will not handle.
+
+    It carries the status the proxy answers with and a one-line reason for the client, the
+    access log and the metrics, so every refusal is explained the same way wherever it is
+    raised.
+    """
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.reason}"
+
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@define(slots=True)
+class RequestHead:
+    """
+    A parsed request head. Field names keep the spelling they arrived with (the origin sees
+    them unchanged); lookups go through L{findAll}, which compares case-insensitively.
+    """
+
+    method: bytes
+    target: bytes
+    version: bytes
+    headers: Headers
+
+
+@define(slots=True)
+class ResponseHead:
+    version: bytes
+    status: int
+    reason: bytes
+    headers: Headers
+
+
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_METHOD = re.compile(_TOKEN)
+# Visible ASCII only: SP, CTL, DEL and obs-text never appear in a valid request-target, and
+# '#' (a fragment) is never sent on the wire (HAProxy CVE-2023-45539).
+_TARGET = re.compile(rb"[!-\"$-~]+")
+_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
+# field-line = field-name ":" OWS field-value OWS; the value may be empty and may contain
+# SP/HTAB inside, obs-text, but no other control character (CR, LF, NUL: RFC 9110 §5.5).
+_FIELD = re.compile(
+    rb"(" + _TOKEN + rb"):[ \t]*((?:[!-~\x80-\xff](?:[ \t!-~\x80-\xff]*[!-~\x80-\xff])?)?)[ \t]*"
+)
+# Responses: a proxy MUST remove whitespace between the field name and the colon.
+_RESPONSE_FIELD = re.compile(
+    rb"(" + _TOKEN + rb")[ \t]*:[ \t]*((?:[!-~\x80-\xff](?:[ \t!-~\x80-\xff]*[!-~\x80-\xff])?)?)[ \t]*"
+)
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([\t !-~\x80-\xff]*))?")
+
+
+def _splitLines(block: bytes, error: HTTPError) -> list[bytes]:
+    lines = block.split(b"\r\n")
+    # A bare CR or LF left inside a line means the sender framed lines differently from us:
+    # exactly the disagreement request smuggling feeds on (RFC 9112 §2.2).
+    for line in lines:
+        if b"\n" in line or b"\r" in line:
+            raise error
+    return lines
+
+
+def parseRequestHead(block: bytes, maxHeaders: int = 100) -> RequestHead:
+    """
+    Parse a request line and its field lines.
+
+    @raise HTTPError: 400 for anything malformed, 431 for too many fields, 505 for a
+        well-formed version other than 1.0 and 1.1.
+    """
+    lines = _splitLines(block, HTTPError(400, "bare CR or LF in the request head"))
+    parts = lines[0].split(b" ")
+    if len(parts) != 3:
+        raise HTTPError(400, "malformed request line")
+    method, target, version = parts
+    if not _METHOD.fullmatch(method):
+        raise HTTPError(400, "malformed method")
+    if not _TARGET.fullmatch(target):
+        raise HTTPError(400, "invalid character in the request target")
+    if version != b"HTTP/1.1" and version != b"HTTP/1.0":
+        if _VERSION.fullmatch(version):
+            raise HTTPError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
+        raise HTTPError(400, "malformed HTTP version")
+    if len(lines) - 1 > maxHeaders:
+        raise HTTPError(431, f"more than {maxHeaders} header fields")
+    headers: Headers = []
+    append = headers.append
+    fullmatch = _FIELD.fullmatch
+    for line in lines[1:]:
+        m = fullmatch(line)
+        if m is None:
+            if line[:1] in (b" ", b"\t"):
+                raise HTTPError(400, "obsolete line folding in the request head")
+            raise HTTPError(400, "malformed header field")
+        append((m.group(1), m.group(2)))
+    return RequestHead(method, target, version, headers)
+
+
+def parseResponseHead(block: bytes, maxHeaders: int = 200) -> ResponseHead:
+    """
+    Parse a status line and its field lines, with the repairs RFC 9112 asks of a proxy.
+
+    @raise HTTPError: always 502: the client cannot fix what the origin sent.
+    """
+    lines = _splitLines(block, HTTPError(502, "bare CR or LF in the origin's response head"))
+    m = _STATUS_LINE.fullmatch(lines[0])
+    if m is None:
+        raise HTTPError(502, "malformed status line from the origin")
+    status = int(m.group(2))
+    if status < 100:
+        raise HTTPError(502, "invalid status code from the origin")
+    if len(lines) - 1 > maxHeaders:
+        raise HTTPError(502, "too many header fields from the origin")
+    headers: Headers = []
+    fullmatch = _RESPONSE_FIELD.fullmatch
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t") and headers:
+            # obs-fold: RFC 9112 §5.2 lets a proxy replace it with SP before forwarding.
+            name, value = headers[-1]
+            extra = line.strip(b" \t")
+            if not _FIELD.fullmatch(b"x:" + extra):
+                raise HTTPError(502, "malformed folded header from the origin")
+            headers[-1] = (name, value + b" " + extra if value else extra)
+            continue
+        fm = fullmatch(line)
+        if fm is None:
+            raise HTTPError(502, "malformed header field from the origin")
+        headers.append((fm.group(1), fm.group(2)))
+    return ResponseHead(b"HTTP/1." + m.group(1), status, m.group(3) or b"", headers)
+
+
+def findAll(headers: Headers, lowerName: bytes) -> list[bytes]:
+    """Every value of one field, in order (names compared case-insensitively)."""
+    return [v for n, v in headers if n.lower() == lowerName]
+
+
+def splitTokens(values: list[bytes]) -> list[bytes]:
+    """
+    The members of comma-separated list fields, lower-cased, empty members dropped
+    (RFC 9110 §5.6.1: recipients must accept `a, , b`).
+    """
+    out = []
+    for value in values:
+        for item in value.split(b","):
+            item = item.strip(b" \t")
+            if item:
+                out.append(item.lower())
+    return out

@@ -1,0 +1,153 @@
+"""
+CONNECT: check the target, dial it, answer 200, and splice.
+
+The 200 is written raw, with no Content-Length or Transfer-Encoding (RFC 9110 §9.3.6), and
+the bytes the client sent right behind the CONNECT head (an eager TLS ClientHello) are the
+first bytes relayed, never dropped.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..accesslog import AccessRecord
+from ..http1.headers import parseAuthority
+from ..http1.parse import HTTPError, RequestHead
+from ..policy import portAllowed
+from .dial import DestinationDenied, DialError
+from .responses import errorResponse
+from .tunnel import Splice, TunnelOrigin
+
+__all__ = ["startConnect"]
+
+ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+
+
+class ConnectAttempt:
+    """A CONNECT from the moment its head is parsed to the end of its tunnel."""
+
+    def __init__(self, client, head: RequestHead, user: str | None) -> None:
+        self.client = client
+        self.rt = client.rt
+        self.head = head
+        self.user = user
+        self.host = ""
+        self.port = 0
+        self.ip = "-"
+        self.code = 0
+        self.finished = False
+        self.responseStarted = False
+        self.splice: Splice | None = None
+        self.origin: TunnelOrigin | None = None
+        self.started = self.rt.reactor.seconds()
+        self.wallStart = time.time()
+        self.reason: str | None = None
+
+    def begin(self) -> None:
+        rt = self.rt
+        try:
+            self.host, self.port = parseAuthority(self.head.target, None)
+        except HTTPError as e:
+            self._fail(400, f"Bad CONNECT target: {e.reason}.", None)
+            return
+        if not portAllowed(rt.connectPorts, self.port):
+            rt.metrics.denied.labels("port").inc()
+            self._fail(403, f"CONNECT to port {self.port} is not allowed by this proxy.", None,
+                       action="TCP_DENIED", result="denied")
+            return
+        decision = rt.destinations.checkName(self.host, self.port)
+        if not decision.allowed:
+            rt.metrics.denied.labels(decision.reason or "destination").inc()
+            self._fail(403, f"Destination denied: {decision.detail}", None, action="TCP_DENIED",
+                       result="denied")
+            return
+        self.origin = TunnelOrigin()
+        # Until the tunnel is up, early bytes stay in the client's buffer, unread further.
+        d = rt.dialer.connect(self.host, self.port, self.origin)
+        d.addCallbacks(self._connected, self._dialFailed)
+
+    def _connected(self, ip: str) -> None:
+        self.ip = ip
+        if self.finished:
+            self.origin.transport.loseConnection()
+            return
+        rt = self.rt
+        self.code = 200
+        self.responseStarted = True
+        rt.metrics.live.tunnels += 1
+        self.client.transport.write(ESTABLISHED)
+        self.splice = Splice(self.client, self.origin.transport, self.origin.pauser, rt.metrics,
+                             self._ended)
+        self.origin.attach(self.splice)
+        self.client.startSplice(self.splice)
+
+    def _dialFailed(self, failure) -> None:
+        if self.finished:
+            return
+        e = failure.value
+        if isinstance(e, DestinationDenied):
+            self.rt.metrics.denied.labels("destination").inc()
+            self._fail(403, f"Destination denied: {e.detail}", "destination_ip_prohibited",
+                       action="TCP_DENIED", result="denied")
+        elif isinstance(e, DialError):
+            self.rt.metrics.upstreamErrors.labels(e.reason).inc()
+            kind = {"dns": "dns_error", "refused": "connection_refused",
+                    "timeout": "connection_timeout"}.get(e.reason, "proxy_internal_error")
+            self._fail(e.status, e.message, kind, result=e.reason)
+        else:
+            self._fail(502, "Cannot reach the origin.", "proxy_internal_error", result="error")
+
+    def _fail(self, status: int, message: str, proxyStatus: str | None, *,
+              action: str = "TCP_TUNNEL", result: str = "error") -> None:
+        """No tunnel: answer and close (early tunnel bytes may follow the head)."""
+        self.code = status
+        self.reason = message
+        self.finished = True
+        self.rt.metrics.live.tunnelEnded(result if status != 400 else "bad_request")
+        self.client.transport.write(errorResponse(status, message, proxyStatus=proxyStatus))
+        self.client.exchangeDone(True)
+        self._log(action)
+
+    def _ended(self) -> None:
+        self.finished = True
+        rt = self.rt
+        rt.metrics.live.tunnels -= 1
+        rt.metrics.live.tunnelEnded("ok")
+        self._log("TCP_TUNNEL")
+
+    def clientLost(self) -> None:
+        """Client gone before the tunnel was up."""
+        if self.finished:
+            return
+        self.finished = True
+        self.reason = "client closed the connection"
+        self.rt.metrics.live.tunnelEnded("client_gone")
+        if self.origin is not None and self.origin.transport is not None:
+            self.origin.transport.loseConnection()
+        self._log("TCP_TUNNEL_ABORTED")
+
+    def _log(self, action: str) -> None:
+        rt = self.rt
+        elapsed = rt.reactor.seconds() - self.started
+        rt.metrics.request("forward", b"CONNECT", self.code, elapsed)
+        if rt.accessLog is None:
+            return
+        sent = self.splice.fromOriginBytes if self.splice is not None else 0
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        rt.accessLog.record(
+            AccessRecord(
+                start=self.wallStart, elapsed=elapsed, client=self.client.peerHost,
+                code=self.code, size=sent, method="CONNECT",
+                url=f"{host}:{self.port}" if self.host else "-", user=self.user, action=action,
+                hierarchy=f"HIER_DIRECT/{self.ip}" if self.ip != "-" else "HIER_NONE/-",
+                contentType="-", mode="tunnel", reason=self.reason,
+                version=self.head.version.decode("ascii"),
+            )
+        )
+
+
+def startConnect(client, head: RequestHead, user: str | None) -> ConnectAttempt:
+    attempt = ConnectAttempt(client, head, user)
+    client.exchange = attempt
+    attempt.begin()
+    return attempt

@@ -1,0 +1,180 @@
+"""
+Reaching an origin: resolve once, check every address against the destination policy,
+connect to an allowed address, and report failures in the proxy's own vocabulary.
+
+The address that is checked is the address that is dialled: the name is resolved here, not
+inside the endpoint, so DNS rebinding between a check and a connect has no gap to use.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections import OrderedDict
+
+from twisted.internet import defer, error
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IResolutionReceiver
+from zope.interface import implementer
+
+from ..policy import DestinationPolicy, parseIP
+
+__all__ = ["Dialer", "DialError", "DestinationDenied"]
+
+
+class DialError(Exception):
+    """
+    The origin could not be reached. C{reason} is the metric label (dns, refused, timeout,
+    tls, reset) and C{status} what the client gets (502, or 504 for a timeout).
+    """
+
+    def __init__(self, reason: str, status: int, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.status = status
+        self.message = message
+
+
+class DestinationDenied(Exception):
+    """The destination policy refused every address of the target."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class _OneShot(Factory):
+    """Hands out one prepared protocol; quiet, since a proxy opens thousands of these."""
+
+    noisy = False
+
+    def __init__(self, protocol) -> None:
+        self.protocol = protocol
+
+    def buildProtocol(self, addr):
+        return self.protocol
+
+
+@implementer(IResolutionReceiver)
+class _Collect:
+    def __init__(self) -> None:
+        self.addresses: list[str] = []
+        self.done = defer.Deferred()
+
+    def resolutionBegan(self, resolution) -> None:
+        pass
+
+    def addressResolved(self, address) -> None:
+        if address.host not in self.addresses:
+            self.addresses.append(address.host)
+
+    def resolutionComplete(self) -> None:
+        self.done.callback(self.addresses)
+
+
+class Resolver:
+    """
+    getaddrinfo through the reactor's resolver, with a short positive cache: origins that
+    are not pooled (new connection per request) would otherwise cost a thread hop each.
+    """
+
+    def __init__(self, reactor, ttl: float = 30.0, size: int = 4096) -> None:
+        self._reactor = reactor
+        self._ttl = ttl
+        self._size = size
+        self._cache: OrderedDict[str, tuple[float, list[str]]] = OrderedDict()
+
+    def resolve(self, host: str) -> defer.Deferred:
+        hit = self._cache.get(host)
+        now = time.monotonic()
+        if hit is not None and hit[0] > now:
+            return defer.succeed(hit[1])
+        receiver = _Collect()
+        self._reactor.nameResolver.resolveHostName(
+            receiver, host, 0, transportSemantics="TCP"
+        )
+
+        def store(addresses: list[str]) -> list[str]:
+            if addresses:
+                self._cache[host] = (now + self._ttl, addresses)
+                self._cache.move_to_end(host)
+                while len(self._cache) > self._size:
+                    self._cache.popitem(last=False)
+            return addresses
+
+        return receiver.done.addCallback(store)
+
+
+class Dialer:
+    """Connects protocols to origins under a destination policy and a connect timeout."""
+
+    def __init__(self, reactor, policy: DestinationPolicy, connectTimeout: float) -> None:
+        self.reactor = reactor
+        self.policy = policy
+        self.connectTimeout = connectTimeout
+        self.resolver = Resolver(reactor)
+
+    def addresses(self, host: str, port: int) -> defer.Deferred:
+        """The addresses of C{host} that the policy lets this proxy dial, in order."""
+        literal = parseIP(host)
+        if literal is not None:
+            d = defer.succeed([str(literal)])
+        else:
+            d = self.resolver.resolve(host)
+
+        def check(addresses: list[str]) -> list[str]:
+            if not addresses:
+                raise DialError("dns", 502, f"cannot resolve host {host!r}")
+            allowed = []
+            detail = ""
+            for ip in addresses:
+                decision = self.policy.checkAddress(host, ip, port)
+                if decision.allowed:
+                    allowed.append(ip)
+                else:
+                    detail = decision.detail
+            if not allowed:
+                raise DestinationDenied(detail)
+            return allowed
+
+        return d.addCallback(check)
+
+    @defer.inlineCallbacks
+    def connect(self, host: str, port: int, protocol, wrap=None):
+        """
+        Connect C{protocol} to C{host}:C{port}.
+
+        @param wrap: optional function of a TCP endpoint returning the endpoint to use (TLS).
+        @return: Deferred firing with the dialled IP once the protocol is connected.
+        @raise DialError, DestinationDenied: through the Deferred.
+        """
+        deadline = self.reactor.seconds() + self.connectTimeout
+        try:
+            addresses = yield self.addresses(host, port)
+        except (DialError, DestinationDenied):
+            raise
+        except Exception:
+            raise DialError("dns", 502, f"cannot resolve host {host!r}")
+        lastError: DialError | None = None
+        for ip in addresses:
+            remaining = deadline - self.reactor.seconds()
+            if remaining <= 0:
+                break
+            endpointType = TCP6ClientEndpoint if ":" in ip else TCP4ClientEndpoint
+            endpoint = endpointType(self.reactor, ip, port, timeout=remaining)
+            if wrap is not None:
+                endpoint = wrap(endpoint)
+            try:
+                yield endpoint.connect(_OneShot(protocol))
+            except error.ConnectionRefusedError:
+                lastError = DialError("refused", 502, f"connection to {host}:{port} refused")
+            except (error.TimeoutError, error.UserError):
+                lastError = DialError("timeout", 504, f"{host}:{port} did not answer in time")
+            except (error.ConnectError, OSError, socket.error) as e:
+                lastError = DialError("refused", 502, f"cannot connect to {host}:{port}: {e}")
+            else:
+                return ip
+        if lastError is None:
+            lastError = DialError("timeout", 504, f"{host}:{port} did not answer in time")
+        raise lastError

@@ -1,0 +1,56 @@
+"""
+Flow control shared by every relay: a transport's reading is paused while *any* reason
+holds (the peer's send buffer is full, a pipelined request waits, the origin is still being
+dialled), and resumed only when the last reason clears.
+
+Registering a peer's raw transport as the producer (what twisted.protocols.portforward
+does) cannot express several reasons at once, and leaves a pooled connection paused after
+the relay that paused it is gone. This class can.
+"""
+
+from __future__ import annotations
+
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+__all__ = ["ReadPauser", "PEER", "PIPELINE", "CONNECTING"]
+
+PEER = 1  # the other side's send buffer is full
+PIPELINE = 2  # a complete request is buffered behind the one being served
+CONNECTING = 4  # request body bytes wait for the origin connection
+
+
+@implementer(IPushProducer)
+class ReadPauser:
+    """
+    Owns the pause state of one transport. Registered (streaming) as the producer of the
+    peer's transport, so the peer's full buffer pauses this side's reading.
+    """
+
+    __slots__ = ("reasons", "transport")
+
+    def __init__(self, transport) -> None:
+        self.transport = transport
+        self.reasons = 0
+
+    def pause(self, reason: int) -> None:
+        if not self.reasons:
+            self.transport.pauseProducing()
+        self.reasons |= reason
+
+    def resume(self, reason: int) -> None:
+        if self.reasons & reason:
+            self.reasons &= ~reason
+            if not self.reasons:
+                self.transport.resumeProducing()
+
+    # IPushProducer, as the peer transport sees us
+    def pauseProducing(self) -> None:
+        self.pause(PEER)
+
+    def resumeProducing(self) -> None:
+        self.resume(PEER)
+
+    def stopProducing(self) -> None:
+        # The peer transport is gone; its own connectionLost tears the relay down.
+        pass

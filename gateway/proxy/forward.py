@@ -1,0 +1,413 @@
+"""
+One forwarded request and its response: the absolute-form path (and, later, the requests
+decrypted inside a MITM tunnel, which are the same thing with TLS on both legs).
+
+The exchange takes a parsed request head from the client connection, gets an origin
+connection (pooled or new), writes a normalised head, streams the request body as the
+client sends it, and streams the response back re-framed for this client. Nothing is
+buffered beyond what one read delivers: each side's full send buffer pauses the other
+side's reading.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..accesslog import AccessRecord
+from ..http1.framing import CHUNKED, LAST_CHUNK, LENGTH, NONE, encodeChunk
+from ..http1.headers import Target, httpDate, stripHopByHop
+from ..http1.parse import HTTPError, RequestHead, ResponseHead
+from .dial import DestinationDenied, DialError
+from .flow import CONNECTING
+from .origin import OriginConnection
+from .responses import errorResponse
+from .tunnel import Splice
+
+__all__ = ["ForwardExchange"]
+
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_UPGRADE_KEEP = frozenset({b"upgrade", b"connection"})
+
+
+class ForwardExchange:
+    """
+    State of one request/response pair between a client connection and an origin.
+
+    The client connection feeds it C{requestBody(data)} and C{requestEnd()}, and is told
+    C{exchangeDone(close)} at the end. The origin connection calls the response events.
+    """
+
+    def __init__(
+        self,
+        client,
+        head: RequestHead,
+        target: Target,
+        framing,
+        *,
+        mode: str = "forward",
+        upgrade: bytes | None = None,
+        user: str | None = None,
+    ) -> None:
+        self.client = client
+        self.rt = client.rt
+        self.head = head
+        self.target = target
+        self.framing = framing
+        self.mode = mode
+        self.upgrade = upgrade
+        self.user = user
+        self.origin: OriginConnection | None = None
+        self.pending: list[bytes] | None = []
+        self.requestComplete = framing.kind == NONE
+        self.responseStarted = False
+        self.finished = False
+        self.code = 0
+        self.sent = 0
+        self.received = 0
+        self.sentUpstream = 0
+        self.contentType = ""
+        self.ip = "-"
+        self.reused = False
+        self.retried = False
+        self.closeAfter = not client.persistent
+        self.clientChunked = False
+        self.started = self.rt.reactor.seconds()
+        self.wallStart = time.time()
+        self.reason: str | None = None
+
+    # --- origin side -------------------------------------------------------------------
+
+    def begin(self) -> None:
+        key = (self.target.scheme, self.target.host, self.target.port)
+        conn = self.rt.pool.get(key)
+        if conn is not None:
+            self.reused = True
+            self._attach(conn, conn.ip)
+        else:
+            self._dial(key)
+
+    def _dial(self, key: tuple) -> None:
+        conn = OriginConnection(key, self.rt.reactor)
+        d = self.rt.dialer.connect(self.target.host, self.target.port, conn)
+        d.addCallbacks(lambda ip: self._connected(conn, ip), self._dialFailed)
+
+    def _connected(self, conn: OriginConnection, ip: str) -> None:
+        conn.ip = ip
+        if self.finished:
+            conn.transport.loseConnection()
+            return
+        self._attach(conn, ip)
+
+    def _attach(self, conn: OriginConnection, ip: str) -> None:
+        self.origin = conn
+        self.ip = ip
+        conn.start(self, self.head.method)
+        client = self.client
+        client.transport.registerProducer(conn.pauser, True)
+        conn.transport.registerProducer(client.pauser, True)
+        out = [self._requestHead()]
+        pending, self.pending = self.pending, None
+        if pending:
+            out.extend(pending)
+            self.sentUpstream += sum(map(len, pending)) if self.framing.kind != CHUNKED else 0
+        if self.requestComplete and self.framing.kind == CHUNKED:
+            out.append(LAST_CHUNK)
+        conn.transport.write(b"".join(out))
+        client.pauser.resume(CONNECTING)
+
+    def _dialFailed(self, failure) -> None:
+        if self.finished:
+            return
+        e = failure.value
+        if isinstance(e, DestinationDenied):
+            self.rt.metrics.denied.labels("destination").inc()
+            self._localError(403, f"Destination denied: {e.detail}", "destination_ip_prohibited",
+                             action="TCP_DENIED")
+        elif isinstance(e, DialError):
+            self.rt.metrics.upstreamErrors.labels(e.reason).inc()
+            kind = {"dns": "dns_error", "refused": "connection_refused",
+                    "timeout": "connection_timeout"}.get(e.reason, "proxy_internal_error")
+            self._localError(e.status, e.message, kind)
+        else:
+            self.rt.log.failure("dialling {host}", failure, host=self.target.host)
+            self._localError(502, "Cannot reach the origin.", "proxy_internal_error")
+
+    def _requestHead(self) -> bytes:
+        head = self.head
+        target = self.target
+        lines = [head.method, b" ", target.path, b" HTTP/1.1\r\nHost: ", target.hostHeader, b"\r\n"]
+        keep = _UPGRADE_KEEP if self.upgrade is not None else frozenset()
+        maxForwards = None
+        for name, value in stripHopByHop(head.headers):
+            lower = name.lower()
+            if lower == b"host":
+                continue
+            if lower == b"max-forwards":
+                maxForwards = value
+                continue
+            lines += (name, b": ", value, b"\r\n")
+        if maxForwards is not None:
+            # Decrement on the way through (RFC 9110 §7.6.2); 0 was answered locally.
+            lines.append(b"Max-Forwards: %d\r\n" % max(int(maxForwards) - 1, 0))
+        kind = self.framing.kind
+        if kind == LENGTH:
+            lines.append(b"Content-Length: %d\r\n" % self.framing.length)
+        elif kind == CHUNKED:
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        if keep:
+            lines.append(b"Connection: upgrade\r\nUpgrade: " + self.upgrade + b"\r\n")
+        via = self.rt.viaRequest
+        if via:
+            lines.append(via[head.version])
+        if self.rt.forwardedFor:
+            lines.append(b"X-Forwarded-For: " + self.client.peerHost.encode("ascii") + b"\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+    # --- request body, from the client ---------------------------------------------------
+
+    def requestBody(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.framing.kind == CHUNKED:
+            data = encodeChunk(data)
+        if self.pending is not None:
+            # Still dialling: hold this one read and stop reading until connected.
+            self.pending.append(data)
+            self.client.pauser.pause(CONNECTING)
+            return
+        if self.origin is not None:
+            self.sentUpstream += len(data)
+            self.origin.transport.write(data)
+
+    def requestEnd(self) -> None:
+        self.requestComplete = True
+        if self.framing.kind == CHUNKED:
+            if self.pending is not None:
+                self.pending.append(LAST_CHUNK)
+            elif self.origin is not None:
+                self.origin.transport.write(LAST_CHUNK)
+
+    # --- response, from the origin -------------------------------------------------------
+
+    def informational(self, head: ResponseHead) -> None:
+        if self.client.version == b"HTTP/1.1":
+            self._write(self._responseHead(head, interim=True))
+
+    def responseHead(self, head: ResponseHead, framing) -> None:
+        self.responseStarted = True
+        self.code = head.status
+        if self.upgrade is not None:
+            self.rt.metrics.upgrades.labels("refused").inc()
+        self._write(self._responseHead(head, framing=framing))
+
+    def _responseHead(self, head: ResponseHead, framing=None, interim: bool = False) -> bytes:
+        lines = [b"HTTP/1.1 %d " % head.status, head.reason, b"\r\n"]
+        keep = _UPGRADE_KEEP if head.status == 101 else frozenset()
+        hasDate = False
+        for name, value in stripHopByHop(head.headers, keep):
+            lower = name.lower()
+            if lower == b"date":
+                hasDate = True
+            elif lower == b"content-type":
+                self.contentType = value.decode("latin-1")
+            lines += (name, b": ", value, b"\r\n")
+        if not interim:
+            if not hasDate:
+                lines += (b"Date: ", httpDate(), b"\r\n")
+            if framing is not None:
+                kind = framing.kind
+                if kind == LENGTH:
+                    lines.append(b"Content-Length: %d\r\n" % framing.length)
+                elif kind == NONE:
+                    if head.status >= 200 and (
+                        self.head.method == b"HEAD" or head.status == 304
+                    ):
+                        # A HEAD or 304 response states the length of what a GET would get.
+                        for name, value in head.headers:
+                            if name.lower() == b"content-length":
+                                lines += (b"Content-Length: ", value.split(b",")[0].strip(), b"\r\n")
+                                break
+                    elif head.status not in (204,) and head.status >= 200:
+                        lines.append(b"Content-Length: 0\r\n")
+                elif self.client.version == b"HTTP/1.1":
+                    lines.append(b"Transfer-Encoding: chunked\r\n")
+                    self.clientChunked = True
+                else:
+                    # An HTTP/1.0 client cannot take chunked: delimit by closing.
+                    self.closeAfter = True
+            if not self.requestComplete:
+                # The origin answered before the request body ended (e.g. 413): the rest of
+                # that body cannot be told from a next request safely, so close after this.
+                self.closeAfter = True
+            if head.status == 101:
+                pass
+            elif self.closeAfter:
+                lines.append(b"Connection: close\r\n")
+        via = self.rt.viaResponse
+        if via:
+            lines.append(via.get(head.version, via[b"HTTP/1.1"]))
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+    def responseBody(self, data: bytes) -> None:
+        self.sent += len(data)
+        if self.clientChunked:
+            data = encodeChunk(data)
+        self.client.transport.write(data)
+
+    def responseEnd(self) -> None:
+        if self.clientChunked:
+            self.client.transport.write(LAST_CHUNK)
+        origin = self.origin
+        if origin is not None:
+            self._releaseOrigin(origin, reuse=self.requestComplete)
+        self._finish()
+
+    def upgraded(self, head: ResponseHead, rest: bytes) -> None:
+        """The origin switched protocols: relay its 101, then become a blind pipe."""
+        if self.upgrade is None:
+            # A 101 nobody asked for cannot be relayed (RFC 9110 §15.2.2).
+            self.originFailed(HTTPError(502, "the origin switched protocols unasked"))
+            return
+        self.responseStarted = True
+        self.code = 101
+        self.rt.metrics.upgrades.labels("ok").inc()
+        client = self.client
+        client.transport.unregisterProducer()
+        origin = self.origin
+        origin.transport.unregisterProducer()
+        self._write(self._responseHead(head))
+        splice = Splice(client, origin.transport, origin.pauser, self.rt.metrics, self._upgradeEnded)
+        origin.splice = splice
+        client.startSplice(splice)
+        if rest:
+            splice.fromOrigin(rest)
+
+    def _upgradeEnded(self) -> None:
+        self._log()
+
+    def originFailed(self, e: HTTPError) -> None:
+        """The origin broke HTTP: 502 if nothing was sent yet, else cut the client off."""
+        self.rt.metrics.upstreamErrors.labels("reset").inc()
+        self.reason = e.reason
+        if self.origin is not None:
+            origin, self.origin = self.origin, None
+            origin.detach()
+        if self.responseStarted:
+            self._abortClient()
+        else:
+            self._localError(e.status, f"Bad response from the origin: {e.reason}.",
+                             "http_protocol_error", keepOrigin=False)
+
+    def originLost(self, reason, responsesBefore: int) -> None:
+        """The origin closed before its response was complete."""
+        origin, self.origin = self.origin, None
+        if self.finished:
+            return
+        if (
+            not self.responseStarted
+            and self.reused
+            and not self.retried
+            and self.head.method in _IDEMPOTENT
+            and self.framing.kind == NONE
+        ):
+            # A pooled connection the origin had already closed: the request never reached
+            # it, so one retry on a fresh connection is safe (idempotent, no body).
+            self.retried = True
+            self.reused = False
+            self.client.transport.unregisterProducer()
+            self.pending = []
+            self._dial((self.target.scheme, self.target.host, self.target.port))
+            return
+        self.rt.metrics.upstreamErrors.labels("reset").inc()
+        if self.responseStarted:
+            self.reason = "origin closed mid-response"
+            self._abortClient()
+        else:
+            self._localError(502, "The origin closed the connection without a response.",
+                             "http_response_incomplete", keepOrigin=False)
+
+    def _releaseOrigin(self, origin: OriginConnection, reuse: bool) -> None:
+        self.origin = None
+        self.client.transport.unregisterProducer()
+        if origin.transport is not None:
+            origin.transport.unregisterProducer()
+        self.client.pauser.resume(CONNECTING)
+        if reuse:
+            self.rt.pool.put(origin)
+        else:
+            origin.transport.loseConnection()
+
+    # --- endings -------------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        self.client.transport.write(data)
+
+    def _localError(self, status: int, message: str, proxyStatus: str | None,
+                     action: str = "TCP_MISS", keepOrigin: bool = True) -> None:
+        self.code = status
+        self.reason = message
+        if self.origin is not None:
+            origin, self.origin = self.origin, None
+            origin.detach()
+        # Unread request body bytes may still be coming: close after answering.
+        close = self.closeAfter or not self.requestComplete
+        self.closeAfter = close
+        body = errorResponse(status, message, close=close, proxyStatus=proxyStatus,
+                             head=self.head.method == b"HEAD")
+        self.client.transport.write(body)
+        self._finish(action)
+
+    def _abortClient(self) -> None:
+        """Make a truncated response visible: the client sees the connection reset."""
+        self.closeAfter = True
+        self.finished = True
+        self.client.transport.abortConnection()
+        self._log()
+
+    def clientLost(self) -> None:
+        """The client went away mid-exchange: drop the origin side too."""
+        if self.finished:
+            return
+        self.finished = True
+        self.reason = "client closed the connection"
+        if self.origin is not None:
+            origin, self.origin = self.origin, None
+            origin.detach()
+        self._log(action="TCP_MISS_ABORTED")
+
+    def _finish(self, action: str = "TCP_MISS") -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self._log(action)
+        self.client.exchangeDone(self.closeAfter)
+
+    def _log(self, action: str = "TCP_MISS") -> None:
+        rt = self.rt
+        elapsed = rt.reactor.seconds() - self.started
+        m = rt.metrics
+        m.request(self.mode, self.head.method, self.code, elapsed)
+        m.fromClient.inc(self.received)
+        m.toUpstream.inc(self.sentUpstream)
+        m.fromUpstream.inc(self.sent)
+        m.toClient.inc(self.sent)
+        if rt.accessLog is not None:
+            rt.accessLog.record(
+                AccessRecord(
+                    start=self.wallStart,
+                    elapsed=elapsed,
+                    client=self.client.peerHost,
+                    code=self.code,
+                    size=self.sent,
+                    method=self.head.method.decode("ascii"),
+                    url=self.target.url(),
+                    user=self.user,
+                    action=action,
+                    hierarchy=f"HIER_DIRECT/{self.ip}" if self.ip != "-" else "HIER_NONE/-",
+                    contentType=self.contentType,
+                    mode=self.mode,
+                    reason=self.reason,
+                    version=self.head.version.decode("ascii"),
+                )
+            )

@@ -1,0 +1,196 @@
+"""
+The proxy as a Twisted service: what `twistd proxygate` runs, and what an existing Twisted
+application attaches with C{makeService(config).setServiceParent(application)}.
+
+The service owns everything it opens: the proxy listeners, the metrics listener, every
+client and origin connection, the access log file. Stopping it stops accepting, lets
+exchanges in flight finish and tunnels run for a grace period, then closes what is left.
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import MultiService
+from twisted.internet import defer, task
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from .accesslog import AccessLog, fileObserver
+from .config import Config, loadConfig
+from .metrics import Metrics, MetricsResource
+from .proxy.client import ClientFactory
+from .proxy.runtime import Runtime
+
+__all__ = ["GatewayService", "ListenError", "makeService"]
+
+
+class ListenError(Exception):
+    """A configured listener could not be opened (address in use, permission...)."""
+
+
+class _QuietSite(Site):
+    """The metrics site: scrapes are not access-logged."""
+
+    noisy = False
+
+    def log(self, request) -> None:
+        pass
+
+
+class GatewayService(MultiService):
+    """
+    @ivar runtime: what the connections share (metrics, pool, policies).
+    @ivar ports: the listening ports once started, proxy listeners first.
+    @ivar proxyPorts, metricsPorts: the same, split by role.
+    """
+
+    log = Logger(namespace="proxygate")
+
+    def __init__(self, config: Config, reactor=None, *, drainGrace: float = 10.0,
+                 exitOnListenFailure: bool = False) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        self.config = config
+        self.reactor = reactor
+        self.drainGrace = drainGrace
+        self.exitOnListenFailure = exitOnListenFailure
+        self.metrics = Metrics()
+        self.proxyPorts: list = []
+        self.metricsPorts: list = []
+        self._logFile = None
+        self._flusher = None
+        self._authReloader = None
+        authenticator = None
+        if config.auth.htpasswd:
+            from .auth import Authenticator
+
+            authenticator = Authenticator(config.auth.htpasswd, config.auth.realm, reactor=reactor)
+        self.authenticator = authenticator
+        self.runtime = Runtime(config, reactor, self.metrics, self._openAccessLog(), authenticator)
+
+    def _openAccessLog(self) -> AccessLog | None:
+        target = self.config.log.access_log
+        if target is None:
+            return None
+        if target == "-":
+            return AccessLog(self.config.log.format)
+        self._logFile = open(target, "a", encoding="utf-8")  # noqa: SIM115 - owned until stop
+        return AccessLog(self.config.log.format, observer=fileObserver(self._logFile))
+
+    @property
+    def ports(self) -> list:
+        return self.proxyPorts + self.metricsPorts
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            self._listen()
+        except ListenError as e:
+            if self.exitOnListenFailure:
+                raise SystemExit(f"proxygate: {e}")
+            raise
+        addresses = set()
+        for port in self.ports:
+            host = port.getHost()
+            addresses.add((host.host if host.host not in ("0.0.0.0", "::") else None, host.port))
+        self.runtime.setSelfAddresses(addresses)
+        if self._logFile is not None:
+            self._flusher = task.LoopingCall(self._logFile.flush)
+            self._flusher.clock = self.reactor
+            self._flusher.start(1.0, now=False)
+        if self.authenticator is not None:
+            self._authReloader = task.LoopingCall(self.authenticator.maybeReload)
+            self._authReloader.clock = self.reactor
+            self._authReloader.start(1.0, now=False)
+        for port in self.proxyPorts:
+            h = port.getHost()
+            self.log.info("proxygate listening on {host}:{port}", host=h.host, port=h.port)
+        for port in self.metricsPorts:
+            h = port.getHost()
+            self.log.info("proxygate metrics on http://{host}:{port}{path}", host=h.host,
+                          port=h.port, path=self.config.metrics.path)
+
+    def _listen(self) -> None:
+        """
+        Open every listener now, synchronously: a proxy that says it started must be
+        listening, and a port in use must fail start-up with one clear line.
+        """
+        factory = ClientFactory(self.runtime)
+        for description in self.config.proxy.listen:
+            self.proxyPorts.append(self._listenOne(description, factory))
+        if self.config.metrics.listen:
+            site = _QuietSite(self._metricsRoot())
+            for description in self.config.metrics.listen:
+                self.metricsPorts.append(self._listenOne(description, site))
+
+    def _listenOne(self, description: str, factory):
+        d = serverFromString(self.reactor, description).listen(factory)
+        result: list = []
+        d.addBoth(result.append)
+        if not result:
+            raise ListenError(f"listener {description!r} did not start synchronously")
+        port = result[0]
+        if isinstance(port, Exception) or hasattr(port, "value"):
+            error = getattr(port, "value", port)
+            self._closePorts()
+            raise ListenError(f"cannot listen on {description!r}: {error}")
+        return port
+
+    def _metricsRoot(self) -> Resource:
+        root = Resource()
+        segments = [s.encode("utf-8") for s in self.config.metrics.path.strip("/").split("/")]
+        node = root
+        for segment in segments[:-1]:
+            child = Resource()
+            node.putChild(segment, child)
+            node = child
+        node.putChild(segments[-1], MetricsResource(self.metrics.registry))
+        self.metricsRoot = root
+        return root
+
+    def _closePorts(self) -> list:
+        ds = [defer.maybeDeferred(p.stopListening) for p in self.ports]
+        self.proxyPorts = []
+        self.metricsPorts = []
+        return ds
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        yield defer.maybeDeferred(super().stopService)
+        yield defer.DeferredList(self._closePorts())
+        for timer in (self._flusher, self._authReloader):
+            if timer is not None and timer.running:
+                timer.stop()
+        rt = self.runtime
+        for conn in list(rt.connections):
+            conn.drain()
+        deadline = self.reactor.seconds() + self.drainGrace
+        while rt.connections and self.reactor.seconds() < deadline:
+            yield task.deferLater(self.reactor, 0.05, lambda: None)
+        for conn in list(rt.connections):
+            if conn.splice is not None:
+                conn.splice.abort()
+            else:
+                conn.transport.abortConnection()
+        rt.pool.closeAll()
+        # Let the aborts run their connectionLost before reporting stopped.
+        for _ in range(20):
+            if not rt.connections:
+                break
+            yield task.deferLater(self.reactor, 0.01, lambda: None)
+        if self._logFile is not None:
+            self._logFile.flush()
+            self._logFile.close()
+            self._logFile = None
+
+
+def makeService(config: Config | str | None = None, reactor=None, **kwargs) -> GatewayService:
+    """
+    Build the proxy service from a L{Config}, a path to an INI file, or None (the built-in
+    defaults). Nothing listens until the service is started.
+    """
+    if not isinstance(config, Config):
+        config = loadConfig(config)
+    return GatewayService(config, reactor, **kwargs)
