@@ -139,7 +139,7 @@ class Config:
 
 
 def _endpointParts(description: str) -> tuple[str, list[str], dict[str, str]]:
-    """Split an endpoint string as Twisted does: ':' between fields, '=' in key=value, '\\' escapes."""
+    """Split an endpoint string as Twisted does: ':' between fields, key=value, '\\' escapes."""
     fields: list[list[str]] = [[""]]
     chars = iter(description)
     afterEquals = False
@@ -222,6 +222,8 @@ def _checkEndpoint(description: str) -> None:
         serverFromString(reactor, description)
     except Exception as e:  # Twisted raises ValueError, TypeError, OSError, KeyError...
         problem = " ".join(str(e).split()) or type(e).__name__
+        if re.search(r"interface=(?:[0-9a-fA-F]{0,4}:){2}", description):
+            problem += " (escape ':' in IPv6 addresses: interface=\\:\\:1)"
         raise ValueError(f"invalid endpoint {description!r}: {problem}") from None
     binding = _endpointBinding(description)
     if binding is not None and binding[1] is not None:
@@ -472,7 +474,9 @@ def _values(parser: configparser.ConfigParser, path: str, baseDir: str) -> dict[
     values: dict[str, Any] = {}
     for section, keys in SCHEMA.items():
         for key, (default, parse) in keys.items():
-            raw = parser.get(section, key, fallback=default) if parser.has_section(section) else default
+            raw = default
+            if parser.has_section(section):
+                raw = parser.get(section, key, fallback=default)
             try:
                 values[f"{section}.{key}"] = parse(raw.strip(), baseDir)
             except ValueError as e:

@@ -63,6 +63,20 @@ class Metrics:
             "proxygate_mitm_certificate_cache_hits", "TLS contexts served from the cache.",
             registry=r,
         )
+        self.apiRequests = Counter(
+            "proxygate_api_requests", "Decrypted (MITM) requests by host, API and status.",
+            ["host", "api", "code"], registry=r,
+        )
+        self.apiLatency = Histogram(
+            "proxygate_api_latency_seconds", "Decrypted (MITM) request latency by host and API.",
+            ["host", "api"], buckets=_DURATION_BUCKETS, registry=r,
+        )
+        self.apiRequestBytes = Counter(
+            "proxygate_api_request_bytes", "Request body bytes of decrypted (MITM) requests.",
+            ["host", "api"], registry=r,
+        )
+        self.maxAPISeries = 500
+        self._apis: dict[tuple[str, str], tuple] = {}
         self._requestChildren: dict[tuple[str, bytes, int], Counter] = {}
         self._durationChildren: dict[str, Histogram] = {}
         self.fromClient = self.transferred.labels("from_client")
@@ -85,6 +99,34 @@ class Metrics:
         if hist is None:
             hist = self._durationChildren[mode] = self.duration.labels(mode)
         hist.observe(seconds)
+
+
+    def api(self, host: str, api: str, code: int, seconds: float, requestBytes: int) -> None:
+        """
+        Per-API figures of decrypted traffic. The number of (host, api) pairs is capped:
+        past the cap, new pairs are counted as host="other", api="other", so a client
+        inventing paths or names cannot grow the scrape without bound.
+        """
+        key = (host, api)
+        children = self._apis.get(key)
+        if children is None:
+            if len(self._apis) >= self.maxAPISeries:
+                key = ("other", "other")
+                children = self._apis.get(key)
+            if children is None:
+                children = self._apis[key] = (
+                    self.apiLatency.labels(*key),
+                    self.apiRequestBytes.labels(*key),
+                    {},
+                )
+        latency, size, codes = children
+        latency.observe(seconds)
+        if requestBytes:
+            size.inc(requestBytes)
+        counter = codes.get(code)
+        if counter is None:
+            counter = codes[code] = self.apiRequests.labels(key[0], key[1], str(code))
+        counter.inc()
 
 
 class _LiveCollector:

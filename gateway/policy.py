@@ -153,9 +153,7 @@ def normaliseNetwork(network: IPNetwork) -> IPNetwork:
         and network.prefixlen >= 96
         and network.network_address.ipv4_mapped is not None
     ):
-        return ipaddress.IPv4Network(
-            (network.network_address.ipv4_mapped, network.prefixlen - 96)
-        )
+        return ipaddress.IPv4Network((network.network_address.ipv4_mapped, network.prefixlen - 96))
     return network
 
 
@@ -462,11 +460,12 @@ class DestinationPolicy:
                     "destination",
                     f"destination {_show(host)} is denied by deny_destinations ({pattern})",
                 )
-        if self.allow and not self._allowNetworks():
-            if not any(p.matchesName(host) for p in self.allow):
-                return _deny(
-                    "destination", f"destination {_show(host)} is not in allow_destinations"
-                )
+        if (
+            self.allow
+            and not self._allowNetworks()
+            and not any(p.matchesName(host) for p in self.allow)
+        ):
+            return _deny("destination", f"destination {_show(host)} is not in allow_destinations")
         return ALLOWED
 
     def _isSelf(self, address: IPAddress, port: int) -> bool:
@@ -477,7 +476,9 @@ class DestinationPolicy:
                 if address.is_loopback or address.is_unspecified:
                     return True
                 continue
-            selfAddress = ipaddress.ip_address(selfHost)
+            selfAddress = parseIP(selfHost)
+            if selfAddress is None:
+                continue
             if address == selfAddress or (address.is_unspecified and selfAddress.is_loopback):
                 return True
         return False

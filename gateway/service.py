@@ -15,12 +15,14 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
+from twisted.web.static import Data
 
 from .accesslog import AccessLog, fileObserver
-from .config import Config, loadConfig
+from .config import Config, ConfigError, loadConfig
 from .metrics import Metrics, MetricsResource
 from .proxy.client import ClientFactory
 from .proxy.runtime import Runtime
+from .tls.ca import CAError
 
 __all__ = ["GatewayService", "ListenError", "makeService"]
 
@@ -64,11 +66,19 @@ class GatewayService(MultiService):
         self._authReloader = None
         authenticator = None
         if config.auth.htpasswd:
-            from .auth import Authenticator
+            from .auth import Authenticator, HtpasswdError
 
-            authenticator = Authenticator(config.auth.htpasswd, config.auth.realm, reactor=reactor)
+            try:
+                authenticator = Authenticator(config.auth.htpasswd, config.auth.realm,
+                                              reactor=reactor)
+            except HtpasswdError as e:
+                raise ConfigError(f"{config.path or '<defaults>'}: [auth] htpasswd: {e}")
         self.authenticator = authenticator
-        self.runtime = Runtime(config, reactor, self.metrics, self._openAccessLog(), authenticator)
+        try:
+            self.runtime = Runtime(config, reactor, self.metrics, self._openAccessLog(),
+                                   authenticator)
+        except CAError as e:
+            raise ConfigError(f"{config.path or '<defaults>'}: [mitm] ca_cert/ca_key: {e}")
 
     def _openAccessLog(self) -> AccessLog | None:
         target = self.config.log.access_log
@@ -147,6 +157,11 @@ class GatewayService(MultiService):
             node.putChild(segment, child)
             node = child
         node.putChild(segments[-1], MetricsResource(self.metrics.registry))
+        interceptor = self.runtime.interceptor
+        if interceptor is not None:
+            # Users fetch the CA to trust it: curl http://127.0.0.1:9530/ca.pem
+            root.putChild(b"ca.pem", Data(interceptor.ca.pem(), "application/x-pem-file"))
+            root.putChild(b"ca.der", Data(interceptor.ca.der(), "application/x-x509-ca-cert"))
         self.metricsRoot = root
         return root
 

@@ -25,8 +25,10 @@ __all__ = ["NoProxy", "NoProxyEntry", "ProxyURL", "parseNoProxy", "parseProxyURL
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
-_HOSTNAME = re.compile(r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*"
-                       r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.?")
+_HOSTNAME = re.compile(
+    r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*"
+    r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.?"
+)
 
 
 @frozen
@@ -126,8 +128,7 @@ def parseProxyURL(text: str) -> ProxyURL:
             password = unquote(rawPassword, errors="strict") if colon else None
         except UnicodeDecodeError:
             raise ValueError(
-                "invalid upstream proxy URL: the user name or password is not "
-                "percent-encoded UTF-8"
+                "invalid upstream proxy URL: the user name or password is not percent-encoded UTF-8"
             ) from None
         if ":" in username:
             raise ValueError("invalid upstream proxy URL: the user name must not contain ':'")

@@ -17,7 +17,7 @@ from zope.interface import implementer
 
 from ..accesslog import AccessRecord
 from ..http1.framing import NONE, requestFraming
-from ..http1.headers import connectionTokens, parseAbsoluteTarget
+from ..http1.headers import Target, connectionTokens, parseAbsoluteTarget
 from ..http1.parse import HTTPError, RequestHead, findAll, parseRequestHead
 from ..policy import clientAllowed
 from .connect import startConnect
@@ -54,6 +54,8 @@ class ClientConnection(Protocol):
         self._readClosed = False
         self._draining = False
         self.requests = 0
+        # Set once a CONNECT is intercepted: (host, port, user) every request inside goes to.
+        self.mitm: tuple[str, int, str | None] | None = None
 
     # --- connection lifecycle ----------------------------------------------------------
 
@@ -212,6 +214,10 @@ class ClientConnection(Protocol):
             head.version == b"HTTP/1.1" and b"close" not in tokens and not self._draining
         )
         auth = self.rt.authenticator
+        if self.mitm is not None:
+            # Inside an intercepted tunnel: the CONNECT carried the credentials.
+            self._dispatch(head, tokens, self.mitm[2])
+            return
         if auth is not None:
             values = findAll(head.headers, b"proxy-authorization")
             d = auth.authenticate(values[0] if len(values) == 1 else None)
@@ -257,6 +263,9 @@ class ClientConnection(Protocol):
             startConnect(self, head, user)
             return
         target = head.target
+        if self.mitm is not None:
+            self._dispatchMitm(head, tokens, user)
+            return
         if target[:1] == b"/" or target == b"*":
             self._answer(head, 400, _INFO, "TAG_NONE", close=not self.persistent,
                          reason="origin-form request")
@@ -289,12 +298,42 @@ class ClientConnection(Protocol):
                          close=not self.persistent or framing.kind != NONE,
                          url=parsed.url(), reason=decision.detail)
             return
+        self._forward(head, tokens, parsed, framing, user, "forward")
+
+    def _dispatchMitm(self, head: RequestHead, tokens, user: str | None) -> None:
+        """A request decrypted inside an intercepted tunnel: always to the CONNECT target."""
+        host, port, _ = self.mitm
+        authority = f"[{host}]" if ":" in host else host
+        if port != 443:
+            authority += f":{port}"
+        target = head.target
+        if target[:1] != b"/":
+            # Absolute form inside the tunnel is fine only for the tunnel's own origin.
+            expected = f"https://{authority}".encode()
+            if not (target.lower() == expected or target.lower().startswith(expected + b"/")
+                    or target.lower().startswith(expected + b"?")):
+                self._reject(HTTPError(400, "a decrypted tunnel only reaches its own origin"),
+                             head)
+                return
+            target = target[len(expected):] or b"/"
+        try:
+            if head.version == b"HTTP/1.1" and len(findAll(head.headers, b"host")) != 1:
+                raise HTTPError(400, "an HTTP/1.1 request needs exactly one Host field")
+            framing = requestFraming(head)
+        except HTTPError as e:
+            self._reject(e, head)
+            return
+        parsed = Target("https", host, port, target, authority.encode("ascii"))
+        self._forward(head, tokens, parsed, framing, user, "mitm")
+
+    def _forward(self, head: RequestHead, tokens, parsed: Target, framing, user, mode) -> None:
         upgrade = None
         if b"upgrade" in tokens and framing.kind == NONE and head.version == b"HTTP/1.1":
             values = findAll(head.headers, b"upgrade")
             if values:
                 upgrade = b", ".join(values)
-        exchange = ForwardExchange(self, head, parsed, framing, upgrade=upgrade, user=user)
+        exchange = ForwardExchange(self, head, parsed, framing, upgrade=upgrade, user=user,
+                                   mode=mode)
         self.exchange = exchange
         if framing.kind == NONE:
             self._state = _WAIT
@@ -368,6 +407,25 @@ class ClientConnection(Protocol):
             splice.fromClient(rest)
         if self._readClosed:
             splice.clientReadClosed()
+
+    def startMitm(self, host: str, port: int, creator, user: str | None,
+                  established: bytes) -> None:
+        """
+        Answer the CONNECT, then speak TLS as the origin on this same connection and read
+        the decrypted requests. Bytes that arrived behind the CONNECT head (the
+        ClientHello, usually) are handed to the TLS layer first.
+        """
+        self.exchange = None
+        self.mitm = (host, port, user)
+        self.persistent = True
+        self.version = b"HTTP/1.1"
+        self.transport.write(established)
+        self.transport.startTLS(creator)
+        self._state = _HEAD
+        self._arm("header", self.rt.headerTimeout)
+        early, self._buf = self._buf, b""
+        if early:
+            self.transport.protocol.dataReceived(early)
 
     def _reject(self, e: HTTPError, head: RequestHead | None = None) -> None:
         """A request the proxy refuses to parse further: answer and close."""

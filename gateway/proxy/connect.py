@@ -61,6 +61,10 @@ class ConnectAttempt:
             self._fail(403, f"Destination denied: {decision.detail}", None, action="TCP_DENIED",
                        result="denied")
             return
+        mitm = rt.interceptor
+        if mitm is not None and mitm.intercepts(self.host):
+            self._intercept(mitm)
+            return
         self.origin = TunnelOrigin()
         # Until the tunnel is up, early bytes stay in the client's buffer, unread further.
         d = rt.dialer.connect(self.host, self.port, self.origin)
@@ -80,6 +84,23 @@ class ConnectAttempt:
                              self._ended)
         self.origin.attach(self.splice)
         self.client.startSplice(self.splice)
+
+    def _intercept(self, mitm) -> None:
+        """
+        Decrypt this tunnel: answer 200, switch the client connection to TLS with a
+        certificate for the SNI name (or the CONNECT host), and serve the requests inside
+        it on the forward path. The origin is dialled per request, over verified TLS.
+        """
+        try:
+            creator = mitm.serverCreator(self.host)
+        except ValueError as e:
+            self._fail(400, f"Bad CONNECT target: {e}.", None)
+            return
+        self.code = 200
+        self.finished = True
+        self.rt.metrics.live.tunnelEnded("intercepted")
+        self._log("TCP_TUNNEL")
+        self.client.startMitm(self.host, self.port, creator, self.user, ESTABLISHED)
 
     def _dialFailed(self, failure) -> None:
         if self.finished:

@@ -19,6 +19,7 @@ from ..http1.headers import Target, httpDate, stripHopByHop
 from ..http1.parse import HTTPError, RequestHead, ResponseHead
 from .dial import DestinationDenied, DialError
 from .flow import CONNECTING
+from .mitm import normaliseAPI
 from .origin import OriginConnection
 from .responses import errorResponse
 from .tunnel import Splice
@@ -88,7 +89,10 @@ class ForwardExchange:
 
     def _dial(self, key: tuple) -> None:
         conn = OriginConnection(key, self.rt.reactor)
-        d = self.rt.dialer.connect(self.target.host, self.target.port, conn)
+        wrap = None
+        if self.target.scheme == "https":
+            wrap = self.rt.interceptor.originTLS(self.target.host)
+        d = self.rt.dialer.connect(self.target.host, self.target.port, conn, wrap)
         d.addCallbacks(lambda ip: self._connected(conn, ip), self._dialFailed)
 
     def _connected(self, conn: OriginConnection, ip: str) -> None:
@@ -304,6 +308,13 @@ class ForwardExchange:
         origin, self.origin = self.origin, None
         if self.finished:
             return
+        tlsProblem = _tlsFailure(reason)
+        if tlsProblem is not None and not self.responseStarted:
+            # Never a silently trusted origin: the client is told why, in the body.
+            self.rt.metrics.upstreamErrors.labels("tls").inc()
+            self._localError(502, f"TLS to the origin {self.target.host} failed: {tlsProblem}",
+                             "tls_certificate_error", keepOrigin=False)
+            return
         if (
             not self.responseStarted
             and self.reused
@@ -388,6 +399,9 @@ class ForwardExchange:
         elapsed = rt.reactor.seconds() - self.started
         m = rt.metrics
         m.request(self.mode, self.head.method, self.code, elapsed)
+        if self.mode == "mitm":
+            m.api(self.target.host, normaliseAPI(self.target.path), self.code, elapsed,
+                  self.received)
         m.fromClient.inc(self.received)
         m.toUpstream.inc(self.sentUpstream)
         m.fromUpstream.inc(self.sent)
@@ -411,3 +425,20 @@ class ForwardExchange:
                     version=self.head.version.decode("ascii"),
                 )
             )
+
+
+def _tlsFailure(reason) -> str | None:
+    """A one-line reason if C{reason} is a TLS handshake or verification failure."""
+    from OpenSSL.SSL import Error as SSLError
+    from service_identity import VerificationError
+
+    if reason is None:
+        return None
+    value = reason.value
+    if isinstance(value, VerificationError):
+        return "the certificate does not match the host name"
+    if isinstance(value, SSLError):
+        text = " ".join(str(part[-1]) for part in (value.args[0] if value.args and
+                        isinstance(value.args[0], list) else []) if part)
+        return text or "handshake failed"
+    return None

@@ -37,6 +37,11 @@ class Runtime:
         self.metrics = metrics
         self.accessLog = accessLog
         self.authenticator = authenticator
+        self.interceptor = None
+        if config.mitm.enabled:
+            from .mitm import Interceptor
+
+            self.interceptor = Interceptor(config.mitm, metrics)
         self.clientCIDRs = p.allowed_client_cidrs
         self.connectPorts = p.connect_ports
         self.destinations = DestinationPolicy(p.allow_destinations, p.deny_destinations)

@@ -287,7 +287,9 @@ def _writeExclusive(path: str, data: bytes, mode: int) -> None:
         # The umask may have narrowed the mode further; for the certificate
         # we want exactly 0644, for the key exactly 0600.
         os.fchmod(fd, mode)
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)

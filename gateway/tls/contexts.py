@@ -28,14 +28,14 @@ per (hostname, bundle, verify) because building a trust store is slow.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 from weakref import WeakKeyDictionary
 
 from attrs import frozen
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
@@ -53,6 +53,10 @@ from zope.interface import implementer
 
 from gateway.tls.ca import CAError, CertificateAuthority
 from gateway.tls.mint import mintLeaf, newLeafKey, normalizeHost
+
+if TYPE_CHECKING:
+    # Not exported by twisted.internet.ssl; only needed for annotations.
+    from twisted.internet._sslverify import IOpenSSLTrustRoot
 
 __all__ = ["HTTP11", "ServerContextCache", "clientCreator"]
 
@@ -293,7 +297,7 @@ CLIENT_CACHE_SIZE = 256
 _clientCreators: OrderedDict[tuple[str, str | None, bool], IOpenSSLClientConnectionCreator] = (
     OrderedDict()
 )
-_trustRoots: dict[str, object] = {}
+_trustRoots: dict[str, IOpenSSLTrustRoot] = {}
 
 
 def _verificationName(hostname: str) -> str:
@@ -313,28 +317,47 @@ def _verificationName(hostname: str) -> str:
         return text.rstrip(".").lower()
 
 
-def _bundleTrustRoot(caBundle: str) -> object:
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
+)
+
+
+def _bundleTrustRoot(caBundle: str) -> IOpenSSLTrustRoot:
     """
     A trust root holding every certificate in the PEM bundle C{caBundle}
     (read once per path and kept: parsing a large bundle is slow).
 
-    @raise CAError: If the file cannot be read or holds no certificate.
+    Each PEM block is loaded on its own and blocks OpenSSL cannot parse are
+    skipped (with a warning), so that one odd certificate in a system-style
+    bundle does not make the whole bundle unusable.
+
+    @raise CAError: If the file cannot be read or holds no usable certificate.
     """
     root = _trustRoots.get(caBundle)
-    if root is None:
+    if root is not None:
+        return root
+    try:
+        with open(caBundle, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise CAError(f"{caBundle}: cannot read the CA bundle: {e.strerror or e}") from None
+    certificates = []
+    skipped = 0
+    for block in _PEM_CERTIFICATE.findall(data):
         try:
-            with open(caBundle, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise CAError(f"{caBundle}: cannot read the CA bundle: {e.strerror or e}") from None
-        try:
-            certs = x509.load_pem_x509_certificates(data)
-        except ValueError:
-            raise CAError(f"{caBundle}: no PEM certificates in the CA bundle") from None
-        root = trustRootFromCertificates(
-            [Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM)) for c in certs]
+            certificates.append(Certificate.loadPEM(block))
+        except Exception:
+            skipped += 1
+    if not certificates:
+        raise CAError(f"{caBundle}: no PEM certificates in the CA bundle")
+    if skipped:
+        _log.warn(
+            "CA bundle {caBundle}: skipped {skipped} unparsable certificate(s)",
+            caBundle=caBundle,
+            skipped=skipped,
         )
-        _trustRoots[caBundle] = root
+    root = trustRootFromCertificates(certificates)
+    _trustRoots[caBundle] = root
     return root
 
 

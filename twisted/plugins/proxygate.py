@@ -58,9 +58,13 @@ class ProxygateServiceMaker:
     options = Options
 
     def makeService(self, options):
+        from gateway.config import ConfigError
         from gateway.service import GatewayService
 
-        return GatewayService(options["loaded"], exitOnListenFailure=True)
+        try:
+            return GatewayService(options["loaded"], exitOnListenFailure=True)
+        except ConfigError as e:
+            sys.exit(f"proxygate: {e}")
 
 
 serviceMaker = ProxygateServiceMaker()

@@ -1,0 +1,81 @@
+"""
+TLS interception: which CONNECT tunnels are decrypted, and the TLS on each leg.
+
+An intercepted tunnel is answered 200 like any other, then the client connection itself
+switches to TLS with a certificate minted for the SNI name, and goes on reading HTTP
+requests, now in origin form and implicitly `https://<CONNECT host>`. From there it is the
+ordinary forward path (pooling, streaming, hop-by-hop rules, access log, WebSocket
+upgrades), with a verified TLS connection to the real origin. Routing always uses the
+CONNECT target that passed the policy, never a Host header, so a decrypted tunnel cannot be
+used to reach anywhere else.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from twisted.internet.endpoints import wrapClientTLS
+
+from ..config import MitmConfig
+from ..metrics import Metrics
+from ..tls.ca import loadOrCreateCA
+from ..tls.contexts import ServerContextCache, clientCreator
+
+__all__ = ["Interceptor", "normaliseAPI"]
+
+
+class Interceptor:
+    """The CA, the per-host server contexts and the interception decision."""
+
+    def __init__(self, config: MitmConfig, metrics: Metrics) -> None:
+        self.config = config
+        self.ca = loadOrCreateCA(config.ca_cert, config.ca_key)
+        self.contexts = ServerContextCache(
+            self.ca,
+            onIssued=metrics.certificatesIssued.inc,
+            onHit=metrics.certificateCacheHits.inc,
+        )
+        self.bundle = config.upstream_ca_bundle
+        self.verify = config.verify_upstream
+        if self.bundle:
+            # Fail at start-up, not on the first request, when the bundle is unusable.
+            clientCreator("localhost", self.bundle, self.verify)
+
+    def intercepts(self, host: str) -> bool:
+        if any(p.matchesName(host) or _addressMatch(p, host) for p in self.config.passthrough):
+            return False
+        return any(p.matchesName(host) or _addressMatch(p, host) for p in self.config.intercept)
+
+    def serverCreator(self, host: str):
+        return self.contexts.serverCreator(host)
+
+    def originTLS(self, host: str) -> Callable:
+        """Wraps an origin endpoint in TLS verified for C{host}."""
+        creator = clientCreator(host, self.bundle, self.verify)
+        return lambda endpoint: wrapClientTLS(creator, endpoint)
+
+
+def _addressMatch(pattern, host: str) -> bool:
+    from ..policy import parseIP
+
+    ip = parseIP(host)
+    return ip is not None and pattern.matchesAddress(ip)
+
+
+_ID_SEGMENT = re.compile(
+    r"[0-9]+|[0-9a-fA-F]{8,}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+    r"[0-9a-fA-F]{12}|[A-Za-z0-9_\-]{24,}"
+)
+
+
+def normaliseAPI(path: bytes) -> str:
+    """
+    The API a request calls, for metric labels: the path without its query, with
+    segments that look like identifiers (numbers, hex, UUIDs, long tokens) folded to
+    C{:id}, and at most four segments kept, so one endpoint is one series.
+    """
+    text = path.split(b"?", 1)[0].decode("ascii", "replace")
+    segments = [s for s in text.split("/") if s][:4]
+    folded = [":id" if _ID_SEGMENT.fullmatch(s) else s[:40] for s in segments]
+    return "/" + "/".join(folded)
