@@ -14,6 +14,7 @@ from ..accesslog import AccessRecord
 from ..http1.headers import parseAuthority
 from ..http1.parse import HTTPError, RequestHead
 from ..policy import portAllowed
+from .chain import UpstreamRefused
 from .dial import DestinationDenied, DialError
 from .responses import errorResponse
 from .tunnel import Splice, TunnelOrigin
@@ -42,6 +43,7 @@ class ConnectAttempt:
         self.started = self.rt.reactor.seconds()
         self.wallStart = time.time()
         self.reason: str | None = None
+        self.route = None
 
     def begin(self) -> None:
         rt = self.rt
@@ -67,7 +69,12 @@ class ConnectAttempt:
             return
         self.origin = TunnelOrigin()
         # Until the tunnel is up, early bytes stay in the client's buffer, unread further.
-        d = rt.dialer.connect(self.host, self.port, self.origin)
+        self.route = rt.upstream.routeFor(self.host, self.port)
+        if self.route is None:
+            d = rt.dialer.connect(self.host, self.port, self.origin)
+        else:
+            d = rt.upstream.dialThrough(rt.dialer, self.host, self.port, self.origin,
+                                        timeout=rt.dialer.connectTimeout)
         d.addCallbacks(self._connected, self._dialFailed)
 
     def _connected(self, ip: str) -> None:
@@ -110,6 +117,9 @@ class ConnectAttempt:
             self.rt.metrics.denied.labels("destination").inc()
             self._fail(403, f"Destination denied: {e.detail}", "destination_ip_prohibited",
                        action="TCP_DENIED", result="denied")
+        elif isinstance(e, UpstreamRefused):
+            self.rt.metrics.upstreamErrors.labels("refused").inc()
+            self._fail(502, e.message, "connection_refused", result="upstream_refused")
         elif isinstance(e, DialError):
             self.rt.metrics.upstreamErrors.labels(e.reason).inc()
             kind = {"dns": "dns_error", "refused": "connection_refused",
@@ -160,7 +170,10 @@ class ConnectAttempt:
                 start=self.wallStart, elapsed=elapsed, client=self.client.peerHost,
                 code=self.code, size=sent, method="CONNECT",
                 url=f"{host}:{self.port}" if self.host else "-", user=self.user, action=action,
-                hierarchy=f"HIER_DIRECT/{self.ip}" if self.ip != "-" else "HIER_NONE/-",
+                hierarchy=(
+                    "HIER_NONE/-" if self.ip == "-"
+                    else f"{'FIRSTUP_PARENT' if self.route else 'HIER_DIRECT'}/{self.ip}"
+                ),
                 contentType="-", mode="tunnel", reason=self.reason,
                 version=self.head.version.decode("ascii"),
             )

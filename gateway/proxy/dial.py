@@ -115,8 +115,12 @@ class Dialer:
         self.connectTimeout = connectTimeout
         self.resolver = Resolver(reactor)
 
-    def addresses(self, host: str, port: int) -> defer.Deferred:
-        """The addresses of C{host} that the policy lets this proxy dial, in order."""
+    def addresses(self, host: str, port: int, checked: bool = True) -> defer.Deferred:
+        """
+        The addresses of C{host} that the policy lets this proxy dial, in order.
+
+        @param checked: False for the upstream proxy, which is trusted configuration.
+        """
         literal = parseIP(host)
         if literal is not None:
             d = defer.succeed([str(literal)])
@@ -126,6 +130,8 @@ class Dialer:
         def check(addresses: list[str]) -> list[str]:
             if not addresses:
                 raise DialError("dns", 502, f"cannot resolve host {host!r}")
+            if not checked:
+                return addresses
             allowed = []
             detail = ""
             for ip in addresses:
@@ -141,7 +147,7 @@ class Dialer:
         return d.addCallback(check)
 
     @defer.inlineCallbacks
-    def connect(self, host: str, port: int, protocol, wrap=None):
+    def connect(self, host: str, port: int, protocol, wrap=None, checked: bool = True):
         """
         Connect C{protocol} to C{host}:C{port}.
 
@@ -151,7 +157,7 @@ class Dialer:
         """
         deadline = self.reactor.seconds() + self.connectTimeout
         try:
-            addresses = yield self.addresses(host, port)
+            addresses = yield self.addresses(host, port, checked)
         except (DialError, DestinationDenied):
             raise
         except Exception:

@@ -17,6 +17,7 @@ from ..accesslog import AccessRecord
 from ..http1.framing import CHUNKED, LAST_CHUNK, LENGTH, NONE, encodeChunk
 from ..http1.headers import Target, httpDate, stripHopByHop
 from ..http1.parse import HTTPError, RequestHead, ResponseHead
+from .chain import UpstreamRefused
 from .dial import DestinationDenied, DialError
 from .flow import CONNECTING
 from .mitm import normaliseAPI
@@ -75,24 +76,41 @@ class ForwardExchange:
         self.started = self.rt.reactor.seconds()
         self.wallStart = time.time()
         self.reason: str | None = None
+        # An upstream proxy to go through, or None for direct (no_proxy, or none configured).
+        self.route = self.rt.upstream.routeFor(target.host, target.port)
 
     # --- origin side -------------------------------------------------------------------
 
     def begin(self) -> None:
-        key = (self.target.scheme, self.target.host, self.target.port)
-        conn = self.rt.pool.get(key)
+        conn = self.rt.pool.get(self._poolKey())
         if conn is not None:
             self.reused = True
             self._attach(conn, conn.ip)
         else:
-            self._dial(key)
+            self._dial()
 
-    def _dial(self, key: tuple) -> None:
-        conn = OriginConnection(key, self.rt.reactor)
-        wrap = None
-        if self.target.scheme == "https":
-            wrap = self.rt.interceptor.originTLS(self.target.host)
-        d = self.rt.dialer.connect(self.target.host, self.target.port, conn, wrap)
+    def _poolKey(self) -> tuple:
+        target = self.target
+        if self.route is None:
+            return (target.scheme, target.host, target.port)
+        if target.scheme == "http":
+            # Absolute-form requests share connections to the upstream, whatever the origin.
+            return ("upstream", self.route.host, self.route.port)
+        return (target.scheme, target.host, target.port, "upstream")
+
+    def _dial(self) -> None:
+        rt = self.rt
+        target = self.target
+        conn = OriginConnection(self._poolKey(), rt.reactor)
+        if self.route is None:
+            wrap = rt.interceptor.originTLS(target.host) if target.scheme == "https" else None
+            d = rt.dialer.connect(target.host, target.port, conn, wrap)
+        elif target.scheme == "http":
+            d = rt.upstream.dialProxy(rt.dialer, conn)
+        else:
+            d = rt.upstream.dialThrough(rt.dialer, target.host, target.port, conn,
+                                        rt.interceptor.originCreator(target.host),
+                                        timeout=rt.dialer.connectTimeout)
         d.addCallbacks(lambda ip: self._connected(conn, ip), self._dialFailed)
 
     def _connected(self, conn: OriginConnection, ip: str) -> None:
@@ -127,6 +145,9 @@ class ForwardExchange:
             self.rt.metrics.denied.labels("destination").inc()
             self._localError(403, f"Destination denied: {e.detail}", "destination_ip_prohibited",
                              action="TCP_DENIED")
+        elif isinstance(e, UpstreamRefused):
+            self.rt.metrics.upstreamErrors.labels("refused").inc()
+            self._localError(502, e.message, "connection_refused")
         elif isinstance(e, DialError):
             self.rt.metrics.upstreamErrors.labels(e.reason).inc()
             kind = {"dns": "dns_error", "refused": "connection_refused",
@@ -139,7 +160,15 @@ class ForwardExchange:
     def _requestHead(self) -> bytes:
         head = self.head
         target = self.target
-        lines = [head.method, b" ", target.path, b" HTTP/1.1\r\nHost: ", target.hostHeader, b"\r\n"]
+        if self.route is not None and target.scheme == "http":
+            # To an upstream proxy: absolute form, and its credentials from our config.
+            lines = [head.method, b" http://", target.hostHeader, target.path, b" HTTP/1.1\r\n"
+                     b"Host: ", target.hostHeader, b"\r\n"]
+            if self.rt.upstream.authorization is not None:
+                lines += (b"Proxy-Authorization: ", self.rt.upstream.authorization, b"\r\n")
+        else:
+            lines = [head.method, b" ", target.path, b" HTTP/1.1\r\nHost: ", target.hostHeader,
+                     b"\r\n"]
         keep = _UPGRADE_KEEP if self.upgrade is not None else frozenset()
         maxForwards = None
         for name, value in stripHopByHop(head.headers):
@@ -198,6 +227,14 @@ class ForwardExchange:
             self._write(self._responseHead(head, interim=True))
 
     def responseHead(self, head: ResponseHead, framing) -> None:
+        if head.status == 407 and self.route is not None and self.target.scheme == "http":
+            # The client cannot fix our upstream credentials: say whose they are.
+            self.rt.metrics.upstreamErrors.labels("refused").inc()
+            self._localError(
+                502, f"The upstream proxy {self.rt.upstream.label}:{self.route.port} answered "
+                "407 Proxy Authentication Required: its credentials in [upstream] proxy are "
+                "missing or wrong.", "connection_refused", keepOrigin=False)
+            return
         self.responseStarted = True
         self.code = head.status
         if self.upgrade is not None:
@@ -328,7 +365,7 @@ class ForwardExchange:
             self.reused = False
             self.client.transport.unregisterProducer()
             self.pending = []
-            self._dial((self.target.scheme, self.target.host, self.target.port))
+            self._dial()
             return
         self.rt.metrics.upstreamErrors.labels("reset").inc()
         if self.responseStarted:
@@ -418,7 +455,10 @@ class ForwardExchange:
                     url=self.target.url(),
                     user=self.user,
                     action=action,
-                    hierarchy=f"HIER_DIRECT/{self.ip}" if self.ip != "-" else "HIER_NONE/-",
+                    hierarchy=(
+                        "HIER_NONE/-" if self.ip == "-"
+                        else f"{'FIRSTUP_PARENT' if self.route else 'HIER_DIRECT'}/{self.ip}"
+                    ),
                     contentType=self.contentType,
                     mode=self.mode,
                     reason=self.reason,

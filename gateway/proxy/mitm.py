@@ -50,9 +50,13 @@ class Interceptor:
     def serverCreator(self, host: str):
         return self.contexts.serverCreator(host)
 
+    def originCreator(self, host: str):
+        """The client TLS connection creator verifying the origin C{host}."""
+        return clientCreator(host, self.bundle, self.verify)
+
     def originTLS(self, host: str) -> Callable:
         """Wraps an origin endpoint in TLS verified for C{host}."""
-        creator = clientCreator(host, self.bundle, self.verify)
+        creator = self.originCreator(host)
         return lambda endpoint: wrapClientTLS(creator, endpoint)
 
 

@@ -14,6 +14,7 @@ from ..accesslog import AccessLog
 from ..config import Config
 from ..metrics import Metrics
 from ..policy import DestinationPolicy
+from .chain import Upstream
 from .dial import Dialer
 from .origin import OriginPool
 
@@ -37,6 +38,7 @@ class Runtime:
         self.metrics = metrics
         self.accessLog = accessLog
         self.authenticator = authenticator
+        self.upstream = Upstream(config.upstream)
         self.interceptor = None
         if config.mitm.enabled:
             from .mitm import Interceptor

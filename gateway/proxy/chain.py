@@ -1,0 +1,196 @@
+"""
+Chaining to an upstream proxy: which requests go through it, and how to dial through it.
+
+Plain HTTP requests go to the upstream in absolute form on pooled connections to the
+upstream itself. CONNECT tunnels, and the origin legs of intercepted (MITM) tunnels, are
+opened with a CONNECT of our own; the protocol that asked for the connection only sees it
+once the upstream said 2xx, with TLS to the origin layered on top when needed. The
+Proxy-Authorization sent upstream always comes from the configuration, never from a client.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.internet.endpoints import wrapClientTLS
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from zope.interface import implementer
+
+from ..config import UpstreamConfig
+from ..http1.parse import HTTPError, parseResponseHead
+from ..tls.contexts import clientCreator
+from ..upstream import ProxyURL
+from .dial import DialError
+
+__all__ = ["Upstream", "UpstreamRefused"]
+
+_MAX_HEAD = 65536
+
+
+class UpstreamRefused(Exception):
+    """The upstream proxy answered our CONNECT with something other than 2xx."""
+
+    def __init__(self, proxy: ProxyURL, status: int, reason: str) -> None:
+        self.status = status
+        self.message = (
+            f"The upstream proxy {proxy.host}:{proxy.port} refused the tunnel: "
+            f"{status} {reason}".rstrip()
+            + (" (its credentials in [upstream] proxy are missing or wrong)." if status == 407
+               else ".")
+        )
+        super().__init__(self.message)
+
+
+class Upstream:
+    """The configured upstream proxy and the no_proxy exceptions."""
+
+    def __init__(self, config: UpstreamConfig) -> None:
+        self.proxy = config.proxy
+        self.noProxy = config.no_proxy
+        self.authorization = self.proxy.authorization() if self.proxy is not None else None
+        self._tls = None
+        if self.proxy is not None and self.proxy.scheme == "https":
+            self._tls = clientCreator(self.proxy.host, config.ca_certificate, config.verify)
+        hostText = self.proxy.host if self.proxy is not None else ""
+        self.label = f"[{hostText}]" if ":" in hostText else hostText
+
+    def routeFor(self, host: str, port: int) -> ProxyURL | None:
+        """The upstream to use for C{host}:C{port}, or None to go direct."""
+        if self.proxy is None or self.noProxy.matches(host, port):
+            return None
+        return self.proxy
+
+    def wrap(self, endpoint):
+        """The endpoint of the upstream itself, with TLS when it is an https:// proxy."""
+        if self._tls is None:
+            return endpoint
+        return wrapClientTLS(self._tls, endpoint)
+
+    def dialProxy(self, dialer, protocol) -> defer.Deferred:
+        """A connection to the upstream proxy itself (for absolute-form requests)."""
+        d = dialer.connect(self.proxy.host, self.proxy.port, protocol, self.wrap, checked=False)
+        d.addErrback(self._unreachable)
+        return d
+
+    def dialThrough(self, dialer, host: str, port: int, protocol, originTLS=None,
+                    timeout: float = 10.0) -> defer.Deferred:
+        """
+        Open a tunnel to C{host}:C{port} through the upstream, then connect C{protocol}
+        to it (through C{originTLS}, a client connection creator, when given).
+
+        @return: a Deferred firing with the upstream's address once the tunnel is up, or
+            failing with L{UpstreamRefused} or L{DialError}.
+        """
+        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        lines = [f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n".encode("ascii")]
+        if self.authorization is not None:
+            lines.append(b"Proxy-Authorization: " + self.authorization + b"\r\n")
+        lines.append(b"\r\n")
+        handshake = _TunnelHandshake(b"".join(lines), protocol, originTLS, self.proxy)
+        d = dialer.connect(self.proxy.host, self.proxy.port, handshake, self.wrap, checked=False)
+        d.addErrback(self._unreachable)
+        timer = dialer.reactor.callLater(timeout, handshake.timedOut)
+
+        def tunnelUp(ip):
+            return handshake.done.addCallback(lambda _: ip)
+
+        def stopTimer(result):
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return d.addCallback(tunnelUp).addBoth(stopTimer)
+
+    def _unreachable(self, failure):
+        e = failure.value
+        if isinstance(e, DialError):
+            raise DialError(e.reason, e.status,
+                            f"The upstream proxy {self.label}:{self.proxy.port} is unreachable: "
+                            f"{e.message}")
+        return failure
+
+
+@implementer(IHalfCloseableProtocol)
+class _TunnelHandshake(Protocol):
+    """
+    Speaks CONNECT to the upstream, then gets out of the way: every later event is
+    delegated to the inner protocol (or to a TLS layer wrapping it), so no private
+    transport attribute is ever swapped.
+    """
+
+    def __init__(self, request: bytes, inner: Protocol, originTLS, proxy: ProxyURL) -> None:
+        self.request = request
+        self.inner = inner
+        self.originTLS = originTLS
+        self.proxy = proxy
+        self.done: defer.Deferred = defer.Deferred()
+        self._buf = b""
+        self._target: Protocol | None = None
+
+    def connectionMade(self) -> None:
+        try:
+            self.transport.setTcpNoDelay(True)
+        except Exception:
+            pass
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._target is not None:
+            self._target.dataReceived(data)
+            return
+        self._buf += data
+        end = self._buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buf) > _MAX_HEAD:
+                self._fail(DialError("reset", 502, "the upstream proxy sent an oversized head"))
+            return
+        try:
+            head = parseResponseHead(self._buf[:end])
+        except HTTPError as e:
+            self._fail(DialError("reset", 502, f"the upstream proxy answered badly: {e.reason}"))
+            return
+        rest = self._buf[end + 4 :]
+        self._buf = b""
+        if not 200 <= head.status < 300:
+            self._fail(UpstreamRefused(self.proxy, head.status,
+                                       head.reason.decode("latin-1")[:80]))
+            return
+        if self.originTLS is not None:
+            factory = TLSMemoryBIOFactory(self.originTLS, True, Factory())
+            target = TLSMemoryBIOProtocol(factory, self.inner)
+        else:
+            target = self.inner
+        self._target = target
+        target.makeConnection(self.transport)
+        self.done.callback(None)
+        if rest:
+            target.dataReceived(rest)
+
+    def _fail(self, error: Exception) -> None:
+        if not self.done.called:
+            self.done.errback(error)
+        self.transport.abortConnection()
+
+    def timedOut(self) -> None:
+        if self._target is None:
+            self._fail(DialError("timeout", 504, "the upstream proxy did not open the tunnel in time"))
+
+    def readConnectionLost(self) -> None:
+        target = self._target
+        if target is not None and hasattr(target, "readConnectionLost"):
+            target.readConnectionLost()
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        target = self._target
+        if target is not None and hasattr(target, "writeConnectionLost"):
+            target.writeConnectionLost()
+
+    def connectionLost(self, reason) -> None:
+        if self._target is not None:
+            self._target.connectionLost(reason)
+        elif not self.done.called:
+            self.done.errback(DialError("reset", 502,
+                                        "the upstream proxy closed the connection during CONNECT"))
