@@ -511,14 +511,27 @@ def _refuseOpenProxy(config: Config, path: str) -> None:
             )
 
 
-def parseConfig(text: str, path: str = "<config>", *, allowOpenProxy: bool = False) -> Config:
+def parseConfig(
+    text: str,
+    path: str = "<config>",
+    *,
+    allowOpenProxy: bool = False,
+    overrides: dict[tuple[str, str], str] | None = None,
+) -> Config:
     """
     Read INI text.  Relative paths are relative to the folder of C{path}
     (the current folder for the default "<config>").  C{allowOpenProxy} is
     for a deliberate, explicit command-line override, never a default.
+    C{overrides} maps (section, key) to a raw value that replaces the file's
+    (command-line options), validated exactly like the file's own values.
     """
     baseDir = os.path.dirname(os.path.abspath(path))
-    v = _values(_read(text, path), path, baseDir)
+    parser = _read(text, path)
+    for (section, key), value in (overrides or {}).items():
+        if not parser.has_section(section):
+            parser.add_section(section)
+        parser.set(section, key, value)
+    v = _values(parser, path, baseDir)
     config = Config(
         proxy=ProxyConfig(
             listen=v["proxy.listen"],
@@ -580,13 +593,20 @@ def _checkReadable(config: Config, path: str) -> None:
             raise ConfigError(f"{path}: [{section}] {key}: cannot read {filename}: {e.strerror}")
 
 
-def loadConfig(path: str | None, *, allowOpenProxy: bool = False) -> Config:
+def loadConfig(
+    path: str | None,
+    *,
+    allowOpenProxy: bool = False,
+    overrides: dict[tuple[str, str], str] | None = None,
+) -> Config:
     """
     Read the INI file at C{path} (None: the built-in defaults), and check that
     the files it names for reading exist; any problem is a L{ConfigError}.
     """
     if path is None:
-        return defaultConfig()
+        if not overrides:
+            return defaultConfig()
+        return parseConfig("", allowOpenProxy=allowOpenProxy, overrides=overrides)
     try:
         with open(path, encoding="utf-8-sig") as f:
             text = f.read()
@@ -594,6 +614,6 @@ def loadConfig(path: str | None, *, allowOpenProxy: bool = False) -> Config:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    config = parseConfig(text, path, allowOpenProxy=allowOpenProxy)
+    config = parseConfig(text, path, allowOpenProxy=allowOpenProxy, overrides=overrides)
     _checkReadable(config, path)
     return config

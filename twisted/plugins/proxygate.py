@@ -31,24 +31,17 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
-        import attrs
-
         from gateway.config import ConfigError, loadConfig
 
+        overrides = {}
+        if self["listen"] is not None:
+            overrides[("proxy", "listen")] = self["listen"]
+        if self["metrics-listen"] is not None:
+            overrides[("metrics", "listen")] = self["metrics-listen"]
         try:
-            config = loadConfig(self["config"])
-            if self["listen"] is not None:
-                config = attrs.evolve(
-                    config, proxy=attrs.evolve(config.proxy, listen=tuple(self["listen"].split()))
-                )
-            if self["metrics-listen"] is not None:
-                config = attrs.evolve(
-                    config,
-                    metrics=attrs.evolve(config.metrics, listen=tuple(self["metrics-listen"].split())),
-                )
+            self["loaded"] = loadConfig(self["config"], overrides=overrides)
         except ConfigError as e:
             sys.exit(f"proxygate: {e}")
-        self["loaded"] = config
 
 
 @implementer(IServiceMaker, IPlugin)
@@ -62,9 +55,33 @@ class ProxygateServiceMaker:
         from gateway.service import GatewayService
 
         try:
-            return GatewayService(options["loaded"], exitOnListenFailure=True)
+            service = GatewayService(options["loaded"], exitOnListenFailure=True)
         except ConfigError as e:
             sys.exit(f"proxygate: {e}")
+        if service.authenticator is not None:
+            _reloadOnHangup(service.authenticator)
+        return service
+
+
+def _reloadOnHangup(authenticator) -> None:
+    """
+    SIGHUP re-reads the htpasswd file. Installed here rather than in the service, since an
+    application that embeds the service owns its process's signals; installed once the
+    reactor runs, after twistd and the reactor have set up their own handlers.
+    """
+    import signal
+
+    from twisted.internet import reactor
+
+    def onHangup(signum, frame) -> None:
+        # A signal handler may interrupt the reactor anywhere: do the work on its next turn.
+        reactor.callFromThread(authenticator.reload)
+
+    def install() -> None:
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, onHangup)
+
+    reactor.callWhenRunning(install)
 
 
 serviceMaker = ProxygateServiceMaker()
