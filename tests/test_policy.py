@@ -24,7 +24,7 @@ from gateway.policy import (
 )
 
 DEFAULT_DENY = parseHostPatterns(
-    "127.0.0.0/8 ::1/128 169.254.0.0/16 fe80::/10 0.0.0.0/8".split()
+    ["127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10", "0.0.0.0/8"]
 )
 
 
@@ -288,7 +288,7 @@ def test_parsePortRanges(items: list[str], expected: tuple) -> None:
         ("-5", "not a port number"),
         ("5-", "not a port number"),
         ("1-2-3", "not a port number"),
-        ("４４３", "not a port number"),
+        ("\uff14\uff14\uff13", "not a port number"),  # fullwidth digits: isdigit() is True
     ],
 )
 def test_parsePortRangesRefuses(item: str, problem: str) -> None:
@@ -407,9 +407,7 @@ def test_checkAddressRefusesNonAddress() -> None:
 
 
 def test_emptyHostDenied() -> None:
-    assert DEFAULTS.checkName("", 80) == Decision(
-        False, "destination", "destination host is empty"
-    )
+    assert DEFAULTS.checkName("", 80) == Decision(False, "destination", "destination host is empty")
 
 
 # allow/deny tables: (allow, deny, host, dialled address, name decision, address decision)
@@ -450,9 +448,7 @@ ALLOW_DENY = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("allow", "deny", "host", "address", "byName", "byAddress"), ALLOW_DENY
-)
+@pytest.mark.parametrize(("allow", "deny", "host", "address", "byName", "byAddress"), ALLOW_DENY)
 def test_allowDeny(
     allow: tuple[str, ...],
     deny: tuple[str, ...],
@@ -515,9 +511,7 @@ def test_selfAddressesDeniedWhateverAllowSays(
     listeners: set, address: str, port: int, denied: bool
 ) -> None:
     # Allow everything and deny nothing: only the self rule can refuse.
-    policy = DestinationPolicy(allow=parseHostPatterns(["*"]), deny=()).withSelfAddresses(
-        listeners
-    )
+    policy = DestinationPolicy(allow=parseHostPatterns(["*"]), deny=()).withSelfAddresses(listeners)
     decision = policy.checkAddress("me.example", address, port)
     if address in ("0.0.0.0", "::"):
         assert not decision.allowed  # the unspecified rule alone already denies

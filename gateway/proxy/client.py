@@ -154,6 +154,8 @@ class ClientConnection(Protocol):
             self._state = _CLOSED
             self.transport.write(errorResponse(408, "The request head took too long to arrive."))
             self.transport.loseConnection()
+            self._logLocal(b"-", "-", 408, "TAG_NONE", "request head not complete within "
+                           "header_timeout")
             return
         exchange = self.exchange
         if exchange is not None and isinstance(exchange, ForwardExchange):
@@ -174,7 +176,9 @@ class ClientConnection(Protocol):
         elif state == _BODY:
             self._feedBody(data)
         elif state == _HEAD:
-            if not self._buf:
+            if self._timeoutKind != "header":
+                # Armed once per head: empty lines before a request line (stripped from the
+                # buffer) must not restart the clock, or CRLFs would keep a slowloris alive.
                 self._arm("header", self.rt.headerTimeout)
             self._buf += data
             self._readHead()

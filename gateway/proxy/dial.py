@@ -106,6 +106,20 @@ class Resolver:
         return receiver.done.addCallback(store)
 
 
+def _isLocalAddress(ip: str) -> bool:
+    """
+    Whether C{ip} is assigned to this host: only a local address can be bound. One
+    system call, and no packet is sent.
+    """
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((ip, 0))
+    except OSError:
+        return False
+    return True
+
+
 class Dialer:
     """Connects protocols to origins under a destination policy and a connect timeout."""
 
@@ -134,9 +148,14 @@ class Dialer:
                 return addresses
             allowed = []
             detail = ""
+            wildcardSelf = (None, port) in self.policy.selfAddresses
             for ip in addresses:
                 decision = self.policy.checkAddress(host, ip, port)
-                if decision.allowed:
+                if decision.allowed and wildcardSelf and _isLocalAddress(ip):
+                    # A listener on all interfaces is this proxy on every local address,
+                    # not only on loopback (the policy cannot know them: it does no I/O).
+                    detail = f"destination {host} ({ip}) port {port} is this proxy itself"
+                elif decision.allowed:
                     allowed.append(ip)
                 else:
                     detail = decision.detail
