@@ -9,6 +9,8 @@ exchanges in flight finish and tunnels run for a grace period, then closes what 
 
 from __future__ import annotations
 
+import signal
+
 from twisted.application.service import MultiService
 from twisted.internet import defer, task
 from twisted.internet.endpoints import serverFromString
@@ -22,7 +24,7 @@ from .config import Config, ConfigError, loadConfig
 from .metrics import Metrics, MetricsResource
 from .proxy.client import ClientFactory
 from .proxy.runtime import Runtime
-from .tls.ca import CAError
+from .proxy.tunnel import ABORT_GRACE
 
 __all__ = ["GatewayService", "ListenError", "makeService"]
 
@@ -74,11 +76,8 @@ class GatewayService(MultiService):
             except HtpasswdError as e:
                 raise ConfigError(f"{config.path or '<defaults>'}: [auth] htpasswd: {e}")
         self.authenticator = authenticator
-        try:
-            self.runtime = Runtime(config, reactor, self.metrics, self._openAccessLog(),
-                                   authenticator)
-        except CAError as e:
-            raise ConfigError(f"{config.path or '<defaults>'}: [mitm] ca_cert/ca_key: {e}")
+        self.runtime = Runtime(config, reactor, self.metrics, self._openAccessLog(),
+                               authenticator)
 
     def _openAccessLog(self) -> AccessLog | None:
         target = self.config.log.access_log
@@ -138,7 +137,7 @@ class GatewayService(MultiService):
                 self.metricsPorts.append(self._listenOne(description, site))
 
     def _listenOne(self, description: str, factory):
-        d = serverFromString(self.reactor, description).listen(factory)
+        d = serverFromString(self.reactor, _withBacklog(description)).listen(factory)
         result: list = []
         d.addBoth(result.append)
         if not result:
@@ -192,15 +191,38 @@ class GatewayService(MultiService):
             else:
                 conn.transport.abortConnection()
         rt.pool.closeAll()
-        # Let the aborts run their connectionLost before reporting stopped.
-        for _ in range(20):
-            if not rt.connections:
-                break
+        # Let the aborts run their connectionLost before reporting stopped; a tunnel that
+        # cannot flush (its reader stopped reading) is cut off by its splice in ABORT_GRACE.
+        deadline = self.reactor.seconds() + ABORT_GRACE + 0.5
+        while rt.connections and self.reactor.seconds() < deadline:
             yield task.deferLater(self.reactor, 0.01, lambda: None)
+        if self.exitOnListenFailure and getattr(self.reactor, "_exitSignal", None) in (
+            signal.SIGTERM,
+            signal.SIGINT,
+        ):
+            # Run by twistd (the only caller that owns the process): SIGTERM/SIGINT asked
+            # for this drained stop, which is a clean exit (status 0), not a death by signal
+            # (twistd >= 20.3 re-raises the signal it stopped on unless this is cleared).
+            self.reactor._exitSignal = None
         if self._logFile is not None:
             self._logFile.flush()
             self._logFile.close()
             self._logFile = None
+
+
+#: Listen backlog when the endpoint string names none. Twisted's default (50) drops the SYNs
+#: of a burst of new connections (or of clients arriving during a slowloris), and each
+#: dropped SYN costs its client a one-second retransmission; the kernel caps this at
+#: net.core.somaxconn anyway.
+LISTEN_BACKLOG = 1024
+_BACKLOG_ENDPOINTS = ("tcp:", "tcp6:", "ssl:", "unix:")
+
+
+def _withBacklog(description: str) -> str:
+    lowered = description.lower()
+    if lowered.startswith(_BACKLOG_ENDPOINTS) and "backlog=" not in lowered:
+        return f"{description}:backlog={LISTEN_BACKLOG}"
+    return description
 
 
 def makeService(config: Config | str | None = None, reactor=None, **kwargs) -> GatewayService:

@@ -68,13 +68,14 @@ def payload(n: int) -> bytes:
 
 def payloadChunks(n: int, size: int = 65536):
     sent = 0
+    block = len(_BLOCK)
     while sent < n:
         take = min(size, n - sent)
-        offset = sent % len(_BLOCK)
-        if offset + take <= len(_BLOCK):
+        offset = sent % block
+        if offset + take <= block:
             yield _BLOCK[offset : offset + take]
         else:
-            yield (_BLOCK[offset:] + _BLOCK)[:take]
+            yield (_BLOCK[offset:] + _BLOCK * (take // block + 1))[:take]
         sent += take
 
 

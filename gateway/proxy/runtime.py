@@ -11,9 +11,10 @@ from __future__ import annotations
 from twisted.logger import Logger
 
 from ..accesslog import AccessLog
-from ..config import Config
+from ..config import Config, ConfigError
 from ..metrics import Metrics
 from ..policy import DestinationPolicy
+from ..tls.ca import CAError
 from .chain import Upstream
 from .dial import Dialer
 from .origin import OriginPool
@@ -38,12 +39,21 @@ class Runtime:
         self.metrics = metrics
         self.accessLog = accessLog
         self.authenticator = authenticator
-        self.upstream = Upstream(config.upstream)
+        where = config.path or "<defaults>"
+        try:
+            self.upstream = Upstream(config.upstream)
+        except CAError as e:
+            raise ConfigError(f"{where}: [upstream] ca_certificate: {e}")
         self.interceptor = None
         if config.mitm.enabled:
             from .mitm import Interceptor
 
-            self.interceptor = Interceptor(config.mitm, metrics)
+            try:
+                self.interceptor = Interceptor(config.mitm, metrics)
+            except CAError as e:
+                bundle = config.mitm.upstream_ca_bundle
+                key = "upstream_ca_bundle" if bundle and bundle in str(e) else "ca_cert/ca_key"
+                raise ConfigError(f"{where}: [mitm] {key}: {e}")
         self.clientCIDRs = p.allowed_client_cidrs
         self.connectPorts = p.connect_ports
         self.destinations = DestinationPolicy(p.allow_destinations, p.deny_destinations)
