@@ -33,11 +33,14 @@ class UpstreamRefused(Exception):
 
     def __init__(self, proxy: ProxyURL, status: int, reason: str) -> None:
         self.status = status
+        host = f"[{proxy.host}]" if ":" in proxy.host else proxy.host
+        # A CONNECT is answered by the proxy itself, so a 401 is its own authentication
+        # failure too (tinyproxy 1.11 answers 401 where RFC 9110 says 407).
         self.message = (
-            f"The upstream proxy {proxy.host}:{proxy.port} refused the tunnel: "
+            f"The upstream proxy {host}:{proxy.port} refused the tunnel: "
             f"{status} {reason}".rstrip()
-            + (" (its credentials in [upstream] proxy are missing or wrong)." if status == 407
-               else ".")
+            + (" (its credentials in [upstream] proxy are missing or wrong)."
+               if status in (401, 407) else ".")
         )
         super().__init__(self.message)
 
@@ -95,12 +98,17 @@ class Upstream:
         def tunnelUp(ip):
             return handshake.done.addCallback(lambda _: ip)
 
+        def notDialled(failure):
+            # The timer may have failed the handshake while dialling: that result is moot.
+            handshake.done.addErrback(lambda _: None)
+            return failure
+
         def stopTimer(result):
             if timer.active():
                 timer.cancel()
             return result
 
-        return d.addCallback(tunnelUp).addBoth(stopTimer)
+        return d.addCallbacks(tunnelUp, notDialled).addBoth(stopTimer)
 
     def _unreachable(self, failure):
         e = failure.value
@@ -127,8 +135,14 @@ class _TunnelHandshake(Protocol):
         self.done: defer.Deferred = defer.Deferred()
         self._buf = b""
         self._target: Protocol | None = None
+        host = f"[{proxy.host}]" if ":" in proxy.host else proxy.host
+        self._name = f"upstream proxy {host}:{proxy.port}"
 
     def connectionMade(self) -> None:
+        if self.done.called:
+            # Timed out while the connection was still being made: nobody wants it now.
+            self.transport.abortConnection()
+            return
         try:
             self.transport.setTcpNoDelay(True)
         except Exception:
@@ -139,16 +153,18 @@ class _TunnelHandshake(Protocol):
         if self._target is not None:
             self._target.dataReceived(data)
             return
+        if self.done.called:
+            return  # failed (timed out, refused): the connection is being aborted
         self._buf += data
         end = self._buf.find(b"\r\n\r\n")
         if end < 0:
             if len(self._buf) > _MAX_HEAD:
-                self._fail(DialError("reset", 502, "the upstream proxy sent an oversized head"))
+                self._fail(DialError("reset", 502, f"The {self._name} sent an oversized head."))
             return
         try:
             head = parseResponseHead(self._buf[:end])
         except HTTPError as e:
-            self._fail(DialError("reset", 502, f"the upstream proxy answered badly: {e.reason}"))
+            self._fail(DialError("reset", 502, f"The {self._name} answered badly: {e.reason}."))
             return
         rest = self._buf[end + 4 :]
         self._buf = b""
@@ -170,11 +186,13 @@ class _TunnelHandshake(Protocol):
     def _fail(self, error: Exception) -> None:
         if not self.done.called:
             self.done.errback(error)
-        self.transport.abortConnection()
+        if self.transport is not None:
+            self.transport.abortConnection()
 
     def timedOut(self) -> None:
         if self._target is None:
-            self._fail(DialError("timeout", 504, "the upstream proxy did not open the tunnel in time"))
+            self._fail(DialError("timeout", 504,
+                                 f"The {self._name} did not open the tunnel in time."))
 
     def readConnectionLost(self) -> None:
         target = self._target
@@ -192,5 +210,14 @@ class _TunnelHandshake(Protocol):
         if self._target is not None:
             self._target.connectionLost(reason)
         elif not self.done.called:
-            self.done.errback(DialError("reset", 502,
-                                        "the upstream proxy closed the connection during CONNECT"))
+            from .forward import _tlsFailure  # forward imports this module
+
+            problem = _tlsFailure(reason)
+            if problem is not None:
+                # An https:// upstream whose certificate fails verification (or any handshake
+                # failure): say so, not just "closed".
+                self.done.errback(DialError("tls", 502,
+                                            f"TLS to the {self._name} failed: {problem}"))
+            else:
+                self.done.errback(DialError(
+                    "reset", 502, f"The {self._name} closed the connection during CONNECT."))

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import time
 
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IProtocolNegotiationFactory,
+)
 from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from ..accesslog import AccessRecord
@@ -21,7 +25,7 @@ from ..http1.headers import Target, connectionTokens, parseAbsoluteTarget
 from ..http1.parse import HTTPError, RequestHead, findAll, parseRequestHead
 from ..policy import clientAllowed
 from .connect import startConnect
-from .flow import PIPELINE, ReadPauser
+from .flow import CONNECTING, PEER, PIPELINE, ReadPauser
 from .forward import ForwardExchange
 from .responses import errorResponse
 
@@ -80,7 +84,11 @@ class ClientConnection(Protocol):
             self.transport.setTcpNoDelay(True)
         except Exception:
             pass
-        self._arm("idle", rt.idleTimeout)
+        # The first head is due header_timeout after the accept, as nginx and Apache's
+        # mod_reqtimeout count it: connections that never send a byte must not hold slots
+        # for idle_timeout (a silent slowloris against max_connections). Between requests
+        # of a kept-alive connection the idle timeout applies.
+        self._arm("header", rt.headerTimeout)
 
     def _refuseConnection(self, status: int, message: str, reason: str) -> None:
         self._state = _CLOSED
@@ -145,15 +153,29 @@ class ClientConnection(Protocol):
 
     def _timedOut(self) -> None:
         if self._state == _CLOSED:
+            # Still open an idle period after we closed: a TLS client (MITM tunnel) that
+            # never answers our close_notify keeps a TLS close pending forever. Drop it.
+            self.transport.abortConnection()
             return
         if self.splice is not None:
             self.splice.abort()
+            return
+        if self._timeoutKind == "header" and self._state == _HEAD and not self._buf \
+                and self.requests == 0 and self.mitm is None:
+            # Nothing was asked: close without a 408 that a client racing to send its first
+            # request would take for the answer to it.
+            self.rt.metrics.denied.labels("limit").inc()
+            self._state = _CLOSED
+            self.transport.loseConnection()
+            self._arm("close", self.rt.headerTimeout)
+            self._logLocal(b"-", "-", 0, "TAG_NONE", "no request within header_timeout")
             return
         if self._timeoutKind == "header" and self._state == _HEAD:
             self.rt.metrics.denied.labels("limit").inc()
             self._state = _CLOSED
             self.transport.write(errorResponse(408, "The request head took too long to arrive."))
             self.transport.loseConnection()
+            self._arm("close", self.rt.headerTimeout)  # bound a TLS close the peer ignores
             self._logLocal(b"-", "-", 408, "TAG_NONE", "request head not complete within "
                            "header_timeout")
             return
@@ -199,6 +221,10 @@ class ClientConnection(Protocol):
         if end < 0:
             if len(buf) > limit:
                 self._reject(HTTPError(431, "The request head is larger than the proxy accepts."))
+            elif buf.count(b"\n") != buf.count(b"\r\n"):
+                # A head ended by bare LFs would never complete: refuse it now, not at the
+                # header timeout (RFC 9112 §2.2).
+                self._reject(HTTPError(400, "bare LF in the request head"))
             return
         if end + 4 > limit:
             self._reject(HTTPError(431, "The request head is larger than the proxy accepts."))
@@ -271,7 +297,10 @@ class ClientConnection(Protocol):
             self._dispatchMitm(head, tokens, user)
             return
         if target[:1] == b"/" or target == b"*":
-            self._answer(head, 400, _INFO, "TAG_NONE", close=not self.persistent,
+            # A body it may carry is not read: close rather than parse it as a request.
+            hasBody = any(n.lower() in (b"content-length", b"transfer-encoding")
+                          for n, _ in head.headers)
+            self._answer(head, 400, _INFO, "TAG_NONE", close=hasBody or not self.persistent,
                          reason="origin-form request")
             return
         try:
@@ -290,7 +319,7 @@ class ClientConnection(Protocol):
                     # RFC 9110 §7.6.2: the proxy is the final recipient.
                     self._answer(head, 200 if head.method == b"OPTIONS" else 405,
                                  "Max-Forwards reached zero at proxygate.", "TAG_NONE",
-                                 close=not self.persistent)
+                                 close=not self.persistent or framing.kind != NONE)
                     return
         except HTTPError as e:
             self._reject(e, head)
@@ -385,6 +414,13 @@ class ClientConnection(Protocol):
         self.exchange = None
         if self._state == _CLOSED:
             return
+        # Nothing produces into this connection between exchanges. One that failed after
+        # its origin was attached (a 502 when the origin closed without answering) left that
+        # origin registered: the next request's registerProducer (an origin, a CONNECT's
+        # splice) raised and the connection hung, and a paused one would keep a close from
+        # completing. Its pause reasons go with it.
+        self.transport.unregisterProducer()
+        self.pauser.resume(PEER | CONNECTING)
         if self._state == _BODY:
             # The response ended before the request body: nothing more can be read safely.
             close = True
@@ -424,12 +460,42 @@ class ClientConnection(Protocol):
         self.persistent = True
         self.version = b"HTTP/1.1"
         self.transport.write(established)
-        self.transport.startTLS(creator)
+        tls = self._startServerTLS(creator)
         self._state = _HEAD
-        self._arm("header", self.rt.headerTimeout)
+        # Like a new connection: idle until the first request byte (then the header timer);
+        # a tunnel set up ahead of use must not get a 408 after header_timeout.
+        self._arm("idle", self.rt.idleTimeout)
         early, self._buf = self._buf, b""
         if early:
-            self.transport.protocol.dataReceived(early)
+            tls.dataReceived(early)
+
+    def _startServerTLS(self, creator):
+        """
+        Speak TLS (as the server) from now on; returns the protocol that decrypts.
+
+        On a tcp: listener that is the transport's own startTLS. On an ssl: listener the
+        transport is already a TLS layer (a TLSMemoryBIOProtocol wrapping this protocol),
+        whose startTLS (reached through ProtocolWrapper.__getattr__) would put the new TLS
+        *under* it, on the wire: instead a TLS layer of our own goes between it and us.
+        """
+        transport = self.transport
+        if not (isinstance(transport, TLSMemoryBIOProtocol)
+                and transport.wrappedProtocol is self):
+            transport.startTLS(creator)
+            return transport.protocol
+        # A streaming producer (a ReadPauser) registered on the old layer moves to the new one.
+        membrane = getattr(transport, "_producer", None)
+        producer = membrane._producer if membrane is not None else None
+        if producer is not None:
+            transport.unregisterProducer()
+        layer = TLSMemoryBIOProtocol(TLSMemoryBIOFactory(creator, False, Factory()), self,
+                                     _connectWrapped=False)
+        transport.wrappedProtocol = layer
+        layer.makeConnection(transport)
+        self.transport = layer
+        if producer is not None:
+            layer.registerProducer(producer, True)
+        return layer
 
     def _reject(self, e: HTTPError, head: RequestHead | None = None) -> None:
         """A request the proxy refuses to parse further: answer and close."""
@@ -491,6 +557,7 @@ def _safeTarget(head: RequestHead) -> str:
     return target.decode("ascii", "replace")
 
 
+@implementer(IProtocolNegotiationFactory)
 class ClientFactory(Factory):
     """Builds client connections bound to one runtime (one per service)."""
 
@@ -498,6 +565,14 @@ class ClientFactory(Factory):
 
     def __init__(self, rt) -> None:
         self.rt = rt
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """
+        ALPN on an ssl: listener: http/1.1. Without it Twisted's select callback answers
+        an ALPN offer (curl to an HTTPS proxy, urllib3, another proxygate) with an empty
+        protocol and OpenSSL aborts the handshake ("internal error").
+        """
+        return [b"http/1.1"]
 
     def buildProtocol(self, addr):
         p = ClientConnection(self.rt)

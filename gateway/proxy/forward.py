@@ -131,7 +131,8 @@ class ForwardExchange:
         pending, self.pending = self.pending, None
         if pending:
             out.extend(pending)
-            self.sentUpstream += sum(map(len, pending)) if self.framing.kind != CHUNKED else 0
+            # Everything received so far was pending (body bytes, as in requestBody).
+            self.sentUpstream = self.received
         if self.requestComplete and self.framing.kind == CHUNKED:
             out.append(LAST_CHUNK)
         conn.transport.write(b"".join(out))
@@ -187,6 +188,9 @@ class ForwardExchange:
             lines.append(b"Content-Length: %d\r\n" % self.framing.length)
         elif kind == CHUNKED:
             lines.append(b"Transfer-Encoding: chunked\r\n")
+        elif any(n.lower() == b"content-length" for n, _ in head.headers):
+            # An empty POST keeps its "Content-Length: 0": origins answer 411 without it.
+            lines.append(b"Content-Length: 0\r\n")
         if keep:
             lines.append(b"Connection: upgrade\r\nUpgrade: " + self.upgrade + b"\r\n")
         via = self.rt.viaRequest
@@ -209,7 +213,7 @@ class ForwardExchange:
             self.client.pauser.pause(CONNECTING)
             return
         if self.origin is not None:
-            self.sentUpstream += len(data)
+            self.sentUpstream = self.received
             self.origin.transport.write(data)
 
     def requestEnd(self) -> None:
@@ -292,6 +296,8 @@ class ForwardExchange:
 
     def responseBody(self, data: bytes) -> None:
         self.sent += len(data)
+        # A response still flowing is not idle: push the client's idle deadline out.
+        self.client.touch()
         if self.clientChunked:
             data = encodeChunk(data)
         self.client.transport.write(data)
@@ -349,7 +355,11 @@ class ForwardExchange:
         if tlsProblem is not None and not self.responseStarted:
             # Never a silently trusted origin: the client is told why, in the body.
             self.rt.metrics.upstreamErrors.labels("tls").inc()
-            self._localError(502, f"TLS to the origin {self.target.host} failed: {tlsProblem}",
+            peer = f"the origin {self.target.host}"
+            if self.route is not None and self.target.scheme == "http":
+                # Absolute form to an https:// upstream: the TLS that failed is the proxy's.
+                peer = f"the upstream proxy {self.rt.upstream.label}:{self.route.port}"
+            self._localError(502, f"TLS to {peer} failed: {tlsProblem}",
                              "tls_certificate_error", keepOrigin=False)
             return
         if (
@@ -395,6 +405,9 @@ class ForwardExchange:
                      action: str = "TCP_MISS", keepOrigin: bool = True) -> None:
         self.code = status
         self.reason = message
+        if self.upgrade is not None:
+            # An upgrade the origin never answered (dial failure, timeout, broken reply).
+            self.rt.metrics.upgrades.labels("error").inc()
         if self.origin is not None:
             origin, self.origin = self.origin, None
             origin.detach()

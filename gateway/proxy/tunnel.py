@@ -12,11 +12,14 @@ from __future__ import annotations
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from .flow import ReadPauser
 
-__all__ = ["Splice", "TunnelOrigin"]
+__all__ = ["ABORT_GRACE", "Splice", "TunnelOrigin"]
+
+ABORT_GRACE = 2.0  # seconds an aborted tunnel may spend flushing before it is cut off
 
 
 class Splice:
@@ -40,6 +43,14 @@ class Splice:
         self._originOpen = True
         self._clientWriteClosed = False
         self._originWriteClosed = False
+        self._cutTimer = None
+        rt = getattr(client, "rt", None)
+        if rt is not None:
+            self._reactor, self._flushGrace = rt.reactor, rt.idleTimeout
+        else:
+            from twisted.internet import reactor
+
+            self._reactor, self._flushGrace = reactor, 300.0
         # Cross-register: a full buffer on one side pauses reading on the other.
         self.clientTransport.registerProducer(originPauser, True)
         originTransport.registerProducer(client.pauser, True)
@@ -70,35 +81,74 @@ class Splice:
             self._closeBoth()
 
     def _halfClose(self, transport) -> None:
+        # Nothing more will be written to it: stop consuming from the peer (see _close).
+        transport.unregisterProducer()
+        if _isTLS(transport):
+            # Twisted's TLS has no half-close: loseWriteConnection would reach the TCP
+            # transport under the TLS layer and end the stream with no close_notify (a
+            # truncation, to the peer). close_notify is how TLS ends one direction; the
+            # peer may go on sending until it answers with its own.
+            transport.loseConnection()
+            return
         try:
             transport.loseWriteConnection()
         except Exception:
-            transport.loseConnection()
+            self._close(transport, self._flushGrace)
 
     def _closeBoth(self) -> None:
-        self.clientTransport.loseConnection()
-        self.originTransport.loseConnection()
+        self._close(self.clientTransport, self._flushGrace)
+        self._close(self.originTransport, self._flushGrace)
+
+    def _close(self, transport, grace: float) -> None:
+        """
+        Close after flushing, and cut it off if flushing takes longer than C{grace}.
+
+        A Twisted transport whose buffer drains while its (paused) producer is registered
+        resumes the producer instead of closing (abstract.FileDescriptor.doWrite), so a
+        loseConnection on a full tunnel never completed: unregister first. And a peer that
+        never reads never drains: the timer aborts it.
+        """
+        transport.unregisterProducer()
+        transport.loseConnection()
+        if not (self._clientOpen or self._originOpen):
+            return  # both gone already: nothing left to cut
+        timer = self._cutTimer
+        if timer is None or not timer.active():
+            self._cutTimer = self._reactor.callLater(grace, self._cut)
+        elif timer.getTime() > self._reactor.seconds() + grace:
+            timer.reset(grace)
+
+    def _cut(self) -> None:
+        self._cutTimer = None
+        if self._clientOpen:
+            self.clientTransport.abortConnection()
+        if self._originOpen:
+            self.originTransport.abortConnection()
 
     def clientLost(self) -> None:
         self._clientOpen = False
         if self._originOpen:
-            self.originTransport.loseConnection()
+            # Send what the client sent before it went, then close.
+            self._close(self.originTransport, self._flushGrace)
         self._maybeEnd()
 
     def originLost(self) -> None:
         self._originOpen = False
         if self._clientOpen:
             # loseConnection sends what is still buffered first.
-            self.clientTransport.loseConnection()
+            self._close(self.clientTransport, self._flushGrace)
         self._maybeEnd()
 
     def abort(self) -> None:
-        """Idle timeout or shutdown: close both sides now."""
-        self.clientTransport.loseConnection()
-        self.originTransport.loseConnection()
+        """Idle timeout or shutdown: close both sides now (a stuck side within seconds)."""
+        self._close(self.clientTransport, ABORT_GRACE)
+        self._close(self.originTransport, ABORT_GRACE)
 
     def _maybeEnd(self) -> None:
         if not self._clientOpen and not self._originOpen and self.onEnd is not None:
+            if self._cutTimer is not None and self._cutTimer.active():
+                self._cutTimer.cancel()
+            self._cutTimer = None
             onEnd, self.onEnd = self.onEnd, None
             m = self.metrics
             m.fromClient.inc(self.fromClientBytes)
@@ -106,6 +156,11 @@ class Splice:
             m.fromUpstream.inc(self.fromOriginBytes)
             m.toClient.inc(self.fromOriginBytes)
             onEnd()
+
+
+def _isTLS(transport) -> bool:
+    """A TLS layer (an ssl: listener, startTLS, an https:// upstream), not plain TCP."""
+    return isinstance(transport, TLSMemoryBIOProtocol) or getattr(transport, "TLS", False) is True
 
 
 @implementer(IHalfCloseableProtocol)
