@@ -1,0 +1,520 @@
+#!/usr/bin/env python3
+"""loadgen.py -- proxygate's own small load generator (asyncio, stdlib only, loopback only).
+
+It starts a tiny HTTP/1.1 origin (plain + TLS, in a child process), points at a proxygate that
+it starts itself (--start-proxy, fresh per scenario, config benchmarks/bench.ini) or at
+--proxy 127.0.0.1:PORT (--direct: no proxy, shows the client+origin ceiling), and prints
+req/s, p50/p99 latency and, when it knows the proxy's PID, its CPU us/request and RSS.
+
+  python benchmarks/loadgen.py --start-proxy                      # every scenario
+  python benchmarks/loadgen.py --start-proxy get new -d 5          # some of them
+  python benchmarks/loadgen.py --proxy 127.0.0.1:3128 --proxy-pid 1234 dk
+
+Scenarios (defaults; -c/-n/-d/--size override):
+  get          GET 1 KiB, absolute-form, keep-alive, 32 conns, time-bound
+  new          GET 1 KiB, new TCP connection per request (Connection: close), 16 conns
+  tunnel       one CONNECT per conn, many plain-HTTP GET 1 KiB inside, 32 conns
+  tunnel-tls   the same with TLS to the origin inside the tunnel
+  dk           Datakit replica: 16 clients x 100 POST 172787 B, plain HTTP
+  dk-tls       the same through CONNECT + TLS (Datakit's real case)
+  bulk         GET 100 MB, plain (absolute-form), 1 conn x 3
+  bulk-tunnel  GET 100 MB inside a CONNECT tunnel (plain TCP inside), 1 conn x 3
+  idle         N idle tunnels (--tunnels, default 2000): proxy RSS per tunnel, idle CPU
+Every run is bounded: -n requests per client AND -d seconds, a per-request timeout, and a
+SIGALRM kill switch; the processes it started are stopped by PID.
+"""
+import argparse
+import asyncio
+import ipaddress
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CLK = os.sysconf("SC_CLK_TCK")
+perf = time.perf_counter
+STARTED = []                              # Popen objects we started: the only ones we signal
+
+SCEN = {  # name: (conns, requests per client, path, dict of options)
+    "get": (32, 1_000_000, "/bytes/1024", {}),
+    "new": (16, 1_000_000, "/bytes/1024", {"new": True}),
+    "tunnel": (32, 1_000_000, "/bytes/1024", {"tunnel": True}),
+    "tunnel-tls": (32, 1_000_000, "/bytes/1024", {"tunnel": True, "tls": True}),
+    "dk": (16, 100, "/v1/write/xxx", {"post": 172787}),
+    "dk-tls": (16, 100, "/v1/write/xxx", {"post": 172787, "tunnel": True, "tls": True}),
+    "bulk": (1, 3, f"/bytes/{100_000_000}", {}),
+    "bulk-tunnel": (1, 3, f"/bytes/{100_000_000}", {"tunnel": True}),
+    "idle": (0, 0, "/bytes/16", {"tunnel": True}),
+}
+
+
+# ----------------------------------------------------------------------------- origin
+class Origin(asyncio.Protocol):
+    """GET /bytes/N -> N bytes; POST anything -> reads the whole body, then "ok\\n"."""
+    cache = {}
+    chunk = b"x" * (256 * 1024)
+
+    def connection_made(self, tr):
+        self.tr, self.buf, self.need, self.left, self.paused = tr, b"", 0, 0, False
+
+    def data_received(self, data):
+        if self.need:                     # request body: count it, keep nothing
+            n = min(self.need, len(data))
+            self.need -= n
+            data = data[n:]
+            if self.need:
+                return
+            self.tr.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+        self.buf += data
+        while not self.need and not self.left:
+            i = self.buf.find(b"\r\n\r\n")
+            if i < 0:
+                return
+            head, self.buf = self.buf[:i].decode("latin-1").split("\r\n"), self.buf[i + 4:]
+            _method, target = head[0].split(" ")[:2]
+            hdrs = {k.strip().lower(): v.strip()
+                    for k, _, v in (h.partition(":") for h in head[1:])}
+            if "content-length" in hdrs:
+                n = min(int(hdrs["content-length"]), len(self.buf))
+                self.need, self.buf = int(hdrs["content-length"]) - n, self.buf[n:]
+                if not self.need:
+                    self.tr.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+                continue
+            size = int(target.rsplit("/", 1)[1]) if "/bytes/" in target else -1
+            if size < 0:
+                self.tr.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            elif size <= 1 << 20:
+                r = self.cache.get(size)
+                if r is None:
+                    r = self.cache[size] = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (
+                        size, b"x" * size)
+                self.tr.write(r)
+            else:
+                self.tr.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+                self.left = size
+                self._stream()
+
+    def _stream(self):
+        while self.left and not self.paused:
+            n = min(self.left, len(self.chunk))
+            self.tr.write(self.chunk if n == len(self.chunk) else self.chunk[:n])
+            self.left -= n
+        if not self.left and self.buf:
+            self.data_received(b"")
+
+    def pause_writing(self):
+        self.paused = True
+
+    def resume_writing(self):
+        self.paused = False
+        self._stream()
+
+
+async def serve_origin(certdir):
+    loop = asyncio.get_running_loop()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(os.path.join(certdir, "cert.pem"), os.path.join(certdir, "key.pem"))
+    plain = await loop.create_server(Origin, "127.0.0.1", 0, backlog=4096)
+    tls = await loop.create_server(Origin, "127.0.0.1", 0, backlog=4096, ssl=ctx)
+    print(plain.sockets[0].getsockname()[1], tls.sockets[0].getsockname()[1], flush=True)
+    await loop.run_in_executor(None, sys.stdin.read)     # parent gone (EOF) -> exit
+
+
+def start_origin(certdir, pin):
+    cmd = [sys.executable, __file__, "--serve-origin", certdir] + (["--pin"] if pin else [])
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    STARTED.append(p)
+    ports = tuple(int(x) for x in p.stdout.readline().split())
+    if len(ports) != 2:
+        _cleanup()
+        sys.exit("origin did not start")
+    return p, ports
+
+
+def make_cert(d):
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+                    "-keyout", d + "/key.pem", "-out", d + "/cert.pem",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+
+
+# ----------------------------------------------------------------------------- proxy
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_proxy(a, logdir, pin):
+    port = free_port()
+    twistd = a.twistd or os.path.join(os.path.dirname(sys.executable), "twistd")
+    if not os.path.exists(twistd):
+        twistd = shutil.which("twistd") or sys.exit("no twistd: pass --twistd")
+    cmd = [twistd, "-n", "--pidfile=", "proxygate", "--config", a.config,
+           "--listen", f"tcp:{port}:interface=127.0.0.1", "--metrics-listen", ""]
+    log = open(os.path.join(logdir, f"proxygate-{port}.log"), "w")  # noqa: SIM115
+    # this working tree's gateway/ and twisted/plugins, whatever the cwd or the install state
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
+    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                         env=env)
+    STARTED.append(p)
+    if pin:
+        os.sched_setaffinity(p.pid, {0})
+    for _ in range(300):
+        if p.poll() is not None:
+            break
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return p, port
+        except OSError:
+            time.sleep(0.05)
+    stop(p)
+    with open(log.name) as f:
+        sys.exit(f"proxygate did not start, see {log.name}:\n{f.read()[-2000:]}")
+
+
+def stop(p):
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+    if p in STARTED:
+        STARTED.remove(p)
+
+
+def proc_cpu(pid):
+    if not pid:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as f:
+        fl = f.read().rsplit(")", 1)[1].split()
+    return (int(fl[11]) + int(fl[12])) / CLK
+
+
+def proc_mem(pid):
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for ln in f:
+            if ln.startswith(("VmRSS:", "VmHWM:")):
+                out[ln[:5]] = int(ln.split()[1]) / 1024.0
+    return out
+
+
+# ----------------------------------------------------------------------------- client
+class Conn(asyncio.Protocol):
+    """Reads one response at a time (Content-Length or read-until-close)."""
+
+    def __init__(self):
+        self.tr, self.buf, self.fut, self.closed = None, b"", None, False
+        self.left, self.nbytes = -1, 0
+
+    def connection_made(self, tr):
+        self.tr = tr
+
+    def expect(self):
+        self.fut = asyncio.get_running_loop().create_future()
+        self.left, self.nbytes = -1, 0
+        return self.fut
+
+    def connection_lost(self, exc):
+        self.closed = True
+        if self.fut and not self.fut.done():
+            if self.left == -2:             # read-until-close body
+                self.fut.set_result((self.status, False, self.nbytes))
+            else:
+                self.fut.set_exception(ConnectionError("closed by peer"))
+
+    def data_received(self, data):
+        if 0 < len(data) < self.left and not self.buf:   # body bytes: count, keep nothing
+            self.left -= len(data)
+            self.nbytes += len(data)
+            return
+        self.buf += data
+        if self.left == -1:
+            i = self.buf.find(b"\r\n\r\n")
+            if i < 0 or self.fut is None or self.fut.done():
+                return
+            lines = self.buf[:i].lower().split(b"\r\n")
+            self.buf = self.buf[i + 4:]
+            self.status = int(lines[0].split()[1])
+            self.ka = not lines[0].startswith(b"http/1.0")
+            self.left = -2
+            for ln in lines[1:]:
+                k, _, v = ln.partition(b":")
+                if k == b"content-length":
+                    self.left = int(v)
+                elif k in (b"connection", b"proxy-connection") and b"close" in v:
+                    self.ka = False
+            if self.status == 200 and self.no_body:
+                self.left = 0
+            if 0 < len(self.buf) < self.left:   # part of the body came with the head
+                self.left -= len(self.buf)
+                self.nbytes += len(self.buf)
+                self.buf = b""
+                return
+        if self.left == -2:
+            self.nbytes += len(self.buf)
+            self.buf = b""
+        elif len(self.buf) >= self.left:
+            self.nbytes += self.left
+            self.buf = self.buf[self.left:]
+            self.left = -1
+            if not self.fut.done():
+                self.fut.set_result((self.status, self.ka and self.left != -2, self.nbytes))
+
+    def timeout(self):
+        if self.fut and not self.fut.done():
+            self.fut.set_exception(TimeoutError("request timed out"))
+
+
+class Run:
+    def __init__(self, a, name, proxy, origin, sslctx):
+        self.a, self.name, self.proxy, self.sslctx = a, name, proxy, sslctx
+        c, n, path, self.o = SCEN[name]
+        self.c, self.n = a.concurrency or c, a.requests or n
+        if a.size and "/bytes/" in path:
+            path = f"/bytes/{a.size}"
+        self.port = origin[1] if self.o.get("tls") else origin[0]
+        auth = f"127.0.0.1:{self.port}"
+        target = "http://" + auth + path if proxy and not self.o.get("tunnel") else path
+        body = b"cpu,host=bench usage_idle=99.5 1700000000000000000\n" * 4000
+        body = body[:self.o["post"]] if "post" in self.o else b""
+        method = "POST" if body else "GET"
+        head = f"{method} {target} HTTP/1.1\r\nHost: {auth}\r\nUser-Agent: loadgen/1\r\n"
+        head += f"Content-Length: {len(body)}\r\n" if body else ""
+        head += "Connection: close\r\n" if self.o.get("new") else ""
+        self.req = (head + "\r\n").encode() + body
+        self.connect = (f"CONNECT {auth} HTTP/1.1\r\nHost: {auth}\r\n\r\n").encode()
+        self.lat, self.ok, self.bad, self.errors, self.bytes = [], 0, 0, {}, 0
+        self.attempts = 0
+
+    async def open(self):
+        loop = asyncio.get_running_loop()
+        host, port = self.proxy or ("127.0.0.1", self.port)
+        tr, conn = await loop.create_connection(Conn, host, port)
+        if self.proxy and self.o.get("tunnel"):
+            conn.no_body = True
+            fut = conn.expect()
+            tr.write(self.connect)
+            status = (await asyncio.wait_for(fut, self.a.timeout))[0]
+            if status != 200:
+                tr.abort()
+                raise ConnectionError(f"CONNECT answered {status}")
+        conn.no_body = False
+        if self.o.get("tls"):
+            conn.tr = await loop.start_tls(tr, conn, self.sslctx, server_hostname="127.0.0.1")
+        return conn
+
+    async def client(self, deadline):
+        loop = asyncio.get_running_loop()
+        conn = None
+        for _ in range(self.n):
+            t0 = perf()
+            if t0 >= deadline:
+                break
+            self.attempts += 1
+            try:
+                if conn is None or conn.closed:
+                    conn = await asyncio.wait_for(self.open(), self.a.timeout)
+                t1 = perf()
+                fut = conn.expect()
+                h = loop.call_later(self.a.timeout, conn.timeout)
+                conn.tr.write(self.req)
+                try:
+                    status, ka, nb = await fut
+                finally:
+                    h.cancel()
+            except Exception as e:          # every failure is counted, then a short pause
+                if t0 >= self.measure_start:
+                    k = f"{type(e).__name__}: {e}"
+                    self.errors[k] = self.errors.get(k, 0) + 1
+                if conn is not None:
+                    conn.tr.abort()
+                conn = None
+                await asyncio.sleep(0.01)
+                continue
+            t2 = perf()
+            if t0 >= self.measure_start:
+                self.lat.append(t2 - (t0 if self.o.get("new") else t1))
+                self.bytes += nb + len(self.req)
+                self.ok += 200 <= status < 300
+                self.bad += not 200 <= status < 300
+                self.last = t2
+            if self.o.get("new") or not ka:
+                conn.tr.close()
+                conn = None
+        if conn is not None:
+            conn.tr.close()
+
+    async def go(self, pid, origin_pid):
+        a, loop = self.a, asyncio.get_running_loop()
+        warm = a.warmup if self.n > 1000 else 0      # count-bound scenarios: no warmup
+        self.measure_start = perf() + warm
+        self.last = self.measure_start
+        snap = {}
+        loop.call_at(loop.time() + warm, lambda: snap.update(
+            t=perf(), cpu=proc_cpu(pid), ocpu=proc_cpu(origin_pid), me=resource.getrusage(0)))
+        deadline = self.measure_start + a.duration
+        await asyncio.gather(*(self.client(deadline) for _ in range(self.c)))
+        t1, cpu1, ocpu1, me1 = perf(), proc_cpu(pid), proc_cpu(origin_pid), resource.getrusage(0)
+        wall, n = max(t1 - snap["t"], 1e-9), len(self.lat)
+        window = max(self.last - self.measure_start, 1e-9)
+        lat = sorted(self.lat)
+        ms = lambda q: round(1000 * lat[min(n - 1, int(q * n))], 3) if n else None  # noqa: E731
+        r = dict(scenario=self.name, conns=self.c, requests=n, ok=self.ok, non2xx=self.bad,
+                 errors=self.errors, rps=round(n / window, 1), p50_ms=ms(0.5), p99_ms=ms(0.99),
+                 max_ms=ms(1.0), mb_s=round(self.bytes / window / 1e6, 1),
+                 client_cpu_pct=round(100 * (me1.ru_utime + me1.ru_stime - snap["me"].ru_utime
+                                             - snap["me"].ru_stime) / wall),
+                 origin_cpu_pct=round(100 * (ocpu1 - snap["ocpu"]) / wall))
+        if pid:
+            r.update(proxy_cpu_pct=round(100 * (cpu1 - snap["cpu"]) / wall),
+                     proxy_cpu_us_per_req=round(1e6 * (cpu1 - snap["cpu"]) / max(n, 1), 1),
+                     **{("proxy_rss_mb" if k == "VmRSS" else "proxy_peak_rss_mb"): round(v, 1)
+                        for k, v in proc_mem(pid).items()})
+        return r
+
+    async def idle(self, pid):
+        """Open N tunnels, one request in each, hold them idle, report proxy RSS/CPU."""
+        base = proc_mem(pid)["VmRSS"] if pid else 0
+        sem, conns = asyncio.Semaphore(64), []
+
+        async def one():
+            async with sem:
+                conn = await asyncio.wait_for(self.open(), self.a.timeout)
+                conns.append(conn)
+                fut = conn.expect()
+                conn.tr.write(self.req)
+                await asyncio.wait_for(fut, self.a.timeout)
+        t0 = perf()
+        res = await asyncio.gather(*(one() for _ in range(self.a.tunnels)), return_exceptions=True)
+        errs = [r for r in res if isinstance(r, Exception)]
+        setup = perf() - t0
+        cpu0 = proc_cpu(pid)
+        await asyncio.sleep(self.a.hold)
+        r = dict(scenario="idle", tunnels=self.a.tunnels - len(errs), errors=len(errs),
+                 first_error=repr(errs[0]) if errs else None, setup_s=round(setup, 2))
+        if pid:
+            m = proc_mem(pid)
+            r.update(proxy_rss_before_mb=round(base, 1), proxy_rss_mb=round(m["VmRSS"], 1),
+                     proxy_peak_rss_mb=round(m["VmHWM"], 1),
+                     kb_per_tunnel=round(1024 * (m["VmRSS"] - base) / max(1, len(conns)), 1),
+                     idle_cpu_pct=round(100 * (proc_cpu(pid) - cpu0) / self.a.hold, 1))
+        for c in conns:
+            c.tr.abort()
+        return r
+
+
+def fmt(r):
+    if r["scenario"] == "idle":
+        if "proxy_rss_mb" not in r:
+            return str(r)
+        return (f"idle        {r['tunnels']} tunnels (errors {r['errors']}) in {r['setup_s']}s; "
+                f"proxy RSS {r['proxy_rss_before_mb']} -> {r['proxy_rss_mb']} MB "
+                f"({r['kb_per_tunnel']} KiB/tunnel), idle CPU {r['idle_cpu_pct']}%")
+    s = (f"{r['scenario']:<11} {r['rps']:8.0f} req/s  p50 {r['p50_ms'] or 0:7.2f} ms  "
+         f"p99 {r['p99_ms'] or 0:7.2f} ms  {r['mb_s']:7.1f} MB/s  ok {r['ok']} "
+         f"non2xx {r['non2xx']} err {sum(r['errors'].values())}")
+    if "proxy_cpu_us_per_req" in r:
+        s += (f"  | proxy {r['proxy_cpu_pct']}% CPU {r['proxy_cpu_us_per_req']:.0f} us/req "
+              f"RSS {r['proxy_rss_mb']:.1f} MB peak {r['proxy_peak_rss_mb']:.1f} MB")
+    s += f"  | client {r['client_cpu_pct']}% origin {r['origin_cpu_pct']}%"
+    return s + (f"\n    errors: {r['errors']}" if r["errors"] else "")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("scenarios", nargs="*", help=f"default: all ({' '.join(SCEN)})")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--start-proxy", action="store_true", help="start proxygate, fresh per scenario")
+    g.add_argument("--proxy", help="HOST:PORT of a running proxy (loopback only)")
+    g.add_argument("--direct", action="store_true", help="no proxy: client+origin ceiling")
+    ap.add_argument("--proxy-pid", type=int, help="PID of --proxy, to read its CPU and RSS")
+    ap.add_argument("--config", default=os.path.join(HERE, "bench.ini"))
+    ap.add_argument("--twistd", help="twistd to run (default: next to this python)")
+    ap.add_argument("-c", "--concurrency", type=int, default=0)
+    ap.add_argument("-n", "--requests", type=int, default=0, help="max requests per client")
+    ap.add_argument("-d", "--duration", type=float, default=5.0, help="max measured seconds")
+    ap.add_argument("-w", "--warmup", type=float, default=0.5)
+    ap.add_argument("--size", type=int, default=0, help="response size for get/new/tunnel/bulk")
+    ap.add_argument("--tunnels", type=int, default=2000, help="idle: number of tunnels (max 8000)")
+    ap.add_argument("--hold", type=float, default=2.0, help="idle: seconds to hold them")
+    ap.add_argument("--timeout", type=float, default=10.0)
+    ap.add_argument("--no-pin", action="store_true", help="default: proxy CPU0, client+origin CPU1")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--serve-origin", metavar="CERTDIR", help=argparse.SUPPRESS)
+    ap.add_argument("--pin", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.serve_origin:
+        if a.pin:
+            os.sched_setaffinity(0, {1})
+        signal.alarm(3600)
+        return asyncio.run(serve_origin(a.serve_origin))
+    bad = [s for s in a.scenarios if s not in SCEN]
+    if bad or not 0 < a.duration <= 600 or not 0 < a.tunnels <= 8000:
+        ap.error(f"bad scenario {bad} / duration / tunnels")
+    proxy = None
+    if a.proxy:
+        h, _, p = a.proxy.rpartition(":")
+        if not ipaddress.ip_address(socket.gethostbyname(h.strip("[]"))).is_loopback:
+            sys.exit("--proxy must be a loopback address")
+        proxy = (h.strip("[]"), int(p))
+    elif not (a.start_proxy or a.direct):
+        ap.error("one of --start-proxy, --proxy HOST:PORT, --direct")
+    pin = not a.no_pin and len(os.sched_getaffinity(0)) >= 2
+    resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
+    todo = a.scenarios or list(SCEN)
+    budget = len(todo) * (a.duration + a.warmup + a.timeout + 15) + 30
+    signal.signal(signal.SIGALRM, lambda *_: (_cleanup(), os._exit(3)))
+    signal.signal(signal.SIGTERM, lambda *_: (_cleanup(), os._exit(1)))
+    signal.alarm(int(budget))
+    tmp = tempfile.mkdtemp(prefix="loadgen-")
+    make_cert(tmp)
+    origin_proc, origin = start_origin(tmp, pin)
+    if pin:
+        os.sched_setaffinity(0, {1})
+    sslctx = ssl.create_default_context(cafile=os.path.join(tmp, "cert.pem"))
+    results = []
+    try:
+        for name in todo:
+            pproc = None
+            if a.start_proxy:
+                pproc, port = start_proxy(a, tmp, pin)
+                proxy = ("127.0.0.1", port)
+            pid = pproc.pid if pproc else a.proxy_pid
+            run = Run(a, name, proxy, origin, sslctx)
+            try:
+                r = asyncio.run(run.idle(pid) if name == "idle" else run.go(pid, origin_proc.pid))
+            finally:
+                if pproc:
+                    if pproc.poll() is not None:
+                        print(f"proxygate exited (rc {pproc.returncode}), log in {tmp}")
+                    stop(pproc)
+            results.append(r)
+            print(json.dumps(r) if a.json else fmt(r), flush=True)
+    finally:
+        _cleanup()
+    return 0
+
+
+def _cleanup():
+    for p in list(STARTED):
+        if p.stdin:
+            p.stdin.close()
+        stop(p)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
