@@ -9,8 +9,11 @@ never competes with DNS look-ups for the reactor's threads.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 from prometheus_client.exposition import choose_encoder
 from twisted.web.resource import Resource
 
@@ -29,15 +32,6 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            "proxygate_requests", "Requests answered, by mode, method and status code.",
-            ["mode", "method", "code"], registry=r,
-        )
-        self.duration = Histogram(
-            "proxygate_request_duration_seconds",
-            "Time from a complete request head to the end of the response.",
-            ["mode"], buckets=_DURATION_BUCKETS, registry=r,
-        )
         # DESIGN.md pairs gauges and counters under one base name (proxygate_tunnels and
         # proxygate_tunnels_total); prometheus_client refuses that pair in one registry, so
         # both come from one small collector over plain integers (cheaper on the hot path too).
@@ -45,9 +39,6 @@ class Metrics:
         r.register(self.live)
         self.upgrades = Counter(
             "proxygate_websocket_upgrades", "Upgrade requests by outcome.", ["result"], registry=r
-        )
-        self.transferred = Counter(
-            "proxygate_transferred_bytes", "Bytes moved, by direction.", ["direction"], registry=r
         )
         self.denied = Counter(
             "proxygate_denied", "Requests or connections refused, by reason.", ["reason"], registry=r
@@ -77,27 +68,24 @@ class Metrics:
         )
         self.maxAPISeries = 500
         self._apis: dict[tuple[str, str], tuple] = {}
-        self._requestChildren: dict[tuple[str, bytes, int], Counter] = {}
-        self._durationChildren: dict[str, Histogram] = {}
-        self.fromClient = self.transferred.labels("from_client")
-        self.toClient = self.transferred.labels("to_client")
-        self.fromUpstream = self.transferred.labels("from_upstream")
-        self.toUpstream = self.transferred.labels("to_upstream")
+        live = self.live
+        self.fromClient = live.transferred["from_client"]
+        self.toClient = live.transferred["to_client"]
+        self.fromUpstream = live.transferred["from_upstream"]
+        self.toUpstream = live.transferred["to_upstream"]
         for reason in ("client", "auth", "port", "destination", "limit"):
             self.denied.labels(reason)
         for reason in ("dns", "refused", "timeout", "tls", "reset"):
             self.upstreamErrors.labels(reason)
 
     def request(self, mode: str, method: bytes, code: int, seconds: float) -> None:
-        key = (mode, method, code)
-        child = self._requestChildren.get(key)
-        if child is None:
-            name = method.decode("ascii") if method in _METHODS else "OTHER"
-            child = self._requestChildren[key] = self.requests.labels(mode, name, str(code))
-        child.inc()
-        hist = self._durationChildren.get(mode)
+        """One answered request: a dict increment and a bucket search, no locks."""
+        requests = self.live.requests
+        key = (mode, method if method in _METHODS else b"OTHER", code)
+        requests[key] = requests.get(key, 0) + 1
+        hist = self.live.durations.get(mode)
         if hist is None:
-            hist = self._durationChildren[mode] = self.duration.labels(mode)
+            hist = self.live.durations[mode] = _Histogram()
         hist.observe(seconds)
 
 
@@ -129,14 +117,49 @@ class Metrics:
         counter.inc()
 
 
+class _Count:
+    """A counter that is a plain integer (the reactor is single-threaded)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+
+class _Histogram:
+    __slots__ = ("buckets", "count", "sum")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(_DURATION_BUCKETS) + 1)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.buckets[bisect_left(_DURATION_BUCKETS, seconds)] += 1
+        self.count += 1
+        self.sum += seconds
+
+
 class _LiveCollector:
-    """Open/total connection and tunnel counts, kept as plain attributes."""
+    """
+    The per-request figures, kept as plain integers and exported at scrape time: the
+    prometheus_client objects take a lock per update, which costs more than the rest of
+    the bookkeeping of a request together.
+    """
 
     def __init__(self) -> None:
         self.clientConnections = 0
         self.clientConnectionsTotal = 0
         self.tunnels = 0
         self.tunnelsTotal: dict[str, int] = {}
+        self.requests: dict[tuple[str, bytes, int], int] = {}
+        self.durations: dict[str, _Histogram] = {}
+        self.transferred = {
+            d: _Count() for d in ("from_client", "to_client", "from_upstream", "to_upstream")
+        }
 
     def tunnelEnded(self, result: str) -> None:
         self.tunnelsTotal[result] = self.tunnelsTotal.get(result, 0) + 1
@@ -157,6 +180,30 @@ class _LiveCollector:
         for result, count in sorted(self.tunnelsTotal.items()):
             total.add_metric([result], count)
         yield total
+        requests = CounterMetricFamily(
+            "proxygate_requests", "Requests answered, by mode, method and status code.",
+            labels=["mode", "method", "code"],
+        )
+        for (mode, method, code), count in sorted(self.requests.items()):
+            requests.add_metric([mode, method.decode("ascii"), str(code)], count)
+        yield requests
+        duration = HistogramMetricFamily(
+            "proxygate_request_duration_seconds",
+            "Time from a complete request head to the end of the response.", labels=["mode"],
+        )
+        for mode, hist in sorted(self.durations.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip((*_DURATION_BUCKETS, float("inf")), hist.buckets):
+                cumulative += count
+                buckets.append((floatToGoString(bound), cumulative))
+            duration.add_metric([mode], buckets, hist.sum)
+        yield duration
+        transferred = CounterMetricFamily(
+            "proxygate_transferred_bytes", "Bytes moved, by direction.", labels=["direction"]
+        )
+        for direction, count in self.transferred.items():
+            transferred.add_metric([direction], count.value)
+        yield transferred
 
 
 class MetricsResource(Resource):

@@ -413,6 +413,15 @@ def _denyCandidates(address: IPAddress) -> tuple[IPAddress, ...]:
     return (address,)
 
 
+_CACHE_SIZE = 4096
+
+
+def _remember(cache: dict, key: tuple, decision: Decision) -> None:
+    if len(cache) >= _CACHE_SIZE:
+        cache.clear()  # crude but bounded; a busy proxy refills the hot entries at once
+    cache[key] = decision
+
+
 @frozen
 class DestinationPolicy:
     """
@@ -429,6 +438,10 @@ class DestinationPolicy:
     allow: tuple[HostPattern, ...]
     deny: tuple[HostPattern, ...]
     selfAddresses: frozenset[SelfAddress] = field(default=frozenset())
+    # Decisions are pure functions of (host, [ip,] port) and this frozen value, and the
+    # same few destinations come back on every request: remember them (bounded).
+    _names: dict = field(factory=dict, init=False, eq=False, repr=False)
+    _addresses: dict = field(factory=dict, init=False, eq=False, repr=False)
 
     def withSelfAddresses(self, addrs: Iterable[SelfAddress]) -> DestinationPolicy:
         """
@@ -449,6 +462,14 @@ class DestinationPolicy:
         What can be decided before DNS.  An allowed result is provisional:
         the caller must still call L{checkAddress} for the address it dials.
         """
+        key = (host, port)
+        decision = self._names.get(key)
+        if decision is None:
+            decision = self._checkName(host, port)
+            _remember(self._names, key, decision)
+        return decision
+
+    def _checkName(self, host: str, port: int) -> Decision:
         address = parseIP(host)
         if address is not None:
             return self.checkAddress(host, str(address), port)
@@ -489,6 +510,14 @@ class DestinationPolicy:
         is what the client asked for (name rules apply to it too, so this call
         alone gives the complete decision).
         """
+        key = (host, ip, port)
+        decision = self._addresses.get(key)
+        if decision is None:
+            decision = self._checkAddress(host, ip, port)
+            _remember(self._addresses, key, decision)
+        return decision
+
+    def _checkAddress(self, host: str, ip: str, port: int) -> Decision:
         address = parseIP(ip)
         isName = parseIP(host) is None
         shown = _show(host) if host == ip else f"{_show(host)} ({_show(ip)})"

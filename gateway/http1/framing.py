@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from .parse import Headers, HTTPError, RequestHead, ResponseHead, splitTokens
+from .parse import HTTPError, RequestHead, ResponseHead, splitTokens
 
 __all__ = [
     "CHUNKED",
@@ -62,10 +62,15 @@ _NO_BODY = Framing(NONE)
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 
 
-def _contentLength(headers: Headers, error: HTTPError) -> int | None:
-    values = [v for n, v in headers if n.lower() == b"content-length"]
+def _contentLength(values: list[bytes]) -> int | None:
+    """
+    The one length the Content-Length values state, None without any, -1 when they are
+    invalid or disagree (the caller picks the status).
+    """
     if not values:
         return None
+    if len(values) == 1 and _DIGITS.fullmatch(values[0]):
+        return int(values[0])  # the common case
     lengths = set()
     for value in values:
         for item in value.split(b","):
@@ -73,18 +78,11 @@ def _contentLength(headers: Headers, error: HTTPError) -> int | None:
             # 1*DIGIT and nothing else: `+5`, `-1`, `0x5`, `5 5` and empty values were all
             # smuggling vectors somewhere (Squid CVE-2020-15049, HAProxy CVE-2023-40225).
             if not _DIGITS.fullmatch(item):
-                raise error
+                return -1
             lengths.add(int(item))
     if len(lengths) != 1:
-        raise error
+        return -1
     return lengths.pop()
-
-
-def _transferCodings(headers: Headers) -> list[bytes] | None:
-    values = [v for n, v in headers if n.lower() == b"transfer-encoding"]
-    if not values:
-        return None
-    return splitTokens(values)
 
 
 def requestFraming(head: RequestHead) -> Framing:
@@ -94,18 +92,21 @@ def requestFraming(head: RequestHead) -> Framing:
     CL together with TE is refused rather than "fixed": RFC 9112 §6.1 allows either, and a
     refusal cannot be mis-forwarded.
     """
-    codings = _transferCodings(head.headers)
-    if codings is not None:
+    te = head.values(b"transfer-encoding")
+    if te:
+        codings = splitTokens(te)
         if head.version == b"HTTP/1.0":
             raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
-        if any(n.lower() == b"content-length" for n, _ in head.headers):
+        if head.values(b"content-length"):
             raise HTTPError(400, "both Content-Length and Transfer-Encoding")
         if codings == [b"chunked"]:
             return Framing(CHUNKED)
         if not codings or codings[-1] != b"chunked" or codings.count(b"chunked") > 1:
             raise HTTPError(400, "Transfer-Encoding does not end in a single chunked")
         raise HTTPError(501, "transfer codings other than chunked are not supported")
-    length = _contentLength(head.headers, HTTPError(400, "invalid Content-Length"))
+    length = _contentLength(head.values(b"content-length"))
+    if length == -1:
+        raise HTTPError(400, "invalid Content-Length")
     if length:
         return Framing(LENGTH, length)
     return _NO_BODY
@@ -116,17 +117,20 @@ def responseFraming(head: ResponseHead, requestMethod: bytes) -> Framing:
     The body framing of a response (RFC 9112 §6.3, in its order of precedence).
     """
     status = head.status
+    length = _contentLength(head.values(b"content-length"))
     if requestMethod == b"HEAD" or status < 200 or status == 204 or status == 304:
         # Still validate a Content-Length that will be forwarded with the head.
-        _contentLength(head.headers, HTTPError(502, "invalid Content-Length from the origin"))
+        if length == -1:
+            raise HTTPError(502, "invalid Content-Length from the origin")
         return _NO_BODY
-    codings = _transferCodings(head.headers)
-    if codings is not None:
-        if codings == [b"chunked"]:
+    te = head.values(b"transfer-encoding")
+    if te:
+        if splitTokens(te) == [b"chunked"]:
             return Framing(CHUNKED)
         # A coding the proxy would have to relay without its label would corrupt the body.
         raise HTTPError(502, "unsupported Transfer-Encoding from the origin")
-    length = _contentLength(head.headers, HTTPError(502, "invalid Content-Length from the origin"))
+    if length == -1:
+        raise HTTPError(502, "invalid Content-Length from the origin")
     if length is not None:
         return Framing(LENGTH, length) if length else _NO_BODY
     return Framing(UNTIL_CLOSE)

@@ -5,6 +5,7 @@ target forms it accepts. Pure functions over plain lists of (name, value) pairs.
 
 from __future__ import annotations
 
+import re
 import time
 from email.utils import formatdate
 
@@ -45,7 +46,9 @@ def connectionTokens(headers: Headers) -> list[bytes]:
     return splitTokens([v for n, v in headers if n.lower() == b"connection"])
 
 
-def stripHopByHop(headers: Headers, keep: frozenset[bytes] = frozenset()) -> Headers:
+def stripHopByHop(
+    headers: Headers, keep: frozenset[bytes] = frozenset(), tokens: list[bytes] | None = None
+) -> Headers:
     """
     Drop hop-by-hop fields and every field the Connection header names.
 
@@ -56,7 +59,7 @@ def stripHopByHop(headers: Headers, keep: frozenset[bytes] = frozenset()) -> Hea
     """
     drop = set(HOP_BY_HOP)
     drop.add(b"content-length")
-    for token in connectionTokens(headers):
+    for token in connectionTokens(headers) if tokens is None else tokens:
         if token not in _PROTECTED:
             drop.add(token)
     drop.difference_update(keep)
@@ -82,6 +85,7 @@ class Target:
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_HOST = re.compile(rb"[A-Za-z0-9._\-]+")
 
 
 def parseAuthority(authority: bytes, defaultPort: int | None) -> tuple[str, int]:
@@ -110,10 +114,9 @@ def parseAuthority(authority: bytes, defaultPort: int | None) -> tuple[str, int]
             portText = None
         if not host:
             raise HTTPError(400, "empty host")
-        for c in host:
-            # letters, digits, '-', '.', '_' (seen in real internal names)
-            if not (c == 45 or c == 46 or c == 95 or 48 <= c <= 57 or 65 <= c <= 90 or 97 <= c <= 122):
-                raise HTTPError(400, "invalid character in the host")
+        # letters, digits, '-', '.', '_' (seen in real internal names)
+        if not _HOST.fullmatch(host):
+            raise HTTPError(400, "invalid character in the host")
     if portText is None or portText == b"":
         if defaultPort is None:
             raise HTTPError(400, "the target has no port")

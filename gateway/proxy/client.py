@@ -21,8 +21,8 @@ from zope.interface import implementer
 
 from ..accesslog import AccessRecord
 from ..http1.framing import NONE, requestFraming
-from ..http1.headers import Target, connectionTokens, parseAbsoluteTarget
-from ..http1.parse import HTTPError, RequestHead, findAll, parseRequestHead
+from ..http1.headers import Target, parseAbsoluteTarget
+from ..http1.parse import HTTPError, RequestHead, parseRequestHead, splitTokens
 from ..policy import clientAllowed
 from .connect import startConnect
 from .flow import CONNECTING, PEER, PIPELINE, ReadPauser
@@ -238,7 +238,7 @@ class ClientConnection(Protocol):
         self.requests += 1
         self._arm("idle", self.rt.idleTimeout)
         self.version = head.version
-        tokens = connectionTokens(head.headers)
+        tokens = splitTokens(head.values(b"connection"))
         # RFC 9112 §9.3: never a persistent connection with an HTTP/1.0 client.
         self.persistent = (
             head.version == b"HTTP/1.1" and b"close" not in tokens and not self._draining
@@ -249,7 +249,7 @@ class ClientConnection(Protocol):
             self._dispatch(head, tokens, self.mitm[2])
             return
         if auth is not None:
-            values = findAll(head.headers, b"proxy-authorization")
+            values = head.values(b"proxy-authorization")
             d = auth.authenticate(values[0] if len(values) == 1 else None)
             if d.called:
                 # The hot path: a cached credential answers synchronously.
@@ -304,14 +304,14 @@ class ClientConnection(Protocol):
                          reason="origin-form request")
             return
         try:
-            hosts = findAll(head.headers, b"host")
+            hosts = head.values(b"host")
             if head.version == b"HTTP/1.1" and len(hosts) != 1:
                 raise HTTPError(400, "an HTTP/1.1 request needs exactly one Host field")
             if len(hosts) > 1:
                 raise HTTPError(400, "more than one Host field")
             parsed = parseAbsoluteTarget(target)
             framing = requestFraming(head)
-            maxForwards = findAll(head.headers, b"max-forwards")
+            maxForwards = head.values(b"max-forwards")
             if maxForwards and head.method in (b"TRACE", b"OPTIONS"):
                 if not maxForwards[0].isdigit():
                     raise HTTPError(400, "invalid Max-Forwards")
@@ -350,7 +350,7 @@ class ClientConnection(Protocol):
                 return
             target = target[len(expected):] or b"/"
         try:
-            if head.version == b"HTTP/1.1" and len(findAll(head.headers, b"host")) != 1:
+            if head.version == b"HTTP/1.1" and len(head.values(b"host")) != 1:
                 raise HTTPError(400, "an HTTP/1.1 request needs exactly one Host field")
             framing = requestFraming(head)
         except HTTPError as e:
@@ -362,7 +362,7 @@ class ClientConnection(Protocol):
     def _forward(self, head: RequestHead, tokens, parsed: Target, framing, user, mode) -> None:
         upgrade = None
         if b"upgrade" in tokens and framing.kind == NONE and head.version == b"HTTP/1.1":
-            values = findAll(head.headers, b"upgrade")
+            values = head.values(b"upgrade")
             if values:
                 upgrade = b", ".join(values)
         exchange = ForwardExchange(self, head, parsed, framing, upgrade=upgrade, user=user,

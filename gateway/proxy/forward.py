@@ -16,7 +16,7 @@ import time
 from ..accesslog import AccessRecord
 from ..http1.framing import CHUNKED, LAST_CHUNK, LENGTH, NONE, encodeChunk
 from ..http1.headers import Target, httpDate, stripHopByHop
-from ..http1.parse import HTTPError, RequestHead, ResponseHead
+from ..http1.parse import HTTPError, RequestHead, ResponseHead, splitTokens
 from .chain import UpstreamRefused
 from .dial import DestinationDenied, DialError
 from .flow import CONNECTING
@@ -172,7 +172,7 @@ class ForwardExchange:
                      b"\r\n"]
         keep = _UPGRADE_KEEP if self.upgrade is not None else frozenset()
         maxForwards = None
-        for name, value in stripHopByHop(head.headers):
+        for name, value in stripHopByHop(head.headers, tokens=splitTokens(head.values(b"connection"))):
             lower = name.lower()
             if lower == b"host":
                 continue
@@ -249,7 +249,8 @@ class ForwardExchange:
         lines = [b"HTTP/1.1 %d " % head.status, head.reason, b"\r\n"]
         keep = _UPGRADE_KEEP if head.status == 101 else frozenset()
         hasDate = False
-        for name, value in stripHopByHop(head.headers, keep):
+        for name, value in stripHopByHop(head.headers, keep,
+                                         splitTokens(head.values(b"connection"))):
             lower = name.lower()
             if lower == b"date":
                 hasDate = True

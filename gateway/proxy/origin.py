@@ -16,8 +16,7 @@ from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
 from ..http1.framing import UNTIL_CLOSE, responseFraming
-from ..http1.headers import connectionTokens
-from ..http1.parse import HTTPError, parseResponseHead
+from ..http1.parse import HTTPError, parseResponseHead, splitTokens
 from .flow import ReadPauser
 
 __all__ = ["OriginConnection", "OriginPool"]
@@ -48,7 +47,7 @@ class OriginConnection(Protocol):
         self._state = _IDLE
         self._buf = b""
         self._reader = None
-        self._idleTimer = None
+        self.idleSince = 0.0
         self.pauser: ReadPauser | None = None
         self.splice = None  # set once the connection is upgraded into a blind pipe
 
@@ -61,10 +60,6 @@ class OriginConnection(Protocol):
 
     def start(self, exchange, method: bytes) -> None:
         """Serve C{exchange}: its request head is about to be written."""
-        if self._idleTimer is not None:
-            if self._idleTimer.active():
-                self._idleTimer.cancel()
-            self._idleTimer = None
         self.exchange = exchange
         self.requestMethod = method
         self._state = _HEAD
@@ -113,8 +108,8 @@ class OriginConnection(Protocol):
                 self._fail(e)
                 return
             self.responses += 1
-            self.reusable = framing.kind != UNTIL_CLOSE and b"close" not in connectionTokens(
-                head.headers
+            self.reusable = framing.kind != UNTIL_CLOSE and b"close" not in splitTokens(
+                head.values(b"connection")
             ) and head.version == b"HTTP/1.1"
             exchange = self.exchange
             exchange.responseHead(head, framing)
@@ -180,8 +175,6 @@ class OriginConnection(Protocol):
             return
         if self.pool is not None:
             self.pool.discard(self)
-        if self._idleTimer is not None and self._idleTimer.active():
-            self._idleTimer.cancel()
         exchange, self.exchange = self.exchange, None
         if exchange is None:
             return
@@ -192,9 +185,6 @@ class OriginConnection(Protocol):
         self._state = _IDLE
 
     # pool support
-    def idleFor(self, seconds: float, pool: OriginPool) -> None:
-        self.pool = pool
-        self._idleTimer = self.reactor.callLater(seconds, self.transport.loseConnection)
 
 
 class OriginPool:
@@ -210,6 +200,7 @@ class OriginPool:
         self.idleSeconds = idle
         self._idle: dict[tuple, deque[OriginConnection]] = {}
         self._count = 0
+        self._sweeper = None
 
     def get(self, key: tuple) -> OriginConnection | None:
         conns = self._idle.get(key)
@@ -233,7 +224,24 @@ class OriginPool:
             conn.pauser.resume(conn.pauser.reasons)
         conns.append(conn)
         self._count += 1
-        conn.idleFor(self.idleSeconds, self)
+        conn.pool = self
+        # No timer per release (that was a callLater and a cancel per request): one sweep
+        # closes what has been idle too long.
+        conn.idleSince = self.reactor.seconds()
+        if self._sweeper is None:
+            self._sweeper = self.reactor.callLater(self.idleSeconds / 2, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        oldest = self.reactor.seconds() - self.idleSeconds
+        for conns in list(self._idle.values()):
+            while conns and conns[0].idleSince <= oldest:
+                conn = conns.popleft()
+                self._count -= 1
+                conn.pool = None
+                conn.transport.loseConnection()
+        if self._count:
+            self._sweeper = self.reactor.callLater(self.idleSeconds / 2, self._sweep)
 
     def discard(self, conn: OriginConnection) -> None:
         conns = self._idle.get(conn.key)
@@ -246,6 +254,9 @@ class OriginPool:
         conn.pool = None
 
     def closeAll(self) -> None:
+        if self._sweeper is not None and self._sweeper.active():
+            self._sweeper.cancel()
+        self._sweeper = None
         for conns in list(self._idle.values()):
             for conn in list(conns):
                 conn.transport.loseConnection()
