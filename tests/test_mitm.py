@@ -950,3 +950,22 @@ def test_flowingDownloadOutlivesIdleTimeout(startProxy, tmp_path, pki, httpsOrig
             got += len(chunk)
             time.sleep(0.08)  # ~3 s in all, data flowing all along
     assert got == n
+
+
+def test_nonTLSInsideInterceptedTunnelIsRelayedBlind(mitmProxy, origin):
+    """
+    Only TLS can be decrypted: a tunnel whose first byte is not a TLS handshake record
+    (plain HTTP, ws://, SSH...) is relayed blind to the CONNECT target, as mitmproxy does,
+    instead of being dropped by a failed handshake.
+    """
+    sock = connectTunnel(mitmProxy, f"127.0.0.1:{origin.port}")
+    sock.settimeout(10)
+    with sock:
+        status, body = httpOverSocket(
+            sock, b"GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        )
+        assert status == 200
+        assert json.loads(body)["path"] == "/echo"
+        # Still a tunnel, not the proxy's HTTP: a second request on it reaches the origin.
+        status, body = httpOverSocket(sock, b"GET /bytes/10 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (status, len(body)) == (200, 10)

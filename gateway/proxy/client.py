@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from ..accesslog import AccessRecord
 from ..http1.framing import NONE, requestFraming
-from ..http1.headers import Target, parseAbsoluteTarget
+from ..http1.headers import Target, parseAbsoluteTarget, parseAuthority
 from ..http1.parse import HTTPError, RequestHead, parseRequestHead, splitTokens
 from ..policy import clientAllowed
 from .connect import startConnect
@@ -31,7 +31,7 @@ from .responses import errorResponse
 
 __all__ = ["ClientConnection", "ClientFactory"]
 
-_HEAD, _BODY, _WAIT, _TUNNEL, _CLOSED = range(5)
+_HEAD, _BODY, _WAIT, _TUNNEL, _CLOSED, _PEEK = range(6)
 _PIPELINE_LIMIT = 65536
 _INFO = (
     "This is proxygate, an HTTP forward proxy. Configure it as your proxy "
@@ -204,6 +204,9 @@ class ClientConnection(Protocol):
                 self._arm("header", self.rt.headerTimeout)
             self._buf += data
             self._readHead()
+        elif state == _PEEK:
+            self._buf += data
+            self._peeked()
         elif state == _WAIT:
             self._buf += data
             if len(self._buf) > _PIPELINE_LIMIT:
@@ -289,6 +292,14 @@ class ClientConnection(Protocol):
     def _dispatch(self, head: RequestHead, tokens, user: str | None) -> None:
         rt = self.rt
         if head.method == b"CONNECT":
+            try:
+                # A CONNECT has no content (RFC 9110 §9.3.6): what follows its head is tunnel
+                # data, so a body the client frames would be read two ways. Refuse it.
+                if requestFraming(head).kind != NONE:
+                    raise HTTPError(400, "a CONNECT request has no content")
+            except HTTPError as e:
+                self._reject(e, head)
+                return
             self._state = _WAIT
             startConnect(self, head, user)
             return
@@ -309,18 +320,13 @@ class ClientConnection(Protocol):
                 raise HTTPError(400, "an HTTP/1.1 request needs exactly one Host field")
             if len(hosts) > 1:
                 raise HTTPError(400, "more than one Host field")
+            _checkHost(hosts)
             parsed = parseAbsoluteTarget(target)
+            if head.method == b"OPTIONS" and parsed.path == b"/" and target[-1:] != b"/":
+                parsed.path = b"*"  # RFC 9112 §3.2.4: no path and no query is the server
             framing = requestFraming(head)
-            maxForwards = head.values(b"max-forwards")
-            if maxForwards and head.method in (b"TRACE", b"OPTIONS"):
-                if not maxForwards[0].isdigit():
-                    raise HTTPError(400, "invalid Max-Forwards")
-                if int(maxForwards[0]) == 0:
-                    # RFC 9110 §7.6.2: the proxy is the final recipient.
-                    self._answer(head, 200 if head.method == b"OPTIONS" else 405,
-                                 "Max-Forwards reached zero at proxygate.", "TAG_NONE",
-                                 close=not self.persistent or framing.kind != NONE)
-                    return
+            if self._maxForwardsZero(head, framing):
+                return
         except HTTPError as e:
             self._reject(e, head)
             return
@@ -352,12 +358,34 @@ class ClientConnection(Protocol):
         try:
             if head.version == b"HTTP/1.1" and len(head.values(b"host")) != 1:
                 raise HTTPError(400, "an HTTP/1.1 request needs exactly one Host field")
+            _checkHost(head.values(b"host"))
             framing = requestFraming(head)
+            if self._maxForwardsZero(head, framing):
+                return
         except HTTPError as e:
             self._reject(e, head)
             return
         parsed = Target("https", host, port, target, authority.encode("ascii"))
         self._forward(head, tokens, parsed, framing, user, "mitm")
+
+    def _maxForwardsZero(self, head: RequestHead, framing) -> bool:
+        """
+        Max-Forwards on TRACE and OPTIONS (RFC 9110 §7.6.2): exactly one 1*DIGIT value
+        (else 400), and at 0 the proxy is the final recipient and answers (returns True).
+        """
+        if head.method != b"TRACE" and head.method != b"OPTIONS":
+            return False
+        values = head.values(b"max-forwards")
+        if not values:
+            return False
+        if len(values) != 1 or not values[0].isdigit() or len(values[0]) > 10:
+            raise HTTPError(400, "invalid Max-Forwards")
+        if int(values[0]):
+            return False
+        self._answer(head, 200 if head.method == b"OPTIONS" else 405,
+                     "Max-Forwards reached zero at proxygate.", "TAG_NONE",
+                     close=not self.persistent or framing.kind != NONE)
+        return True
 
     def _forward(self, head: RequestHead, tokens, parsed: Target, framing, user, mode) -> None:
         upgrade = None
@@ -448,10 +476,24 @@ class ClientConnection(Protocol):
         if self._readClosed:
             splice.clientReadClosed()
 
-    def startMitm(self, host: str, port: int, creator, user: str | None,
-                  established: bytes) -> None:
+    def peekFirstByte(self, attempt) -> None:
         """
-        Answer the CONNECT, then speak TLS as the origin on this same connection and read
+        An intercepted CONNECT has been answered 200: hold the tunnel's first bytes until
+        C{attempt.firstByte} has decided between decrypting and relaying blind.
+        """
+        self.exchange = attempt
+        self._state = _PEEK
+        self._arm("idle", self.rt.idleTimeout)
+        if self._buf:
+            self._peeked()
+
+    def _peeked(self) -> None:
+        self._state = _WAIT
+        self.exchange.firstByte(self._buf[:1])
+
+    def startMitm(self, host: str, port: int, creator, user: str | None) -> None:
+        """
+        Speak TLS as the origin on this same connection (the CONNECT is answered) and read
         the decrypted requests. Bytes that arrived behind the CONNECT head (the
         ClientHello, usually) are handed to the TLS layer first.
         """
@@ -459,7 +501,6 @@ class ClientConnection(Protocol):
         self.mitm = (host, port, user)
         self.persistent = True
         self.version = b"HTTP/1.1"
-        self.transport.write(established)
         tls = self._startServerTLS(creator)
         self._state = _HEAD
         # Like a new connection: idle until the first request byte (then the header timer);
@@ -538,6 +579,16 @@ class ClientConnection(Protocol):
         if self._state == _HEAD and not self._buf:
             self._state = _CLOSED
             self.transport.loseConnection()
+
+
+def _checkHost(hosts: list[bytes]) -> None:
+    """A Host field with an invalid value is a 400 (RFC 9112 §3.2), even though the proxy
+    replaces it with the target's authority; an empty one is valid."""
+    if hosts and hosts[0]:
+        try:
+            parseAuthority(hosts[0], 80)
+        except HTTPError:
+            raise HTTPError(400, "invalid Host field")
 
 
 def _peerHost(address) -> str:

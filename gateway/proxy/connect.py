@@ -44,6 +44,8 @@ class ConnectAttempt:
         self.wallStart = time.time()
         self.reason: str | None = None
         self.route = None
+        self.established = False  # the 200 has been written
+        self._creator = None
 
     def begin(self) -> None:
         rt = self.rt
@@ -67,6 +69,10 @@ class ConnectAttempt:
         if mitm is not None and mitm.intercepts(self.host):
             self._intercept(mitm)
             return
+        self._dial()
+
+    def _dial(self) -> None:
+        rt = self.rt
         self.origin = TunnelOrigin()
         # Until the tunnel is up, early bytes stay in the client's buffer, unread further.
         self.route = rt.upstream.routeFor(self.host, self.port)
@@ -86,7 +92,8 @@ class ConnectAttempt:
         self.code = 200
         self.responseStarted = True
         rt.metrics.live.tunnels += 1
-        self.client.transport.write(ESTABLISHED)
+        if not self.established:
+            self.client.transport.write(ESTABLISHED)
         self.splice = Splice(self.client, self.origin.transport, self.origin.pauser, rt.metrics,
                              self._ended)
         self.origin.attach(self.splice)
@@ -99,15 +106,27 @@ class ConnectAttempt:
         it on the forward path. The origin is dialled per request, over verified TLS.
         """
         try:
-            creator = mitm.serverCreator(self.host)
+            self._creator = mitm.serverCreator(self.host)
         except ValueError as e:
             self._fail(400, f"Bad CONNECT target: {e}.", None)
             return
-        self.code = 200
-        self.finished = True
-        self.rt.metrics.live.tunnelEnded("intercepted")
-        self._log("TCP_TUNNEL")
-        self.client.startMitm(self.host, self.port, creator, self.user, ESTABLISHED)
+        # Only TLS can be decrypted. The first byte the client sends says which it is
+        # (0x16: a TLS handshake record); anything else (ws://, plain HTTP, SSH...) becomes
+        # a blind tunnel, as if the host were not intercepted.
+        self.established = True
+        self.client.transport.write(ESTABLISHED)
+        self.client.peekFirstByte(self)
+
+    def firstByte(self, byte: bytes) -> None:
+        """The client's first byte inside the tunnel arrived: decrypt, or relay blind."""
+        if byte == b"\x16":
+            self.code = 200
+            self.finished = True
+            self.rt.metrics.live.tunnelEnded("intercepted")
+            self._log("TCP_TUNNEL")
+            self.client.startMitm(self.host, self.port, self._creator, self.user)
+        else:
+            self._dial()
 
     def _dialFailed(self, failure) -> None:
         if self.finished:
@@ -135,7 +154,11 @@ class ConnectAttempt:
         self.reason = message
         self.finished = True
         self.rt.metrics.live.tunnelEnded(result if status != 400 else "bad_request")
-        self.client.transport.write(errorResponse(status, message, proxyStatus=proxyStatus))
+        if self.established:
+            # The 200 is out: the tunnel can only end (HTTP bytes here would be tunnel data).
+            self.client.transport.loseConnection()
+        else:
+            self.client.transport.write(errorResponse(status, message, proxyStatus=proxyStatus))
         self.client.exchangeDone(True)
         self._log(action)
 
