@@ -17,7 +17,7 @@ from zope.interface import implementer
 
 
 class Options(usage.Options):
-    synopsis = "[--config FILE] [--listen ENDPOINT]"
+    synopsis = "[--config FILE] [--listen ENDPOINT] [--set SECTION.KEY=VALUE ...]"
     longdesc = (
         "Run the proxygate forward proxy. Without --config it runs on its built-in defaults: "
         "a loopback proxy on 127.0.0.1:3128 with metrics on 127.0.0.1:9530."
@@ -30,10 +30,22 @@ class Options(usage.Options):
          "Metrics listener endpoint, overriding [metrics] listen ('' disables it)."],
     ]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["set"] = []
+
+    def opt_set(self, assignment: str) -> None:
+        """Override one INI key, validated like the file's (repeatable): mitm.enabled=on"""
+        name, sep, value = assignment.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot or not section or not key:
+            raise usage.UsageError(f"--set expects SECTION.KEY=VALUE, not {assignment!r}")
+        self["set"].append(((section, key.strip()), value.strip()))
+
     def postOptions(self) -> None:
         from gateway.config import ConfigError, loadConfig
 
-        overrides = {}
+        overrides = dict(self["set"])
         if self["listen"] is not None:
             overrides[("proxy", "listen")] = self["listen"]
         if self["metrics-listen"] is not None:
