@@ -26,6 +26,15 @@ PYTHONPATH="$REPO" "$PG_VENV/bin/twistd" proxygate --help >/dev/null \
 PG_CMD="env PYTHONPATH=$REPO $PG_VENV/bin/twistd -n --pidfile= proxygate --config $CONFIG"
 PG_CMD+=" --listen tcp:{port}:interface=127.0.0.1 --metrics-listen ''"
 
+# The TLS-intercepting row: the same proxy with [mitm] on, trusting the harness's origin CA
+# upstream; the load generator trusts proxygate's CA (created here once, before the run).
+CA_DIR=${PROXYGATE_BENCH_CA:-/tmp/proxygate-bench-ca}
+mkdir -p "$CA_DIR"
+PYTHONPATH="$REPO" "$PG_VENV/bin/python" -c \
+  "from gateway.tls.ca import loadOrCreateCA; loadOrCreateCA('$CA_DIR/ca.pem', '$CA_DIR/ca.key')"
+PG_MITM_CMD="$PG_CMD --set mitm.enabled=on --set mitm.ca_cert=$CA_DIR/ca.pem"
+PG_MITM_CMD+=" --set mitm.ca_key=$CA_DIR/ca.key --set mitm.upstream_ca_bundle={origin_ca}"
+
 defaults=()
 have() { local f; for f in "${ARGS[@]}"; do [[ "$f" == "$1" || "$f" == "$1="* ]] && return 0; done; return 1; }
 if [[ "${1:-}" == "--install" ]]; then    # apt + venv only; --list keeps it from starting a run
@@ -56,4 +65,5 @@ if [[ -n "${BENCH_ORIGIN_PORTS:-}" ]] || port_busy 18080 || port_busy 18443; the
   HARNESS="$COPY/run.sh"
 fi
 
-bash "$HARNESS" --proxy "proxygate=$PG_CMD" "${defaults[@]}" "$@"
+bash "$HARNESS" --proxy "proxygate=$PG_CMD" --proxy "proxygate-mitm=$PG_MITM_CMD" \
+  --mitm-ca "proxygate-mitm=$CA_DIR/ca.pem" "${defaults[@]}" "$@"
