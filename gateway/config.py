@@ -23,6 +23,7 @@ import ipaddress
 import math
 import os
 import re
+import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -40,6 +41,7 @@ __all__ = [
     "MitmConfig",
     "ProxyConfig",
     "UpstreamConfig",
+    "cpuCount",
     "defaultConfig",
     "endpointAddress",
     "loadConfig",
@@ -71,6 +73,7 @@ class ProxyConfig:
     idle_timeout: float
     max_header_size: int
     max_connections: int
+    workers: int = 1
 
 
 @frozen
@@ -316,6 +319,30 @@ def _positiveInteger(value: str, baseDir: str) -> int:
     return number
 
 
+#: More reactor processes than this is a typo, not a deployment.
+MAX_WORKERS = 256
+
+
+def cpuCount() -> int:
+    """The CPUs this process may run on (its affinity mask), what C{workers = auto} means."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _workers(value: str, baseDir: str) -> int:
+    text = value.strip().lower()
+    if text == "auto":
+        return min(cpuCount(), MAX_WORKERS)
+    if not re.fullmatch(r"[0-9]+", text):
+        raise ValueError(f"invalid number of worker processes {value!r} (a number or 'auto')")
+    number = int(text)
+    if not 1 <= number <= MAX_WORKERS:
+        raise ValueError(f"must be from 1 to {MAX_WORKERS} (or 'auto'), not {value!r}")
+    return number
+
+
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
@@ -390,6 +417,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
         "idle_timeout": ("300", _seconds),
         "max_header_size": ("65536", _positiveInteger),
         "max_connections": ("10000", _positiveInteger),
+        "workers": ("1", _workers),
     },
     "auth": {
         "htpasswd": ("", _optionalPath),
@@ -511,6 +539,28 @@ def _refuseOpenProxy(config: Config, path: str) -> None:
             )
 
 
+#: Endpoint kinds several processes can share (each binds the port with SO_REUSEPORT).
+WORKER_ENDPOINTS = ("tcp", "tcp6", "ssl")
+
+
+def _checkWorkers(config: Config, path: str) -> None:
+    """Several worker processes share TCP ports; other listener kinds cannot be shared."""
+    if config.proxy.workers == 1:
+        return
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise ConfigError(
+            f"{path}: [proxy] workers: several worker processes need SO_REUSEPORT, which this "
+            "platform lacks (use workers = 1)"
+        )
+    for description in config.proxy.listen:
+        if _endpointParts(description)[0] not in WORKER_ENDPOINTS:
+            raise ConfigError(
+                f"{path}: [proxy] workers: {config.proxy.workers} worker processes need "
+                f"tcp:, tcp6: or ssl: listeners, and listen {description!r} is not one "
+                "(use workers = 1 with it)"
+            )
+
+
 def parseConfig(
     text: str,
     path: str = "<config>",
@@ -546,6 +596,7 @@ def parseConfig(
             idle_timeout=v["proxy.idle_timeout"],
             max_header_size=v["proxy.max_header_size"],
             max_connections=v["proxy.max_connections"],
+            workers=v["proxy.workers"],
         ),
         auth=AuthConfig(htpasswd=v["auth.htpasswd"], realm=v["auth.realm"]),
         upstream=UpstreamConfig(
@@ -567,6 +618,7 @@ def parseConfig(
         log=LogConfig(access_log=v["log.access_log"], format=v["log.format"]),
         path=None if path == "<config>" else os.path.abspath(path),
     )
+    _checkWorkers(config, path)
     if not allowOpenProxy:
         _refuseOpenProxy(config, path)
     return config

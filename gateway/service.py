@@ -78,6 +78,14 @@ class GatewayService(MultiService):
         self.authenticator = authenticator
         self.runtime = Runtime(config, reactor, self.metrics, self._openAccessLog(),
                                authenticator)
+        # [proxy] workers > 1: worker processes share the proxy listeners (gateway.workers).
+        self.listenReactor = reactor
+        self.workers = None
+        if config.proxy.workers > 1:
+            from .workers import WorkerPool
+
+            self.workers = WorkerPool(self, config.proxy.workers)
+            self.listenReactor = self.workers.listener
 
     def _openAccessLog(self) -> AccessLog | None:
         target = self.config.log.access_log
@@ -122,6 +130,8 @@ class GatewayService(MultiService):
             h = port.getHost()
             self.log.info("proxygate metrics on http://{host}:{port}{path}", host=h.host,
                           port=h.port, path=self.config.metrics.path)
+        if self.workers is not None:
+            self.workers.start(addresses)
 
     def _listen(self) -> None:
         """
@@ -130,14 +140,16 @@ class GatewayService(MultiService):
         """
         factory = ClientFactory(self.runtime)
         for description in self.config.proxy.listen:
-            self.proxyPorts.append(self._listenOne(description, factory))
+            self.proxyPorts.append(self._listenOne(description, factory, self.listenReactor))
         if self.config.metrics.listen:
             site = _QuietSite(self._metricsRoot())
             for description in self.config.metrics.listen:
                 self.metricsPorts.append(self._listenOne(description, site))
 
-    def _listenOne(self, description: str, factory):
-        d = serverFromString(self.reactor, _withBacklog(description)).listen(factory)
+    def _listenOne(self, description: str, factory, reactor=None):
+        if reactor is None:
+            reactor = self.reactor
+        d = serverFromString(reactor, _withBacklog(description)).listen(factory)
         result: list = []
         d.addBoth(result.append)
         if not result:
@@ -157,7 +169,12 @@ class GatewayService(MultiService):
             child = Resource()
             node.putChild(segment, child)
             node = child
-        node.putChild(segments[-1], MetricsResource(self.metrics.registry))
+        if self.workers is None:
+            node.putChild(segments[-1], MetricsResource(self.metrics.registry))
+        else:
+            from .workers import MergedMetricsResource
+
+            node.putChild(segments[-1], MergedMetricsResource(self.metrics.registry, self.workers))
         interceptor = self.runtime.interceptor
         if interceptor is not None:
             # Users fetch the CA to trust it: curl http://127.0.0.1:9530/ca.pem
@@ -168,13 +185,23 @@ class GatewayService(MultiService):
 
     def _closePorts(self) -> list:
         ds = [defer.maybeDeferred(p.stopListening) for p in self.ports]
+        if self.workers is not None:
+            self.workers.listener.close()
         self.proxyPorts = []
         self.metricsPorts = []
         return ds
 
+    def hangup(self) -> None:
+        """SIGHUP: re-read the htpasswd file, here and in the worker processes."""
+        if self.authenticator is not None:
+            self.authenticator.reload()
+        if self.workers is not None:
+            self.workers.hangup()
+
     @defer.inlineCallbacks
     def stopService(self):
         yield defer.maybeDeferred(super().stopService)
+        workersStopped = self.workers.stop() if self.workers is not None else None
         yield defer.DeferredList(self._closePorts())
         for timer in (self._flusher, self._authReloader):
             if timer is not None and timer.running:
@@ -196,6 +223,8 @@ class GatewayService(MultiService):
         deadline = self.reactor.seconds() + ABORT_GRACE + 0.5
         while rt.connections and self.reactor.seconds() < deadline:
             yield task.deferLater(self.reactor, 0.01, lambda: None)
+        if workersStopped is not None:
+            yield workersStopped
         if self.exitOnListenFailure and getattr(self.reactor, "_exitSignal", None) in (
             signal.SIGTERM,
             signal.SIGINT,

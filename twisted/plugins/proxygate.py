@@ -71,15 +71,16 @@ class ProxygateServiceMaker:
         except ConfigError as e:
             sys.exit(f"proxygate: {e}")
         if service.authenticator is not None:
-            _reloadOnHangup(service.authenticator)
+            _reloadOnHangup(service)
         return service
 
 
-def _reloadOnHangup(authenticator) -> None:
+def _reloadOnHangup(service) -> None:
     """
-    SIGHUP re-reads the htpasswd file. Installed here rather than in the service, since an
-    application that embeds the service owns its process's signals; installed once the
-    reactor runs, after twistd and the reactor have set up their own handlers.
+    SIGHUP re-reads the htpasswd file (in the worker processes too, with [proxy] workers).
+    Installed here rather than in the service, since an application that embeds the
+    service owns its process's signals; installed once the reactor runs, after twistd and
+    the reactor have set up their own handlers.
     """
     import signal
 
@@ -87,7 +88,7 @@ def _reloadOnHangup(authenticator) -> None:
 
     def onHangup(signum, frame) -> None:
         # A signal handler may interrupt the reactor anywhere: do the work on its next turn.
-        reactor.callFromThread(authenticator.reload)
+        reactor.callFromThread(service.hangup)
 
     def install() -> None:
         if hasattr(signal, "SIGHUP"):
