@@ -893,3 +893,20 @@ def test_stripHopByHopNeverLeavesANamedField(headers) -> None:
     assert [h for h in headers if h[0].lower() in (b"host", b"via")] == [
         h for h in kept if h[0].lower() in (b"host", b"via")
     ]
+
+
+def test_underscoreLookalikesOfFramingFieldsAreDropped():
+    """
+    `Transfer_Encoding` and friends are read as framing by back ends that map `_` to `-`
+    (CGI, WSGI): the proxy, which framed by the real fields, never forwards them.
+    """
+    kept = stripHopByHop(
+        [
+            (b"Transfer_Encoding", b"chunked"),
+            (b"content_length", b"5"),
+            (b"HOST_", b"x"),
+            (b"X_Trace_Id", b"1"),
+            (b"Accept", b"*/*"),
+        ]
+    )
+    assert kept == [(b"HOST_", b"x"), (b"X_Trace_Id", b"1"), (b"Accept", b"*/*")]

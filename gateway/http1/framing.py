@@ -232,10 +232,15 @@ class ChunkedReader:
             elif state == _SIZE:
                 nl = data.find(b"\r\n", pos)
                 if nl < 0:
-                    if end - pos > _MAX_SIZE_LINE:
+                    # Too long, or ended by a bare LF (Go CVE-2025-22871): refuse now rather
+                    # than wait for a CRLF that would make the line mean something else.
+                    # (+1: the CR of a CRLF split across reads)
+                    if end - pos > _MAX_SIZE_LINE + 1 or data.find(b"\n", pos) >= 0:
                         raise self.error
                     self._buf = data[pos:]
                     break
+                if nl - pos > _MAX_SIZE_LINE:
+                    raise self.error
                 m = _CHUNK_SIZE.fullmatch(data, pos, nl)
                 if m is None:
                     raise self.error
@@ -249,7 +254,8 @@ class ChunkedReader:
             elif state == _TRAILER:
                 nl = data.find(b"\r\n", pos)
                 if nl < 0:
-                    if self._trailerBytes + end - pos > _MAX_TRAILERS:
+                    if self._trailerBytes + end - pos > _MAX_TRAILERS or \
+                            data.find(b"\n", pos) >= 0:
                         raise self.error
                     self._buf = data[pos:]
                     break

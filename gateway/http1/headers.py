@@ -39,6 +39,9 @@ HOP_BY_HOP = frozenset(
 # The proxy frames every message itself; a client listing these in Connection must not make
 # the proxy drop the framing or the Host it computes (Go CVE-2021-33197).
 _PROTECTED = frozenset({b"host", b"content-length"})
+# Back ends that read `_` as `-` (CGI/WSGI) would frame or route by these look-alikes
+# (Transfer_Encoding, Content_Length): they are never forwarded, as nginx drops them.
+_FRAMING = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection"})
 
 
 def connectionTokens(headers: Headers) -> list[bytes]:
@@ -63,7 +66,11 @@ def stripHopByHop(
         if token not in _PROTECTED:
             drop.add(token)
     drop.difference_update(keep)
-    return [(n, v) for n, v in headers if n.lower() not in drop]
+    return [
+        (n, v)
+        for n, v in headers
+        if n.lower() not in drop and not (b"_" in n and n.lower().replace(b"_", b"-") in _FRAMING)
+    ]
 
 
 class Target:
@@ -117,6 +124,11 @@ def parseAuthority(authority: bytes, defaultPort: int | None) -> tuple[str, int]
         # letters, digits, '-', '.', '_' (seen in real internal names)
         if not _HOST.fullmatch(host):
             raise HTTPError(400, "invalid character in the host")
+        # No name resolves with an empty or over-long label (`a..b`, `.a`, 64 characters),
+        # and the resolver does not fail them cleanly (getaddrinfo's idna encoding raises).
+        labels = (host[:-1] if host.endswith(b".") else host).split(b".")
+        if not all(0 < len(label) < 64 for label in labels):
+            raise HTTPError(400, "invalid host name")
     if portText is None or portText == b"":
         if defaultPort is None:
             raise HTTPError(400, "the target has no port")

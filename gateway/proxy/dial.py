@@ -176,9 +176,15 @@ class Dialer:
         """
         deadline = self.reactor.seconds() + self.connectTimeout
         try:
-            addresses = yield self.addresses(host, port, checked)
+            # A look-up that never completes (a resolver error Twisted does not map, a stuck
+            # DNS server) must not hold the request: it shares the connect deadline.
+            addresses = yield self.addresses(host, port, checked).addTimeout(
+                self.connectTimeout, self.reactor
+            )
         except (DialError, DestinationDenied):
             raise
+        except defer.TimeoutError:
+            raise DialError("timeout", 504, f"resolving {host!r} took too long")
         except Exception:
             raise DialError("dns", 502, f"cannot resolve host {host!r}")
         lastError: DialError | None = None

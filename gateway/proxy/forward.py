@@ -131,10 +131,9 @@ class ForwardExchange:
         pending, self.pending = self.pending, None
         if pending:
             out.extend(pending)
-            # Everything received so far was pending (body bytes, as in requestBody).
+            # Everything received so far was pending (body bytes, as in requestBody; a
+            # chunked body's last chunk too: requestEnd queued it, it is not added again).
             self.sentUpstream = self.received
-        if self.requestComplete and self.framing.kind == CHUNKED:
-            out.append(LAST_CHUNK)
         conn.transport.write(b"".join(out))
         client.pauser.resume(CONNECTING)
 
@@ -163,7 +162,9 @@ class ForwardExchange:
         target = self.target
         if self.route is not None and target.scheme == "http":
             # To an upstream proxy: absolute form, and its credentials from our config.
-            lines = [head.method, b" http://", target.hostHeader, target.path, b" HTTP/1.1\r\n"
+            # (OPTIONS to the server itself, `*` at the origin, has an empty path here)
+            lines = [head.method, b" http://", target.hostHeader,
+                     target.path if target.path != b"*" else b"", b" HTTP/1.1\r\n"
                      b"Host: ", target.hostHeader, b"\r\n"]
             if self.rt.upstream.authorization is not None:
                 lines += (b"Proxy-Authorization: ", self.rt.upstream.authorization, b"\r\n")
@@ -176,8 +177,8 @@ class ForwardExchange:
             lower = name.lower()
             if lower == b"host":
                 continue
-            if lower == b"max-forwards":
-                maxForwards = value
+            if lower == b"max-forwards" and head.method in (b"TRACE", b"OPTIONS"):
+                maxForwards = value  # validated by the client connection: one 1*DIGIT
                 continue
             lines += (name, b": ", value, b"\r\n")
         if maxForwards is not None:
@@ -316,6 +317,12 @@ class ForwardExchange:
         if self.upgrade is None:
             # A 101 nobody asked for cannot be relayed (RFC 9110 §15.2.2).
             self.originFailed(HTTPError(502, "the origin switched protocols unasked"))
+            return
+        offered = {p.split(b"/")[0] for p in splitTokens([self.upgrade])}
+        chosen = splitTokens(head.values(b"upgrade"))
+        if not chosen or any(p.split(b"/")[0] not in offered for p in chosen):
+            # RFC 9110 §7.8: only to a protocol the client offered, and the 101 names it.
+            self.originFailed(HTTPError(502, "the origin switched to a protocol not offered"))
             return
         self.responseStarted = True
         self.code = 101

@@ -86,6 +86,14 @@ class OriginConnection(Protocol):
             if end < 0:
                 if len(buf) > MAX_RESPONSE_HEAD:
                     self._fail(HTTPError(502, "the origin's response head is too large"))
+                elif buf.count(b"\n") != buf.count(b"\r\n"):
+                    # Bare LF line ends would never complete the head: 502 now, not at the
+                    # idle timeout (RFC 9112 §2.2).
+                    self._fail(HTTPError(502, "bare LF in the origin's response head"))
+                return
+            if end > MAX_RESPONSE_HEAD:
+                # (checked here too: a head may complete in the read that crosses the limit)
+                self._fail(HTTPError(502, "the origin's response head is too large"))
                 return
             try:
                 head = parseResponseHead(buf[:end])
@@ -110,7 +118,11 @@ class OriginConnection(Protocol):
             self.responses += 1
             self.reusable = framing.kind != UNTIL_CLOSE and b"close" not in splitTokens(
                 head.values(b"connection")
-            ) and head.version == b"HTTP/1.1"
+            ) and head.version == b"HTTP/1.1" and not (
+                # CL with TE: framed by TE, but an origin that sends both is confused about
+                # framing; its next response is not trusted (RFC 9112 §6.3).
+                head.values(b"transfer-encoding") and head.values(b"content-length")
+            )
             exchange = self.exchange
             exchange.responseHead(head, framing)
             if self.exchange is not exchange:
