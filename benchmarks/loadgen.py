@@ -23,6 +23,7 @@ Scenarios (defaults; -c/-n/-d/--size override):
 Every run is bounded: -n requests per client AND -d seconds, a per-request timeout, and a
 SIGALRM kill switch; the processes it started are stopped by PID.
 """
+
 import argparse
 import asyncio
 import ipaddress
@@ -41,7 +42,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLK = os.sysconf("SC_CLK_TCK")
 perf = time.perf_counter
-STARTED = []                              # Popen objects we started: the only ones we signal
+STARTED = []  # Popen objects we started: the only ones we signal
 
 SCEN = {  # name: (conns, requests per client, path, dict of options)
     "get": (32, 1_000_000, "/bytes/1024", {}),
@@ -59,6 +60,7 @@ SCEN = {  # name: (conns, requests per client, path, dict of options)
 # ----------------------------------------------------------------------------- origin
 class Origin(asyncio.Protocol):
     """GET /bytes/N -> N bytes; POST anything -> reads the whole body, then "ok\\n"."""
+
     cache = {}
     chunk = b"x" * (256 * 1024)
 
@@ -66,7 +68,7 @@ class Origin(asyncio.Protocol):
         self.tr, self.buf, self.need, self.left, self.paused = tr, b"", 0, 0, False
 
     def data_received(self, data):
-        if self.need:                     # request body: count it, keep nothing
+        if self.need:  # request body: count it, keep nothing
             n = min(self.need, len(data))
             self.need -= n
             data = data[n:]
@@ -78,10 +80,11 @@ class Origin(asyncio.Protocol):
             i = self.buf.find(b"\r\n\r\n")
             if i < 0:
                 return
-            head, self.buf = self.buf[:i].decode("latin-1").split("\r\n"), self.buf[i + 4:]
+            head, self.buf = self.buf[:i].decode("latin-1").split("\r\n"), self.buf[i + 4 :]
             _method, target = head[0].split(" ")[:2]
-            hdrs = {k.strip().lower(): v.strip()
-                    for k, _, v in (h.partition(":") for h in head[1:])}
+            hdrs = {
+                k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:])
+            }
             if "content-length" in hdrs:
                 n = min(int(hdrs["content-length"]), len(self.buf))
                 self.need, self.buf = int(hdrs["content-length"]) - n, self.buf[n:]
@@ -95,7 +98,9 @@ class Origin(asyncio.Protocol):
                 r = self.cache.get(size)
                 if r is None:
                     r = self.cache[size] = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (
-                        size, b"x" * size)
+                        size,
+                        b"x" * size,
+                    )
                 self.tr.write(r)
             else:
                 self.tr.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
@@ -125,7 +130,7 @@ async def serve_origin(certdir):
     plain = await loop.create_server(Origin, "127.0.0.1", 0, backlog=4096)
     tls = await loop.create_server(Origin, "127.0.0.1", 0, backlog=4096, ssl=ctx)
     print(plain.sockets[0].getsockname()[1], tls.sockets[0].getsockname()[1], flush=True)
-    await loop.run_in_executor(None, sys.stdin.read)     # parent gone (EOF) -> exit
+    await loop.run_in_executor(None, sys.stdin.read)  # parent gone (EOF) -> exit
 
 
 def start_origin(certdir, pin):
@@ -140,11 +145,30 @@ def start_origin(certdir, pin):
 
 
 def make_cert(d):
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
-                    "-keyout", d + "/key.pem", "-out", d + "/cert.pem",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-keyout",
+            d + "/key.pem",
+            "-out",
+            d + "/cert.pem",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
 
 
 # ----------------------------------------------------------------------------- proxy
@@ -159,13 +183,24 @@ def start_proxy(a, logdir, pin):
     twistd = a.twistd or os.path.join(os.path.dirname(sys.executable), "twistd")
     if not os.path.exists(twistd):
         twistd = shutil.which("twistd") or sys.exit("no twistd: pass --twistd")
-    cmd = [twistd, "-n", "--pidfile=", "proxygate", "--config", a.config,
-           "--listen", f"tcp:{port}:interface=127.0.0.1", "--metrics-listen", ""]
+    cmd = [
+        twistd,
+        "-n",
+        "--pidfile=",
+        "proxygate",
+        "--config",
+        a.config,
+        "--listen",
+        f"tcp:{port}:interface=127.0.0.1",
+        "--metrics-listen",
+        "",
+    ]
     log = open(os.path.join(logdir, f"proxygate-{port}.log"), "w")  # noqa: SIM115
     # this working tree's gateway/ and twisted/plugins, whatever the cwd or the install state
     env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
-    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                         env=env)
+    p = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+    )
     STARTED.append(p)
     if pin:
         os.sched_setaffinity(p.pid, {0})
@@ -230,13 +265,13 @@ class Conn(asyncio.Protocol):
     def connection_lost(self, exc):
         self.closed = True
         if self.fut and not self.fut.done():
-            if self.left == -2:             # read-until-close body
+            if self.left == -2:  # read-until-close body
                 self.fut.set_result((self.status, False, self.nbytes))
             else:
                 self.fut.set_exception(ConnectionError("closed by peer"))
 
     def data_received(self, data):
-        if 0 < len(data) < self.left and not self.buf:   # body bytes: count, keep nothing
+        if 0 < len(data) < self.left and not self.buf:  # body bytes: count, keep nothing
             self.left -= len(data)
             self.nbytes += len(data)
             return
@@ -246,7 +281,7 @@ class Conn(asyncio.Protocol):
             if i < 0 or self.fut is None or self.fut.done():
                 return
             lines = self.buf[:i].lower().split(b"\r\n")
-            self.buf = self.buf[i + 4:]
+            self.buf = self.buf[i + 4 :]
             self.status = int(lines[0].split()[1])
             self.ka = not lines[0].startswith(b"http/1.0")
             self.left = -2
@@ -258,7 +293,7 @@ class Conn(asyncio.Protocol):
                     self.ka = False
             if self.status == 200 and self.no_body:
                 self.left = 0
-            if 0 < len(self.buf) < self.left:   # part of the body came with the head
+            if 0 < len(self.buf) < self.left:  # part of the body came with the head
                 self.left -= len(self.buf)
                 self.nbytes += len(self.buf)
                 self.buf = b""
@@ -268,7 +303,7 @@ class Conn(asyncio.Protocol):
             self.buf = b""
         elif len(self.buf) >= self.left:
             self.nbytes += self.left
-            self.buf = self.buf[self.left:]
+            self.buf = self.buf[self.left :]
             self.left = -1
             if not self.fut.done():
                 self.fut.set_result((self.status, self.ka and self.left != -2, self.nbytes))
@@ -289,7 +324,7 @@ class Run:
         auth = f"127.0.0.1:{self.port}"
         target = "http://" + auth + path if proxy and not self.o.get("tunnel") else path
         body = b"cpu,host=bench usage_idle=99.5 1700000000000000000\n" * 4000
-        body = body[:self.o["post"]] if "post" in self.o else b""
+        body = body[: self.o["post"]] if "post" in self.o else b""
         method = "POST" if body else "GET"
         head = f"{method} {target} HTTP/1.1\r\nHost: {auth}\r\nUser-Agent: loadgen/1\r\n"
         head += f"Content-Length: {len(body)}\r\n" if body else ""
@@ -335,7 +370,7 @@ class Run:
                     status, ka, nb = await fut
                 finally:
                     h.cancel()
-            except Exception as e:          # every failure is counted, then a short pause
+            except Exception as e:  # every failure is counted, then a short pause
                 if t0 >= self.measure_start:
                     k = f"{type(e).__name__}: {e}"
                     self.errors[k] = self.errors.get(k, 0) + 1
@@ -359,12 +394,16 @@ class Run:
 
     async def go(self, pid, origin_pid):
         a, loop = self.a, asyncio.get_running_loop()
-        warm = a.warmup if self.n > 1000 else 0      # count-bound scenarios: no warmup
+        warm = a.warmup if self.n > 1000 else 0  # count-bound scenarios: no warmup
         self.measure_start = perf() + warm
         self.last = self.measure_start
         snap = {}
-        loop.call_at(loop.time() + warm, lambda: snap.update(
-            t=perf(), cpu=proc_cpu(pid), ocpu=proc_cpu(origin_pid), me=resource.getrusage(0)))
+        loop.call_at(
+            loop.time() + warm,
+            lambda: snap.update(
+                t=perf(), cpu=proc_cpu(pid), ocpu=proc_cpu(origin_pid), me=resource.getrusage(0)
+            ),
+        )
         deadline = self.measure_start + a.duration
         await asyncio.gather(*(self.client(deadline) for _ in range(self.c)))
         t1, cpu1, ocpu1, me1 = perf(), proc_cpu(pid), proc_cpu(origin_pid), resource.getrusage(0)
@@ -372,17 +411,34 @@ class Run:
         window = max(self.last - self.measure_start, 1e-9)
         lat = sorted(self.lat)
         ms = lambda q: round(1000 * lat[min(n - 1, int(q * n))], 3) if n else None  # noqa: E731
-        r = dict(scenario=self.name, conns=self.c, requests=n, ok=self.ok, non2xx=self.bad,
-                 errors=self.errors, rps=round(n / window, 1), p50_ms=ms(0.5), p99_ms=ms(0.99),
-                 max_ms=ms(1.0), mb_s=round(self.bytes / window / 1e6, 1),
-                 client_cpu_pct=round(100 * (me1.ru_utime + me1.ru_stime - snap["me"].ru_utime
-                                             - snap["me"].ru_stime) / wall),
-                 origin_cpu_pct=round(100 * (ocpu1 - snap["ocpu"]) / wall))
+        r = dict(
+            scenario=self.name,
+            conns=self.c,
+            requests=n,
+            ok=self.ok,
+            non2xx=self.bad,
+            errors=self.errors,
+            rps=round(n / window, 1),
+            p50_ms=ms(0.5),
+            p99_ms=ms(0.99),
+            max_ms=ms(1.0),
+            mb_s=round(self.bytes / window / 1e6, 1),
+            client_cpu_pct=round(
+                100
+                * (me1.ru_utime + me1.ru_stime - snap["me"].ru_utime - snap["me"].ru_stime)
+                / wall
+            ),
+            origin_cpu_pct=round(100 * (ocpu1 - snap["ocpu"]) / wall),
+        )
         if pid:
-            r.update(proxy_cpu_pct=round(100 * (cpu1 - snap["cpu"]) / wall),
-                     proxy_cpu_us_per_req=round(1e6 * (cpu1 - snap["cpu"]) / max(n, 1), 1),
-                     **{("proxy_rss_mb" if k == "VmRSS" else "proxy_peak_rss_mb"): round(v, 1)
-                        for k, v in proc_mem(pid).items()})
+            r.update(
+                proxy_cpu_pct=round(100 * (cpu1 - snap["cpu"]) / wall),
+                proxy_cpu_us_per_req=round(1e6 * (cpu1 - snap["cpu"]) / max(n, 1), 1),
+                **{
+                    ("proxy_rss_mb" if k == "VmRSS" else "proxy_peak_rss_mb"): round(v, 1)
+                    for k, v in proc_mem(pid).items()
+                },
+            )
         return r
 
     async def idle(self, pid):
@@ -397,20 +453,29 @@ class Run:
                 fut = conn.expect()
                 conn.tr.write(self.req)
                 await asyncio.wait_for(fut, self.a.timeout)
+
         t0 = perf()
         res = await asyncio.gather(*(one() for _ in range(self.a.tunnels)), return_exceptions=True)
         errs = [r for r in res if isinstance(r, Exception)]
         setup = perf() - t0
         cpu0 = proc_cpu(pid)
         await asyncio.sleep(self.a.hold)
-        r = dict(scenario="idle", tunnels=self.a.tunnels - len(errs), errors=len(errs),
-                 first_error=repr(errs[0]) if errs else None, setup_s=round(setup, 2))
+        r = dict(
+            scenario="idle",
+            tunnels=self.a.tunnels - len(errs),
+            errors=len(errs),
+            first_error=repr(errs[0]) if errs else None,
+            setup_s=round(setup, 2),
+        )
         if pid:
             m = proc_mem(pid)
-            r.update(proxy_rss_before_mb=round(base, 1), proxy_rss_mb=round(m["VmRSS"], 1),
-                     proxy_peak_rss_mb=round(m["VmHWM"], 1),
-                     kb_per_tunnel=round(1024 * (m["VmRSS"] - base) / max(1, len(conns)), 1),
-                     idle_cpu_pct=round(100 * (proc_cpu(pid) - cpu0) / self.a.hold, 1))
+            r.update(
+                proxy_rss_before_mb=round(base, 1),
+                proxy_rss_mb=round(m["VmRSS"], 1),
+                proxy_peak_rss_mb=round(m["VmHWM"], 1),
+                kb_per_tunnel=round(1024 * (m["VmRSS"] - base) / max(1, len(conns)), 1),
+                idle_cpu_pct=round(100 * (proc_cpu(pid) - cpu0) / self.a.hold, 1),
+            )
         for c in conns:
             c.tr.abort()
         return r
@@ -420,22 +485,29 @@ def fmt(r):
     if r["scenario"] == "idle":
         if "proxy_rss_mb" not in r:
             return str(r)
-        return (f"idle        {r['tunnels']} tunnels (errors {r['errors']}) in {r['setup_s']}s; "
-                f"proxy RSS {r['proxy_rss_before_mb']} -> {r['proxy_rss_mb']} MB "
-                f"({r['kb_per_tunnel']} KiB/tunnel), idle CPU {r['idle_cpu_pct']}%")
-    s = (f"{r['scenario']:<11} {r['rps']:8.0f} req/s  p50 {r['p50_ms'] or 0:7.2f} ms  "
-         f"p99 {r['p99_ms'] or 0:7.2f} ms  {r['mb_s']:7.1f} MB/s  ok {r['ok']} "
-         f"non2xx {r['non2xx']} err {sum(r['errors'].values())}")
+        return (
+            f"idle        {r['tunnels']} tunnels (errors {r['errors']}) in {r['setup_s']}s; "
+            f"proxy RSS {r['proxy_rss_before_mb']} -> {r['proxy_rss_mb']} MB "
+            f"({r['kb_per_tunnel']} KiB/tunnel), idle CPU {r['idle_cpu_pct']}%"
+        )
+    s = (
+        f"{r['scenario']:<11} {r['rps']:8.0f} req/s  p50 {r['p50_ms'] or 0:7.2f} ms  "
+        f"p99 {r['p99_ms'] or 0:7.2f} ms  {r['mb_s']:7.1f} MB/s  ok {r['ok']} "
+        f"non2xx {r['non2xx']} err {sum(r['errors'].values())}"
+    )
     if "proxy_cpu_us_per_req" in r:
-        s += (f"  | proxy {r['proxy_cpu_pct']}% CPU {r['proxy_cpu_us_per_req']:.0f} us/req "
-              f"RSS {r['proxy_rss_mb']:.1f} MB peak {r['proxy_peak_rss_mb']:.1f} MB")
+        s += (
+            f"  | proxy {r['proxy_cpu_pct']}% CPU {r['proxy_cpu_us_per_req']:.0f} us/req "
+            f"RSS {r['proxy_rss_mb']:.1f} MB peak {r['proxy_peak_rss_mb']:.1f} MB"
+        )
     s += f"  | client {r['client_cpu_pct']}% origin {r['origin_cpu_pct']}%"
     return s + (f"\n    errors: {r['errors']}" if r["errors"] else "")
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("scenarios", nargs="*", help=f"default: all ({' '.join(SCEN)})")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--start-proxy", action="store_true", help="start proxygate, fresh per scenario")

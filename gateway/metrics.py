@@ -13,8 +13,8 @@ from bisect import bisect_left
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.utils import floatToGoString
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.utils import floatToGoString
 from twisted.web.resource import Resource
 
 __all__ = ["Metrics", "MetricsResource"]
@@ -41,30 +41,43 @@ class Metrics:
             "proxygate_websocket_upgrades", "Upgrade requests by outcome.", ["result"], registry=r
         )
         self.denied = Counter(
-            "proxygate_denied", "Requests or connections refused, by reason.", ["reason"], registry=r
+            "proxygate_denied",
+            "Requests or connections refused, by reason.",
+            ["reason"],
+            registry=r,
         )
         self.upstreamErrors = Counter(
-            "proxygate_upstream_errors", "Failures reaching or talking to origins.", ["reason"],
+            "proxygate_upstream_errors",
+            "Failures reaching or talking to origins.",
+            ["reason"],
             registry=r,
         )
         self.certificatesIssued = Counter(
             "proxygate_mitm_certificates_issued", "Leaf certificates minted.", registry=r
         )
         self.certificateCacheHits = Counter(
-            "proxygate_mitm_certificate_cache_hits", "TLS contexts served from the cache.",
+            "proxygate_mitm_certificate_cache_hits",
+            "TLS contexts served from the cache.",
             registry=r,
         )
         self.apiRequests = Counter(
-            "proxygate_api_requests", "Decrypted (MITM) requests by host, API and status.",
-            ["host", "api", "code"], registry=r,
+            "proxygate_api_requests",
+            "Decrypted (MITM) requests by host, API and status.",
+            ["host", "api", "code"],
+            registry=r,
         )
         self.apiLatency = Histogram(
-            "proxygate_api_latency_seconds", "Decrypted (MITM) request latency by host and API.",
-            ["host", "api"], buckets=_DURATION_BUCKETS, registry=r,
+            "proxygate_api_latency_seconds",
+            "Decrypted (MITM) request latency by host and API.",
+            ["host", "api"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
         )
         self.apiRequestBytes = Counter(
-            "proxygate_api_request_bytes", "Request body bytes of decrypted (MITM) requests.",
-            ["host", "api"], registry=r,
+            "proxygate_api_request_bytes",
+            "Request body bytes of decrypted (MITM) requests.",
+            ["host", "api"],
+            registry=r,
         )
         self.maxAPISeries = 500
         self._apis: dict[tuple[str, str], tuple] = {}
@@ -87,7 +100,6 @@ class Metrics:
         if hist is None:
             hist = self.live.durations[mode] = _Histogram()
         hist.observe(seconds)
-
 
     def api(self, host: str, api: str, code: int, seconds: float, requestBytes: int) -> None:
         """
@@ -166,14 +178,18 @@ class _LiveCollector:
 
     def collect(self):
         yield GaugeMetricFamily(
-            "proxygate_client_connections", "Client connections open now.",
+            "proxygate_client_connections",
+            "Client connections open now.",
             value=self.clientConnections,
         )
         yield CounterMetricFamily(
-            "proxygate_client_connections", "Client connections accepted.",
+            "proxygate_client_connections",
+            "Client connections accepted.",
             value=self.clientConnectionsTotal,
         )
-        yield GaugeMetricFamily("proxygate_tunnels", "CONNECT tunnels open now.", value=self.tunnels)
+        yield GaugeMetricFamily(
+            "proxygate_tunnels", "CONNECT tunnels open now.", value=self.tunnels
+        )
         total = CounterMetricFamily(
             "proxygate_tunnels", "CONNECT tunnels by outcome.", labels=["result"]
         )
@@ -181,7 +197,8 @@ class _LiveCollector:
             total.add_metric([result], count)
         yield total
         requests = CounterMetricFamily(
-            "proxygate_requests", "Requests answered, by mode, method and status code.",
+            "proxygate_requests",
+            "Requests answered, by mode, method and status code.",
             labels=["mode", "method", "code"],
         )
         for (mode, method, code), count in sorted(self.requests.items()):
@@ -189,11 +206,12 @@ class _LiveCollector:
         yield requests
         duration = HistogramMetricFamily(
             "proxygate_request_duration_seconds",
-            "Time from a complete request head to the end of the response.", labels=["mode"],
+            "Time from a complete request head to the end of the response.",
+            labels=["mode"],
         )
         for mode, hist in sorted(self.durations.items()):
             cumulative, buckets = 0, []
-            for bound, count in zip((*_DURATION_BUCKETS, float("inf")), hist.buckets):
+            for bound, count in zip((*_DURATION_BUCKETS, float("inf")), hist.buckets, strict=True):
                 cumulative += count
                 buckets.append((floatToGoString(bound), cumulative))
             duration.add_metric([mode], buckets, hist.sum)

@@ -51,8 +51,14 @@ class GatewayService(MultiService):
 
     log = Logger(namespace="proxygate")
 
-    def __init__(self, config: Config, reactor=None, *, drainGrace: float = 10.0,
-                 exitOnListenFailure: bool = False) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor=None,
+        *,
+        drainGrace: float = 10.0,
+        exitOnListenFailure: bool = False,
+    ) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
@@ -71,13 +77,13 @@ class GatewayService(MultiService):
             from .auth import Authenticator, HtpasswdError
 
             try:
-                authenticator = Authenticator(config.auth.htpasswd, config.auth.realm,
-                                              reactor=reactor)
+                authenticator = Authenticator(
+                    config.auth.htpasswd, config.auth.realm, reactor=reactor
+                )
             except HtpasswdError as e:
                 raise ConfigError(f"{config.path or '<defaults>'}: [auth] htpasswd: {e}")
         self.authenticator = authenticator
-        self.runtime = Runtime(config, reactor, self.metrics, self._openAccessLog(),
-                               authenticator)
+        self.runtime = Runtime(config, reactor, self.metrics, self._openAccessLog(), authenticator)
         # [proxy] workers > 1: worker processes share the proxy listeners (gateway.workers).
         self.listenReactor = reactor
         self.workers = None
@@ -128,8 +134,12 @@ class GatewayService(MultiService):
             self.log.info("proxygate listening on {host}:{port}", host=h.host, port=h.port)
         for port in self.metricsPorts:
             h = port.getHost()
-            self.log.info("proxygate metrics on http://{host}:{port}{path}", host=h.host,
-                          port=h.port, path=self.config.metrics.path)
+            self.log.info(
+                "proxygate metrics on http://{host}:{port}{path}",
+                host=h.host,
+                port=h.port,
+                path=self.config.metrics.path,
+            )
         if self.workers is not None:
             self.workers.start(addresses)
 

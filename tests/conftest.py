@@ -32,7 +32,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-TWISTD = [PYTHON, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
+TWISTD = [
+    PYTHON,
+    "-c",
+    "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
+]
 
 # -- helpers -------------------------------------------------------------------------------
 

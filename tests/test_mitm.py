@@ -961,9 +961,7 @@ def test_nonTLSInsideInterceptedTunnelIsRelayedBlind(mitmProxy, origin):
     sock = connectTunnel(mitmProxy, f"127.0.0.1:{origin.port}")
     sock.settimeout(10)
     with sock:
-        status, body = httpOverSocket(
-            sock, b"GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-        )
+        status, body = httpOverSocket(sock, b"GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert status == 200
         assert json.loads(body)["path"] == "/echo"
         # Still a tunnel, not the proxy's HTTP: a second request on it reaches the origin.

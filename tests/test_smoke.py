@@ -8,7 +8,8 @@ from conftest import payloadDigest
 def test_curl_fetches_through_proxy(proxy, origin):
     out = subprocess.run(
         ["curl", "-sS", "--max-time", "10", "-x", proxy.url, origin.url("/bytes/100000")],
-        capture_output=True, check=True,
+        capture_output=True,
+        check=True,
     ).stdout
     import hashlib
 

@@ -178,8 +178,10 @@ _DATA_END = 2
 _TRAILER = 3
 _DONE = 4
 
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})((?:[ \t]*;[ \t]*[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-                         rb"(?:[ \t]*=[ \t]*(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+|\"[\t !#-\[\]-~\x80-\xff]*\"))?)*)")
+_CHUNK_SIZE = re.compile(
+    rb"([0-9A-Fa-f]{1,15})((?:[ \t]*;[ \t]*[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+    rb"(?:[ \t]*=[ \t]*(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+|\"[\t !#-\[\]-~\x80-\xff]*\"))?)*)"
+)
 _MAX_SIZE_LINE = 4096
 _MAX_TRAILERS = 16384
 
@@ -254,8 +256,7 @@ class ChunkedReader:
             elif state == _TRAILER:
                 nl = data.find(b"\r\n", pos)
                 if nl < 0:
-                    if self._trailerBytes + end - pos > _MAX_TRAILERS or \
-                            data.find(b"\n", pos) >= 0:
+                    if self._trailerBytes + end - pos > _MAX_TRAILERS or data.find(b"\n", pos) >= 0:
                         raise self.error
                     self._buf = data[pos:]
                     break

@@ -171,8 +171,9 @@ def parseAbsoluteTarget(target: bytes) -> Target:
     host, port = parseAuthority(authority, 80)
     if port == 80:
         # The default port, written or left empty (`host:`), is omitted (RFC 3986 §6.2.3).
-        hostHeader = authority[: authority.rfind(b":")] if authority.endswith((b":80", b":")) \
-            else authority
+        hostHeader = (
+            authority[: authority.rfind(b":")] if authority.endswith((b":80", b":")) else authority
+        )
     else:
         hostHeader = authority
     return Target("http", host, port, path, hostHeader.lower())

@@ -116,7 +116,9 @@ _FIELD = re.compile(
 )
 # Responses: a proxy MUST remove whitespace between the field name and the colon.
 _RESPONSE_FIELD = re.compile(
-    rb"(" + _TOKEN + rb")[ \t]*:[ \t]*((?:[!-~\x80-\xff](?:[ \t!-~\x80-\xff]*[!-~\x80-\xff])?)?)[ \t]*"
+    rb"("
+    + _TOKEN
+    + rb")[ \t]*:[ \t]*((?:[!-~\x80-\xff](?:[ \t!-~\x80-\xff]*[!-~\x80-\xff])?)?)[ \t]*"
 )
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([\t !-~\x80-\xff]*))?")
 

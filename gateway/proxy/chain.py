@@ -37,10 +37,12 @@ class UpstreamRefused(Exception):
         # A CONNECT is answered by the proxy itself, so a 401 is its own authentication
         # failure too (tinyproxy 1.11 answers 401 where RFC 9110 says 407).
         self.message = (
-            f"The upstream proxy {host}:{proxy.port} refused the tunnel: "
-            f"{status} {reason}".rstrip()
-            + (" (its credentials in [upstream] proxy are missing or wrong)."
-               if status in (401, 407) else ".")
+            f"The upstream proxy {host}:{proxy.port} refused the tunnel: {status} {reason}".rstrip()
+            + (
+                " (its credentials in [upstream] proxy are missing or wrong)."
+                if status in (401, 407)
+                else "."
+            )
         )
         super().__init__(self.message)
 
@@ -76,8 +78,9 @@ class Upstream:
         d.addErrback(self._unreachable)
         return d
 
-    def dialThrough(self, dialer, host: str, port: int, protocol, originTLS=None,
-                    timeout: float = 10.0) -> defer.Deferred:
+    def dialThrough(
+        self, dialer, host: str, port: int, protocol, originTLS=None, timeout: float = 10.0
+    ) -> defer.Deferred:
         """
         Open a tunnel to C{host}:C{port} through the upstream, then connect C{protocol}
         to it (through C{originTLS}, a client connection creator, when given).
@@ -113,9 +116,11 @@ class Upstream:
     def _unreachable(self, failure):
         e = failure.value
         if isinstance(e, DialError):
-            raise DialError(e.reason, e.status,
-                            f"The upstream proxy {self.label}:{self.proxy.port} is unreachable: "
-                            f"{e.message}")
+            raise DialError(
+                e.reason,
+                e.status,
+                f"The upstream proxy {self.label}:{self.proxy.port} is unreachable: {e.message}",
+            )
         return failure
 
 
@@ -169,8 +174,7 @@ class _TunnelHandshake(Protocol):
         rest = self._buf[end + 4 :]
         self._buf = b""
         if not 200 <= head.status < 300:
-            self._fail(UpstreamRefused(self.proxy, head.status,
-                                       head.reason.decode("latin-1")[:80]))
+            self._fail(UpstreamRefused(self.proxy, head.status, head.reason.decode("latin-1")[:80]))
             return
         if self.originTLS is not None:
             factory = TLSMemoryBIOFactory(self.originTLS, True, Factory())
@@ -191,8 +195,9 @@ class _TunnelHandshake(Protocol):
 
     def timedOut(self) -> None:
         if self._target is None:
-            self._fail(DialError("timeout", 504,
-                                 f"The {self._name} did not open the tunnel in time."))
+            self._fail(
+                DialError("timeout", 504, f"The {self._name} did not open the tunnel in time.")
+            )
 
     def readConnectionLost(self) -> None:
         target = self._target
@@ -216,8 +221,12 @@ class _TunnelHandshake(Protocol):
             if problem is not None:
                 # An https:// upstream whose certificate fails verification (or any handshake
                 # failure): say so, not just "closed".
-                self.done.errback(DialError("tls", 502,
-                                            f"TLS to the {self._name} failed: {problem}"))
+                self.done.errback(
+                    DialError("tls", 502, f"TLS to the {self._name} failed: {problem}")
+                )
             else:
-                self.done.errback(DialError(
-                    "reset", 502, f"The {self._name} closed the connection during CONNECT."))
+                self.done.errback(
+                    DialError(
+                        "reset", 502, f"The {self._name} closed the connection during CONNECT."
+                    )
+                )

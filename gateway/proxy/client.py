@@ -77,8 +77,9 @@ class ClientConnection(Protocol):
             return
         if len(rt.connections) > rt.maxConnections:
             rt.metrics.denied.labels("limit").inc()
-            self._refuseConnection(503, "The proxy is at its connection limit; retry later.",
-                                   "connection limit")
+            self._refuseConnection(
+                503, "The proxy is at its connection limit; retry later.", "connection limit"
+            )
             return
         try:
             self.transport.setTcpNoDelay(True)
@@ -160,8 +161,13 @@ class ClientConnection(Protocol):
         if self.splice is not None:
             self.splice.abort()
             return
-        if self._timeoutKind == "header" and self._state == _HEAD and not self._buf \
-                and self.requests == 0 and self.mitm is None:
+        if (
+            self._timeoutKind == "header"
+            and self._state == _HEAD
+            and not self._buf
+            and self.requests == 0
+            and self.mitm is None
+        ):
             # Nothing was asked: close without a 408 that a client racing to send its first
             # request would take for the answer to it.
             self.rt.metrics.denied.labels("limit").inc()
@@ -176,15 +182,20 @@ class ClientConnection(Protocol):
             self.transport.write(errorResponse(408, "The request head took too long to arrive."))
             self.transport.loseConnection()
             self._arm("close", self.rt.headerTimeout)  # bound a TLS close the peer ignores
-            self._logLocal(b"-", "-", 408, "TAG_NONE", "request head not complete within "
-                           "header_timeout")
+            self._logLocal(
+                b"-", "-", 408, "TAG_NONE", "request head not complete within header_timeout"
+            )
             return
         exchange = self.exchange
         if exchange is not None and isinstance(exchange, ForwardExchange):
             if not exchange.responseStarted and not exchange.finished:
                 exchange.rt.metrics.upstreamErrors.labels("timeout").inc()
-                exchange._localError(504, "The origin did not answer in time.",
-                                     "connection_timeout", keepOrigin=False)
+                exchange._localError(
+                    504,
+                    "The origin did not answer in time.",
+                    "connection_timeout",
+                    keepOrigin=False,
+                )
                 return
             exchange.clientLost()
         self.transport.abortConnection()
@@ -278,13 +289,19 @@ class ClientConnection(Protocol):
             self.rt.metrics.denied.labels("auth").inc()
             auth = self.rt.authenticator
             # A body the client may already be sending cannot be skipped reliably: close.
-            hasBody = any(n.lower() in (b"content-length", b"transfer-encoding")
-                          for n, _ in head.headers)
+            hasBody = any(
+                n.lower() in (b"content-length", b"transfer-encoding") for n, _ in head.headers
+            )
             close = hasBody or not self.persistent or head.method == b"CONNECT"
             self._answer(
-                head, 407, "Proxy authentication required: send valid credentials "
-                "(for example http://user:password@proxy:port).", "TCP_DENIED", close=close,
-                extraHeaders=((b"Proxy-Authenticate", auth.challenge()),), reason="auth",
+                head,
+                407,
+                "Proxy authentication required: send valid credentials "
+                "(for example http://user:password@proxy:port).",
+                "TCP_DENIED",
+                close=close,
+                extraHeaders=((b"Proxy-Authenticate", auth.challenge()),),
+                reason="auth",
             )
             return
         self._dispatch(head, tokens, user)
@@ -309,10 +326,17 @@ class ClientConnection(Protocol):
             return
         if target[:1] == b"/" or target == b"*":
             # A body it may carry is not read: close rather than parse it as a request.
-            hasBody = any(n.lower() in (b"content-length", b"transfer-encoding")
-                          for n, _ in head.headers)
-            self._answer(head, 400, _INFO, "TAG_NONE", close=hasBody or not self.persistent,
-                         reason="origin-form request")
+            hasBody = any(
+                n.lower() in (b"content-length", b"transfer-encoding") for n, _ in head.headers
+            )
+            self._answer(
+                head,
+                400,
+                _INFO,
+                "TAG_NONE",
+                close=hasBody or not self.persistent,
+                reason="origin-form request",
+            )
             return
         try:
             hosts = head.values(b"host")
@@ -333,9 +357,15 @@ class ClientConnection(Protocol):
         decision = rt.destinations.checkName(parsed.host, parsed.port)
         if not decision.allowed:
             rt.metrics.denied.labels(decision.reason or "destination").inc()
-            self._answer(head, 403, f"Destination denied: {decision.detail}", "TCP_DENIED",
-                         close=not self.persistent or framing.kind != NONE,
-                         url=parsed.url(), reason=decision.detail)
+            self._answer(
+                head,
+                403,
+                f"Destination denied: {decision.detail}",
+                "TCP_DENIED",
+                close=not self.persistent or framing.kind != NONE,
+                url=parsed.url(),
+                reason=decision.detail,
+            )
             return
         self._forward(head, tokens, parsed, framing, user, "forward")
 
@@ -349,12 +379,14 @@ class ClientConnection(Protocol):
         if target[:1] != b"/":
             # Absolute form inside the tunnel is fine only for the tunnel's own origin.
             expected = f"https://{authority}".encode()
-            if not (target.lower() == expected or target.lower().startswith(expected + b"/")
-                    or target.lower().startswith(expected + b"?")):
-                self._reject(HTTPError(400, "a decrypted tunnel only reaches its own origin"),
-                             head)
+            if not (
+                target.lower() == expected
+                or target.lower().startswith(expected + b"/")
+                or target.lower().startswith(expected + b"?")
+            ):
+                self._reject(HTTPError(400, "a decrypted tunnel only reaches its own origin"), head)
                 return
-            target = target[len(expected):] or b"/"
+            target = target[len(expected) :] or b"/"
         try:
             if head.version == b"HTTP/1.1" and len(head.values(b"host")) != 1:
                 raise HTTPError(400, "an HTTP/1.1 request needs exactly one Host field")
@@ -382,9 +414,13 @@ class ClientConnection(Protocol):
             raise HTTPError(400, "invalid Max-Forwards")
         if int(values[0]):
             return False
-        self._answer(head, 200 if head.method == b"OPTIONS" else 405,
-                     "Max-Forwards reached zero at proxygate.", "TAG_NONE",
-                     close=not self.persistent or framing.kind != NONE)
+        self._answer(
+            head,
+            200 if head.method == b"OPTIONS" else 405,
+            "Max-Forwards reached zero at proxygate.",
+            "TAG_NONE",
+            close=not self.persistent or framing.kind != NONE,
+        )
         return True
 
     def _forward(self, head: RequestHead, tokens, parsed: Target, framing, user, mode) -> None:
@@ -393,8 +429,9 @@ class ClientConnection(Protocol):
             values = head.values(b"upgrade")
             if values:
                 upgrade = b", ".join(values)
-        exchange = ForwardExchange(self, head, parsed, framing, upgrade=upgrade, user=user,
-                                   mode=mode)
+        exchange = ForwardExchange(
+            self, head, parsed, framing, upgrade=upgrade, user=user, mode=mode
+        )
         self.exchange = exchange
         if framing.kind == NONE:
             self._state = _WAIT
@@ -520,8 +557,7 @@ class ClientConnection(Protocol):
         *under* it, on the wire: instead a TLS layer of our own goes between it and us.
         """
         transport = self.transport
-        if not (isinstance(transport, TLSMemoryBIOProtocol)
-                and transport.wrappedProtocol is self):
+        if not (isinstance(transport, TLSMemoryBIOProtocol) and transport.wrappedProtocol is self):
             transport.startTLS(creator)
             return transport.protocol
         # A streaming producer (a ReadPauser) registered on the old layer moves to the new one.
@@ -529,8 +565,9 @@ class ClientConnection(Protocol):
         producer = membrane._producer if membrane is not None else None
         if producer is not None:
             transport.unregisterProducer()
-        layer = TLSMemoryBIOProtocol(TLSMemoryBIOFactory(creator, False, Factory()), self,
-                                     _connectWrapped=False)
+        layer = TLSMemoryBIOProtocol(
+            TLSMemoryBIOFactory(creator, False, Factory()), self, _connectWrapped=False
+        )
         transport.wrappedProtocol = layer
         layer.makeConnection(transport)
         self.transport = layer
@@ -548,27 +585,51 @@ class ClientConnection(Protocol):
         method = head.method if head is not None else b"-"
         self._logLocal(method, "-", e.status, "TAG_NONE", e.reason)
 
-    def _answer(self, head: RequestHead, status: int, message: str, action: str, *,
-                close: bool, extraHeaders=(), url: str = "-", reason: str | None = None) -> None:
+    def _answer(
+        self,
+        head: RequestHead,
+        status: int,
+        message: str,
+        action: str,
+        *,
+        close: bool,
+        extraHeaders=(),
+        url: str = "-",
+        reason: str | None = None,
+    ) -> None:
         """A complete local answer to a parsed request; the connection may live on."""
-        self.transport.write(errorResponse(status, message, close=close,
-                                           extraHeaders=extraHeaders,
-                                           head=head.method == b"HEAD"))
-        self._logLocal(head.method, url if url != "-" else _safeTarget(head), status, action,
-                       reason)
+        self.transport.write(
+            errorResponse(
+                status, message, close=close, extraHeaders=extraHeaders, head=head.method == b"HEAD"
+            )
+        )
+        self._logLocal(
+            head.method, url if url != "-" else _safeTarget(head), status, action, reason
+        )
         self.rt.metrics.request("forward", head.method, status, 0.0)
         self.exchangeDone(close)
 
-    def _logLocal(self, method: bytes, url: str, status: int, action: str,
-                  reason: str | None) -> None:
+    def _logLocal(
+        self, method: bytes, url: str, status: int, action: str, reason: str | None
+    ) -> None:
         log = self.rt.accessLog
         if log is None:
             return
         log.record(
             AccessRecord(
-                start=time.time(), elapsed=0.0, client=self.peerHost, code=status, size=0,
-                method=method.decode("ascii", "replace"), url=url, user=None, action=action,
-                hierarchy="HIER_NONE/-", contentType="text/plain", mode="local", reason=reason,
+                start=time.time(),
+                elapsed=0.0,
+                client=self.peerHost,
+                code=status,
+                size=0,
+                method=method.decode("ascii", "replace"),
+                url=url,
+                user=None,
+                action=action,
+                hierarchy="HIER_NONE/-",
+                contentType="text/plain",
+                mode="local",
+                reason=reason,
             )
         )
 

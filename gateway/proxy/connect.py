@@ -56,14 +56,24 @@ class ConnectAttempt:
             return
         if not portAllowed(rt.connectPorts, self.port):
             rt.metrics.denied.labels("port").inc()
-            self._fail(403, f"CONNECT to port {self.port} is not allowed by this proxy.", None,
-                       action="TCP_DENIED", result="denied")
+            self._fail(
+                403,
+                f"CONNECT to port {self.port} is not allowed by this proxy.",
+                None,
+                action="TCP_DENIED",
+                result="denied",
+            )
             return
         decision = rt.destinations.checkName(self.host, self.port)
         if not decision.allowed:
             rt.metrics.denied.labels(decision.reason or "destination").inc()
-            self._fail(403, f"Destination denied: {decision.detail}", None, action="TCP_DENIED",
-                       result="denied")
+            self._fail(
+                403,
+                f"Destination denied: {decision.detail}",
+                None,
+                action="TCP_DENIED",
+                result="denied",
+            )
             return
         mitm = rt.interceptor
         if mitm is not None and mitm.intercepts(self.host):
@@ -79,8 +89,9 @@ class ConnectAttempt:
         if self.route is None:
             d = rt.dialer.connect(self.host, self.port, self.origin)
         else:
-            d = rt.upstream.dialThrough(rt.dialer, self.host, self.port, self.origin,
-                                        timeout=rt.dialer.connectTimeout)
+            d = rt.upstream.dialThrough(
+                rt.dialer, self.host, self.port, self.origin, timeout=rt.dialer.connectTimeout
+            )
         d.addCallbacks(self._connected, self._dialFailed)
 
     def _connected(self, ip: str) -> None:
@@ -94,8 +105,9 @@ class ConnectAttempt:
         rt.metrics.live.tunnels += 1
         if not self.established:
             self.client.transport.write(ESTABLISHED)
-        self.splice = Splice(self.client, self.origin.transport, self.origin.pauser, rt.metrics,
-                             self._ended)
+        self.splice = Splice(
+            self.client, self.origin.transport, self.origin.pauser, rt.metrics, self._ended
+        )
         self.origin.attach(self.splice)
         self.client.startSplice(self.splice)
 
@@ -134,21 +146,36 @@ class ConnectAttempt:
         e = failure.value
         if isinstance(e, DestinationDenied):
             self.rt.metrics.denied.labels("destination").inc()
-            self._fail(403, f"Destination denied: {e.detail}", "destination_ip_prohibited",
-                       action="TCP_DENIED", result="denied")
+            self._fail(
+                403,
+                f"Destination denied: {e.detail}",
+                "destination_ip_prohibited",
+                action="TCP_DENIED",
+                result="denied",
+            )
         elif isinstance(e, UpstreamRefused):
             self.rt.metrics.upstreamErrors.labels("refused").inc()
             self._fail(502, e.message, "connection_refused", result="upstream_refused")
         elif isinstance(e, DialError):
             self.rt.metrics.upstreamErrors.labels(e.reason).inc()
-            kind = {"dns": "dns_error", "refused": "connection_refused",
-                    "timeout": "connection_timeout"}.get(e.reason, "proxy_internal_error")
+            kind = {
+                "dns": "dns_error",
+                "refused": "connection_refused",
+                "timeout": "connection_timeout",
+            }.get(e.reason, "proxy_internal_error")
             self._fail(e.status, e.message, kind, result=e.reason)
         else:
             self._fail(502, "Cannot reach the origin.", "proxy_internal_error", result="error")
 
-    def _fail(self, status: int, message: str, proxyStatus: str | None, *,
-              action: str = "TCP_TUNNEL", result: str = "error") -> None:
+    def _fail(
+        self,
+        status: int,
+        message: str,
+        proxyStatus: str | None,
+        *,
+        action: str = "TCP_TUNNEL",
+        result: str = "error",
+    ) -> None:
         """No tunnel: answer and close (early tunnel bytes may follow the head)."""
         self.code = status
         self.reason = message
@@ -190,14 +217,23 @@ class ConnectAttempt:
         host = f"[{self.host}]" if ":" in self.host else self.host
         rt.accessLog.record(
             AccessRecord(
-                start=self.wallStart, elapsed=elapsed, client=self.client.peerHost,
-                code=self.code, size=sent, method="CONNECT",
-                url=f"{host}:{self.port}" if self.host else "-", user=self.user, action=action,
+                start=self.wallStart,
+                elapsed=elapsed,
+                client=self.client.peerHost,
+                code=self.code,
+                size=sent,
+                method="CONNECT",
+                url=f"{host}:{self.port}" if self.host else "-",
+                user=self.user,
+                action=action,
                 hierarchy=(
-                    "HIER_NONE/-" if self.ip == "-"
+                    "HIER_NONE/-"
+                    if self.ip == "-"
                     else f"{'FIRSTUP_PARENT' if self.route else 'HIER_DIRECT'}/{self.ip}"
                 ),
-                contentType="-", mode="tunnel", reason=self.reason,
+                contentType="-",
+                mode="tunnel",
+                reason=self.reason,
                 version=self.head.version.decode("ascii"),
             )
         )

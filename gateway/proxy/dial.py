@@ -14,13 +14,13 @@ from collections import OrderedDict
 
 from twisted.internet import defer, error
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.protocol import Factory
 from twisted.internet.interfaces import IResolutionReceiver
+from twisted.internet.protocol import Factory
 from zope.interface import implementer
 
 from ..policy import DestinationPolicy, parseIP
 
-__all__ = ["Dialer", "DialError", "DestinationDenied"]
+__all__ = ["DestinationDenied", "DialError", "Dialer"]
 
 
 class DialError(Exception):
@@ -91,9 +91,7 @@ class Resolver:
         if hit is not None and hit[0] > now:
             return defer.succeed(hit[1])
         receiver = _Collect()
-        self._reactor.nameResolver.resolveHostName(
-            receiver, host, 0, transportSemantics="TCP"
-        )
+        self._reactor.nameResolver.resolveHostName(receiver, host, 0, transportSemantics="TCP")
 
         def store(addresses: list[str]) -> list[str]:
             if addresses:
@@ -136,10 +134,7 @@ class Dialer:
         @param checked: False for the upstream proxy, which is trusted configuration.
         """
         literal = parseIP(host)
-        if literal is not None:
-            d = defer.succeed([str(literal)])
-        else:
-            d = self.resolver.resolve(host)
+        d = defer.succeed([str(literal)]) if literal is not None else self.resolver.resolve(host)
 
         def check(addresses: list[str]) -> list[str]:
             if not addresses:
@@ -202,7 +197,7 @@ class Dialer:
                 lastError = DialError("refused", 502, f"connection to {host}:{port} refused")
             except (error.TimeoutError, error.UserError):
                 lastError = DialError("timeout", 504, f"{host}:{port} did not answer in time")
-            except (error.ConnectError, OSError, socket.error) as e:
+            except (error.ConnectError, OSError) as e:
                 lastError = DialError("refused", 502, f"cannot connect to {host}:{port}: {e}")
             else:
                 return ip

@@ -10,10 +10,10 @@ the relay that paused it is gone. This class can.
 
 from __future__ import annotations
 
-from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
 
-__all__ = ["ReadPauser", "PEER", "PIPELINE", "CONNECTING"]
+__all__ = ["CONNECTING", "PEER", "PIPELINE", "ReadPauser"]
 
 PEER = 1  # the other side's send buffer is full
 PIPELINE = 2  # a complete request is buffered behind the one being served

@@ -108,9 +108,14 @@ class ForwardExchange:
         elif target.scheme == "http":
             d = rt.upstream.dialProxy(rt.dialer, conn)
         else:
-            d = rt.upstream.dialThrough(rt.dialer, target.host, target.port, conn,
-                                        rt.interceptor.originCreator(target.host),
-                                        timeout=rt.dialer.connectTimeout)
+            d = rt.upstream.dialThrough(
+                rt.dialer,
+                target.host,
+                target.port,
+                conn,
+                rt.interceptor.originCreator(target.host),
+                timeout=rt.dialer.connectTimeout,
+            )
         d.addCallbacks(lambda ip: self._connected(conn, ip), self._dialFailed)
 
     def _connected(self, conn: OriginConnection, ip: str) -> None:
@@ -143,15 +148,22 @@ class ForwardExchange:
         e = failure.value
         if isinstance(e, DestinationDenied):
             self.rt.metrics.denied.labels("destination").inc()
-            self._localError(403, f"Destination denied: {e.detail}", "destination_ip_prohibited",
-                             action="TCP_DENIED")
+            self._localError(
+                403,
+                f"Destination denied: {e.detail}",
+                "destination_ip_prohibited",
+                action="TCP_DENIED",
+            )
         elif isinstance(e, UpstreamRefused):
             self.rt.metrics.upstreamErrors.labels("refused").inc()
             self._localError(502, e.message, "connection_refused")
         elif isinstance(e, DialError):
             self.rt.metrics.upstreamErrors.labels(e.reason).inc()
-            kind = {"dns": "dns_error", "refused": "connection_refused",
-                    "timeout": "connection_timeout"}.get(e.reason, "proxy_internal_error")
+            kind = {
+                "dns": "dns_error",
+                "refused": "connection_refused",
+                "timeout": "connection_timeout",
+            }.get(e.reason, "proxy_internal_error")
             self._localError(e.status, e.message, kind)
         else:
             self.rt.log.failure("dialling {host}", failure, host=self.target.host)
@@ -163,17 +175,31 @@ class ForwardExchange:
         if self.route is not None and target.scheme == "http":
             # To an upstream proxy: absolute form, and its credentials from our config.
             # (OPTIONS to the server itself, `*` at the origin, has an empty path here)
-            lines = [head.method, b" http://", target.hostHeader,
-                     target.path if target.path != b"*" else b"", b" HTTP/1.1\r\n"
-                     b"Host: ", target.hostHeader, b"\r\n"]
+            lines = [
+                head.method,
+                b" http://",
+                target.hostHeader,
+                target.path if target.path != b"*" else b"",
+                b" HTTP/1.1\r\nHost: ",
+                target.hostHeader,
+                b"\r\n",
+            ]
             if self.rt.upstream.authorization is not None:
                 lines += (b"Proxy-Authorization: ", self.rt.upstream.authorization, b"\r\n")
         else:
-            lines = [head.method, b" ", target.path, b" HTTP/1.1\r\nHost: ", target.hostHeader,
-                     b"\r\n"]
+            lines = [
+                head.method,
+                b" ",
+                target.path,
+                b" HTTP/1.1\r\nHost: ",
+                target.hostHeader,
+                b"\r\n",
+            ]
         keep = _UPGRADE_KEEP if self.upgrade is not None else frozenset()
         maxForwards = None
-        for name, value in stripHopByHop(head.headers, tokens=splitTokens(head.values(b"connection"))):
+        for name, value in stripHopByHop(
+            head.headers, tokens=splitTokens(head.values(b"connection"))
+        ):
             lower = name.lower()
             if lower == b"host":
                 continue
@@ -236,9 +262,13 @@ class ForwardExchange:
             # The client cannot fix our upstream credentials: say whose they are.
             self.rt.metrics.upstreamErrors.labels("refused").inc()
             self._localError(
-                502, f"The upstream proxy {self.rt.upstream.label}:{self.route.port} answered "
+                502,
+                f"The upstream proxy {self.rt.upstream.label}:{self.route.port} answered "
                 "407 Proxy Authentication Required: its credentials in [upstream] proxy are "
-                "missing or wrong.", "connection_refused", keepOrigin=False)
+                "missing or wrong.",
+                "connection_refused",
+                keepOrigin=False,
+            )
             return
         self.responseStarted = True
         self.code = head.status
@@ -250,8 +280,9 @@ class ForwardExchange:
         lines = [b"HTTP/1.1 %d " % head.status, head.reason, b"\r\n"]
         keep = _UPGRADE_KEEP if head.status == 101 else frozenset()
         hasDate = False
-        for name, value in stripHopByHop(head.headers, keep,
-                                         splitTokens(head.values(b"connection"))):
+        for name, value in stripHopByHop(
+            head.headers, keep, splitTokens(head.values(b"connection"))
+        ):
             lower = name.lower()
             if lower == b"date":
                 hasDate = True
@@ -266,13 +297,15 @@ class ForwardExchange:
                 if kind == LENGTH:
                     lines.append(b"Content-Length: %d\r\n" % framing.length)
                 elif kind == NONE:
-                    if head.status >= 200 and (
-                        self.head.method == b"HEAD" or head.status == 304
-                    ):
+                    if head.status >= 200 and (self.head.method == b"HEAD" or head.status == 304):
                         # A HEAD or 304 response states the length of what a GET would get.
                         for name, value in head.headers:
                             if name.lower() == b"content-length":
-                                lines += (b"Content-Length: ", value.split(b",")[0].strip(), b"\r\n")
+                                lines += (
+                                    b"Content-Length: ",
+                                    value.split(b",")[0].strip(),
+                                    b"\r\n",
+                                )
                                 break
                     elif head.status not in (204,) and head.status >= 200:
                         lines.append(b"Content-Length: 0\r\n")
@@ -332,7 +365,9 @@ class ForwardExchange:
         origin = self.origin
         origin.transport.unregisterProducer()
         self._write(self._responseHead(head))
-        splice = Splice(client, origin.transport, origin.pauser, self.rt.metrics, self._upgradeEnded)
+        splice = Splice(
+            client, origin.transport, origin.pauser, self.rt.metrics, self._upgradeEnded
+        )
         origin.splice = splice
         client.startSplice(splice)
         if rest:
@@ -351,12 +386,16 @@ class ForwardExchange:
         if self.responseStarted:
             self._abortClient()
         else:
-            self._localError(e.status, f"Bad response from the origin: {e.reason}.",
-                             "http_protocol_error", keepOrigin=False)
+            self._localError(
+                e.status,
+                f"Bad response from the origin: {e.reason}.",
+                "http_protocol_error",
+                keepOrigin=False,
+            )
 
     def originLost(self, reason, responsesBefore: int) -> None:
         """The origin closed before its response was complete."""
-        origin, self.origin = self.origin, None
+        self.origin = None
         if self.finished:
             return
         tlsProblem = _tlsFailure(reason)
@@ -367,8 +406,12 @@ class ForwardExchange:
             if self.route is not None and self.target.scheme == "http":
                 # Absolute form to an https:// upstream: the TLS that failed is the proxy's.
                 peer = f"the upstream proxy {self.rt.upstream.label}:{self.route.port}"
-            self._localError(502, f"TLS to {peer} failed: {tlsProblem}",
-                             "tls_certificate_error", keepOrigin=False)
+            self._localError(
+                502,
+                f"TLS to {peer} failed: {tlsProblem}",
+                "tls_certificate_error",
+                keepOrigin=False,
+            )
             return
         if (
             not self.responseStarted
@@ -390,8 +433,12 @@ class ForwardExchange:
             self.reason = "origin closed mid-response"
             self._abortClient()
         else:
-            self._localError(502, "The origin closed the connection without a response.",
-                             "http_response_incomplete", keepOrigin=False)
+            self._localError(
+                502,
+                "The origin closed the connection without a response.",
+                "http_response_incomplete",
+                keepOrigin=False,
+            )
 
     def _releaseOrigin(self, origin: OriginConnection, reuse: bool) -> None:
         self.origin = None
@@ -409,8 +456,14 @@ class ForwardExchange:
     def _write(self, data: bytes) -> None:
         self.client.transport.write(data)
 
-    def _localError(self, status: int, message: str, proxyStatus: str | None,
-                     action: str = "TCP_MISS", keepOrigin: bool = True) -> None:
+    def _localError(
+        self,
+        status: int,
+        message: str,
+        proxyStatus: str | None,
+        action: str = "TCP_MISS",
+        keepOrigin: bool = True,
+    ) -> None:
         self.code = status
         self.reason = message
         if self.upgrade is not None:
@@ -422,8 +475,9 @@ class ForwardExchange:
         # Unread request body bytes may still be coming: close after answering.
         close = self.closeAfter or not self.requestComplete
         self.closeAfter = close
-        body = errorResponse(status, message, close=close, proxyStatus=proxyStatus,
-                             head=self.head.method == b"HEAD")
+        body = errorResponse(
+            status, message, close=close, proxyStatus=proxyStatus, head=self.head.method == b"HEAD"
+        )
         self.client.transport.write(body)
         self._finish(action)
 
@@ -458,8 +512,9 @@ class ForwardExchange:
         m = rt.metrics
         m.request(self.mode, self.head.method, self.code, elapsed)
         if self.mode == "mitm":
-            m.api(self.target.host, normaliseAPI(self.target.path), self.code, elapsed,
-                  self.received)
+            m.api(
+                self.target.host, normaliseAPI(self.target.path), self.code, elapsed, self.received
+            )
         m.fromClient.inc(self.received)
         m.toUpstream.inc(self.sentUpstream)
         m.fromUpstream.inc(self.sent)
@@ -477,7 +532,8 @@ class ForwardExchange:
                     user=self.user,
                     action=action,
                     hierarchy=(
-                        "HIER_NONE/-" if self.ip == "-"
+                        "HIER_NONE/-"
+                        if self.ip == "-"
                         else f"{'FIRSTUP_PARENT' if self.route else 'HIER_DIRECT'}/{self.ip}"
                     ),
                     contentType=self.contentType,
@@ -499,7 +555,10 @@ def _tlsFailure(reason) -> str | None:
     if isinstance(value, VerificationError):
         return "the certificate does not match the host name"
     if isinstance(value, SSLError):
-        text = " ".join(str(part[-1]) for part in (value.args[0] if value.args and
-                        isinstance(value.args[0], list) else []) if part)
+        text = " ".join(
+            str(part[-1])
+            for part in (value.args[0] if value.args and isinstance(value.args[0], list) else [])
+            if part
+        )
         return text or "handshake failed"
     return None

@@ -116,12 +116,15 @@ class OriginConnection(Protocol):
                 self._fail(e)
                 return
             self.responses += 1
-            self.reusable = framing.kind != UNTIL_CLOSE and b"close" not in splitTokens(
-                head.values(b"connection")
-            ) and head.version == b"HTTP/1.1" and not (
-                # CL with TE: framed by TE, but an origin that sends both is confused about
-                # framing; its next response is not trusted (RFC 9112 §6.3).
-                head.values(b"transfer-encoding") and head.values(b"content-length")
+            self.reusable = (
+                framing.kind != UNTIL_CLOSE
+                and b"close" not in splitTokens(head.values(b"connection"))
+                and head.version == b"HTTP/1.1"
+                and not (
+                    # CL with TE: framed by TE, but an origin that sends both is confused about
+                    # framing; its next response is not trusted (RFC 9112 §6.3).
+                    head.values(b"transfer-encoding") and head.values(b"content-length")
+                )
             )
             exchange = self.exchange
             exchange.responseHead(head, framing)
@@ -274,4 +277,3 @@ class OriginPool:
                 conn.transport.loseConnection()
         self._idle.clear()
         self._count = 0
-

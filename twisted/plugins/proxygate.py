@@ -24,10 +24,19 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", None, "INI configuration file (see etc/proxygate.ini)."],
-        ["listen", "l", None,
-         "Proxy listener endpoint, overriding [proxy] listen (e.g. tcp:3128:interface=127.0.0.1)."],
-        ["metrics-listen", None, None,
-         "Metrics listener endpoint, overriding [metrics] listen ('' disables it)."],
+        [
+            "listen",
+            "l",
+            None,
+            "Proxy listener endpoint, overriding [proxy] listen "
+            "(e.g. tcp:3128:interface=127.0.0.1).",
+        ],
+        [
+            "metrics-listen",
+            None,
+            None,
+            "Metrics listener endpoint, overriding [metrics] listen ('' disables it).",
+        ],
     ]
 
     def __init__(self) -> None:
