@@ -14,8 +14,7 @@ from ..accesslog import AccessRecord
 from ..http1.headers import parseAuthority
 from ..http1.parse import HTTPError, RequestHead
 from ..policy import portAllowed
-from .chain import UpstreamRefused
-from .dial import DestinationDenied, DialError
+from .dial import DialFailure
 from .responses import errorResponse
 from .tunnel import Splice, TunnelOrigin
 
@@ -143,29 +142,10 @@ class ConnectAttempt:
     def _dialFailed(self, failure) -> None:
         if self.finished:
             return
-        e = failure.value
-        if isinstance(e, DestinationDenied):
-            self.rt.metrics.denied.labels("destination").inc()
-            self._fail(
-                403,
-                f"Destination denied: {e.detail}",
-                "destination_ip_prohibited",
-                action="TCP_DENIED",
-                result="denied",
-            )
-        elif isinstance(e, UpstreamRefused):
-            self.rt.metrics.upstreamErrors.labels("refused").inc()
-            self._fail(502, e.message, "connection_refused", result="upstream_refused")
-        elif isinstance(e, DialError):
-            self.rt.metrics.upstreamErrors.labels(e.reason).inc()
-            kind = {
-                "dns": "dns_error",
-                "refused": "connection_refused",
-                "timeout": "connection_timeout",
-            }.get(e.reason, "proxy_internal_error")
-            self._fail(e.status, e.message, kind, result=e.reason)
-        else:
-            self._fail(502, "Cannot reach the origin.", "proxy_internal_error", result="error")
+        why = DialFailure(failure.value)
+        why.count(self.rt.metrics)
+        action = "TCP_DENIED" if why.action == "TCP_DENIED" else "TCP_TUNNEL"
+        self._fail(why.status, why.message, why.proxyStatus, action=action, result=why.result)
 
     def _fail(
         self,

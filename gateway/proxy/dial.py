@@ -20,7 +20,12 @@ from zope.interface import implementer
 
 from ..policy import DestinationPolicy, parseIP
 
-__all__ = ["DestinationDenied", "DialError", "Dialer"]
+__all__ = [
+    "DestinationDenied",
+    "DialError",
+    "DialFailure",
+    "Dialer",
+]
 
 
 class DialError(Exception):
@@ -34,6 +39,49 @@ class DialError(Exception):
         self.reason = reason
         self.status = status
         self.message = message
+
+
+_PROXY_STATUS = {
+    "dns": "dns_error",
+    "refused": "connection_refused",
+    "timeout": "connection_timeout",
+    "tls": "tls_certificate_error",
+}
+
+
+class DialFailure:
+    """
+    What the client is told about a failed dial, and how it is counted: one mapping for
+    the forward path and CONNECT alike. C{result} is the tunnels_total label; C{metric}
+    is (counter name on Metrics, label) to increment.
+    """
+
+    __slots__ = ("action", "message", "metric", "proxyStatus", "result", "status")
+
+    def __init__(self, error: Exception) -> None:
+        from .chain import UpstreamRefused
+
+        self.action = "TCP_MISS"
+        if isinstance(error, DestinationDenied):
+            self.status, self.message = 403, f"Destination denied: {error.detail}"
+            self.proxyStatus, self.action = "destination_ip_prohibited", "TCP_DENIED"
+            self.result, self.metric = "denied", ("denied", "destination")
+        elif isinstance(error, UpstreamRefused):
+            self.status, self.message = 502, error.message
+            self.proxyStatus, self.result = "connection_refused", "upstream_refused"
+            self.metric = ("upstreamErrors", "refused")
+        elif isinstance(error, DialError):
+            self.status, self.message = error.status, error.message
+            self.proxyStatus = _PROXY_STATUS.get(error.reason, "proxy_internal_error")
+            self.result, self.metric = error.reason, ("upstreamErrors", error.reason)
+        else:
+            self.status, self.message = 502, "Cannot reach the origin."
+            self.proxyStatus, self.result, self.metric = "proxy_internal_error", "error", None
+
+    def count(self, metrics) -> None:
+        if self.metric is not None:
+            name, label = self.metric
+            getattr(metrics, name).labels(label).inc()
 
 
 class DestinationDenied(Exception):

@@ -17,8 +17,7 @@ from ..accesslog import AccessRecord
 from ..http1.framing import CHUNKED, LAST_CHUNK, LENGTH, NONE, encodeChunk
 from ..http1.headers import Target, httpDate, stripHopByHop
 from ..http1.parse import HTTPError, RequestHead, ResponseHead, splitTokens
-from .chain import UpstreamRefused
-from .dial import DestinationDenied, DialError
+from .dial import DialFailure
 from .flow import CONNECTING
 from .mitm import normaliseAPI
 from .origin import OriginConnection
@@ -145,29 +144,11 @@ class ForwardExchange:
     def _dialFailed(self, failure) -> None:
         if self.finished:
             return
-        e = failure.value
-        if isinstance(e, DestinationDenied):
-            self.rt.metrics.denied.labels("destination").inc()
-            self._localError(
-                403,
-                f"Destination denied: {e.detail}",
-                "destination_ip_prohibited",
-                action="TCP_DENIED",
-            )
-        elif isinstance(e, UpstreamRefused):
-            self.rt.metrics.upstreamErrors.labels("refused").inc()
-            self._localError(502, e.message, "connection_refused")
-        elif isinstance(e, DialError):
-            self.rt.metrics.upstreamErrors.labels(e.reason).inc()
-            kind = {
-                "dns": "dns_error",
-                "refused": "connection_refused",
-                "timeout": "connection_timeout",
-            }.get(e.reason, "proxy_internal_error")
-            self._localError(e.status, e.message, kind)
-        else:
+        why = DialFailure(failure.value)
+        why.count(self.rt.metrics)
+        if why.metric is None:
             self.rt.log.failure("dialling {host}", failure, host=self.target.host)
-            self._localError(502, "Cannot reach the origin.", "proxy_internal_error")
+        self._localError(why.status, why.message, why.proxyStatus, action=why.action)
 
     def _requestHead(self) -> bytes:
         head = self.head
