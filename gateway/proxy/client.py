@@ -194,7 +194,6 @@ class ClientConnection(Protocol):
                     504,
                     "The origin did not answer in time.",
                     "connection_timeout",
-                    keepOrigin=False,
                 )
                 return
             exchange.clientLost()

@@ -248,7 +248,6 @@ class ForwardExchange:
                 "407 Proxy Authentication Required: its credentials in [upstream] proxy are "
                 "missing or wrong.",
                 "connection_refused",
-                keepOrigin=False,
             )
             return
         self.responseStarted = True
@@ -371,10 +370,9 @@ class ForwardExchange:
                 e.status,
                 f"Bad response from the origin: {e.reason}.",
                 "http_protocol_error",
-                keepOrigin=False,
             )
 
-    def originLost(self, reason, responsesBefore: int) -> None:
+    def originLost(self, reason) -> None:
         """The origin closed before its response was complete."""
         self.origin = None
         if self.finished:
@@ -391,7 +389,6 @@ class ForwardExchange:
                 502,
                 f"TLS to {peer} failed: {tlsProblem}",
                 "tls_certificate_error",
-                keepOrigin=False,
             )
             return
         if (
@@ -418,7 +415,6 @@ class ForwardExchange:
                 502,
                 "The origin closed the connection without a response.",
                 "http_response_incomplete",
-                keepOrigin=False,
             )
 
     def _releaseOrigin(self, origin: OriginConnection, reuse: bool) -> None:
@@ -443,7 +439,6 @@ class ForwardExchange:
         message: str,
         proxyStatus: str | None,
         action: str = "TCP_MISS",
-        keepOrigin: bool = True,
     ) -> None:
         self.code = status
         self.reason = message

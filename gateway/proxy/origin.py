@@ -43,7 +43,6 @@ class OriginConnection(Protocol):
         self.ip = ""
         self.requestMethod = b"GET"
         self.reusable = False
-        self.responses = 0
         self._state = _IDLE
         self._buf = b""
         self._reader = None
@@ -115,7 +114,6 @@ class OriginConnection(Protocol):
             except HTTPError as e:
                 self._fail(e)
                 return
-            self.responses += 1
             self.reusable = (
                 framing.kind != UNTIL_CLOSE
                 and b"close" not in splitTokens(head.values(b"connection"))
@@ -196,7 +194,7 @@ class OriginConnection(Protocol):
         if self._state == _BODY and self._reader.eof():
             exchange.responseEnd()
         else:
-            exchange.originLost(reason, self.responses)
+            exchange.originLost(reason)
         self._state = _IDLE
 
     # pool support
