@@ -456,3 +456,26 @@ def rawRequest(port: int, data: bytes, timeout: float = 5.0, host: str = "127.0.
         except TimeoutError:
             pass
         return bytes(out)
+
+
+def readResponse(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One response from a socket: (status, lower-cased headers, Content-Length body)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError(f"connection closed after {buf!r}")
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "0"))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return int(lines[0].split(" ")[1]), headers, rest[:length]

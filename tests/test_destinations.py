@@ -21,7 +21,7 @@ import time
 import uuid
 
 import pytest
-from conftest import ProxyProcess
+from conftest import ProxyProcess, readResponse
 from twisted.internet import defer, error
 from twisted.internet.task import Clock
 
@@ -31,28 +31,6 @@ from gateway.proxy import dial
 from gateway.proxy.dial import DestinationDenied, Dialer, DialError
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def readResponse(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise EOFError(f"connection closed after {buf!r}")
-        buf += chunk
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    length = int(headers.get("content-length", "0"))
-    while len(rest) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        rest += chunk
-    return int(lines[0].split(" ")[1]), headers, rest[:length]
 
 
 def send(port: int, request: str, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:

@@ -26,34 +26,12 @@ import threading
 import time
 
 import pytest
-from conftest import LOOPBACK_INI, ProxyProcess
+from conftest import LOOPBACK_INI, ProxyProcess, readResponse
 
 HEADER_TIMEOUT = 2.0
 IDLE_TIMEOUT = 3.0
 MAX_HEADER_SIZE = 4096
 SLOWLORIS = 1000
-
-
-def readResponse(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise EOFError(f"connection closed after {buf!r}")
-        buf += chunk
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    length = int(headers.get("content-length", "0"))
-    while len(rest) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        rest += chunk
-    return int(lines[0].split(" ")[1]), headers, rest[:length]
 
 
 def waitClosed(sock: socket.socket, timeout: float) -> tuple[float, bytes]:
