@@ -15,7 +15,7 @@ from typing import IO
 from attrs import frozen
 from twisted.logger import Logger, LogLevel, formatEvent
 
-__all__ = ["AccessLog", "AccessRecord", "fileObserver"]
+__all__ = ["AccessLog", "AccessRecord", "fileObserver", "hierarchy"]
 
 
 @frozen
@@ -36,6 +36,13 @@ class AccessRecord:
     mode: str  # forward | tunnel | mitm | local
     reason: str | None = None  # why a request was refused or failed
     version: str = "HTTP/1.1"
+
+
+def hierarchy(ip: str, viaUpstream: bool) -> str:
+    """Squid's hierarchy field: how the request left (direct, through a parent, or not)."""
+    if ip == "-":
+        return "HIER_NONE/-"
+    return f"{'FIRSTUP_PARENT' if viaUpstream else 'HIER_DIRECT'}/{ip}"
 
 
 def squidLine(r: AccessRecord) -> str:

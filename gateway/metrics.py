@@ -101,6 +101,13 @@ class Metrics:
             hist = self.live.durations[mode] = _Histogram()
         hist.observe(seconds)
 
+    def moved(self, fromClient: int, toUpstream: int, fromUpstream: int, toClient: int) -> None:
+        """Bytes of one finished exchange or tunnel, in the four directions counted."""
+        self.fromClient.value += fromClient
+        self.toUpstream.value += toUpstream
+        self.fromUpstream.value += fromUpstream
+        self.toClient.value += toClient
+
     def api(self, host: str, api: str, code: int, seconds: float, requestBytes: int) -> None:
         """
         Per-API figures of decrypted traffic. The number of (host, api) pairs is capped:

@@ -213,11 +213,6 @@ def parseResponseHead(block: bytes, maxHeaders: int = 200) -> ResponseHead:
     return ResponseHead(b"HTTP/1." + m.group(1), status, m.group(3) or b"", headers)
 
 
-def findAll(headers: Headers, lowerName: bytes) -> list[bytes]:
-    """Every value of one field, in order (names compared case-insensitively)."""
-    return [v for n, v in headers if n.lower() == lowerName]
-
-
 def splitTokens(values: list[bytes]) -> list[bytes]:
     """
     The members of comma-separated list fields, lower-cased, empty members dropped

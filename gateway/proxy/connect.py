@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from ..accesslog import AccessRecord
+from ..accesslog import AccessRecord, hierarchy
 from ..http1.headers import parseAuthority
 from ..http1.parse import HTTPError, RequestHead
 from ..policy import portAllowed
@@ -206,11 +206,7 @@ class ConnectAttempt:
                 url=f"{host}:{self.port}" if self.host else "-",
                 user=self.user,
                 action=action,
-                hierarchy=(
-                    "HIER_NONE/-"
-                    if self.ip == "-"
-                    else f"{'FIRSTUP_PARENT' if self.route else 'HIER_DIRECT'}/{self.ip}"
-                ),
+                hierarchy=hierarchy(self.ip, self.route is not None),
                 contentType="-",
                 mode="tunnel",
                 reason=self.reason,

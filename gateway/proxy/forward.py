@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import time
 
-from ..accesslog import AccessRecord
+from OpenSSL.SSL import Error as SSLError
+from service_identity import VerificationError
+
+from ..accesslog import AccessRecord, hierarchy
 from ..http1.framing import CHUNKED, LAST_CHUNK, LENGTH, NONE, encodeChunk
 from ..http1.headers import Target, httpDate, stripHopByHop
 from ..http1.parse import HTTPError, RequestHead, ResponseHead, splitTokens
@@ -491,10 +494,7 @@ class ForwardExchange:
             m.api(
                 self.target.host, normaliseAPI(self.target.path), self.code, elapsed, self.received
             )
-        m.fromClient.inc(self.received)
-        m.toUpstream.inc(self.sentUpstream)
-        m.fromUpstream.inc(self.sent)
-        m.toClient.inc(self.sent)
+        m.moved(self.received, self.sentUpstream, self.sent, self.sent)
         if rt.accessLog is not None:
             rt.accessLog.record(
                 AccessRecord(
@@ -507,11 +507,7 @@ class ForwardExchange:
                     url=self.target.url(),
                     user=self.user,
                     action=action,
-                    hierarchy=(
-                        "HIER_NONE/-"
-                        if self.ip == "-"
-                        else f"{'FIRSTUP_PARENT' if self.route else 'HIER_DIRECT'}/{self.ip}"
-                    ),
+                    hierarchy=hierarchy(self.ip, self.route is not None),
                     contentType=self.contentType,
                     mode=self.mode,
                     reason=self.reason,
@@ -522,9 +518,6 @@ class ForwardExchange:
 
 def _tlsFailure(reason) -> str | None:
     """A one-line reason if C{reason} is a TLS handshake or verification failure."""
-    from OpenSSL.SSL import Error as SSLError
-    from service_identity import VerificationError
-
     if reason is None:
         return None
     value = reason.value

@@ -151,10 +151,12 @@ class Splice:
             self._cutTimer = None
             onEnd, self.onEnd = self.onEnd, None
             m = self.metrics
-            m.fromClient.inc(self.fromClientBytes)
-            m.toUpstream.inc(self.fromClientBytes)
-            m.fromUpstream.inc(self.fromOriginBytes)
-            m.toClient.inc(self.fromOriginBytes)
+            m.moved(
+                self.fromClientBytes,
+                self.fromClientBytes,
+                self.fromOriginBytes,
+                self.fromOriginBytes,
+            )
             onEnd()
 
 
