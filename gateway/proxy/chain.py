@@ -11,15 +11,14 @@ Proxy-Authorization sent upstream always comes from the configuration, never fro
 from __future__ import annotations
 
 from twisted.internet import defer
-from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Factory, Protocol
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
 from ..config import UpstreamConfig
 from ..http1.parse import HTTPError, parseResponseHead
 from ..tls.contexts import clientCreator
+from ..tls.layer import TLSLayer, describeFailure, wrapEndpoint
 from ..upstream import ProxyURL
 from .dial import DialError
 
@@ -70,7 +69,7 @@ class Upstream:
         """The endpoint of the upstream itself, with TLS when it is an https:// proxy."""
         if self._tls is None:
             return endpoint
-        return wrapClientTLS(self._tls, endpoint)
+        return wrapEndpoint(self._tls)(endpoint)
 
     def dialProxy(self, dialer, protocol) -> defer.Deferred:
         """A connection to the upstream proxy itself (for absolute-form requests)."""
@@ -176,11 +175,7 @@ class _TunnelHandshake(Protocol):
         if not 200 <= head.status < 300:
             self._fail(UpstreamRefused(self.proxy, head.status, head.reason.decode("latin-1")[:80]))
             return
-        if self.originTLS is not None:
-            factory = TLSMemoryBIOFactory(self.originTLS, True, Factory())
-            target = TLSMemoryBIOProtocol(factory, self.inner)
-        else:
-            target = self.inner
+        target = TLSLayer(self.originTLS, self.inner) if self.originTLS is not None else self.inner
         self._target = target
         target.makeConnection(self.transport)
         self.done.callback(None)
@@ -215,9 +210,7 @@ class _TunnelHandshake(Protocol):
         if self._target is not None:
             self._target.connectionLost(reason)
         elif not self.done.called:
-            from .forward import _tlsFailure  # forward imports this module
-
-            problem = _tlsFailure(reason)
+            problem = describeFailure(reason)
             if problem is not None:
                 # An https:// upstream whose certificate fails verification (or any handshake
                 # failure): say so, not just "closed".

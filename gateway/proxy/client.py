@@ -16,7 +16,6 @@ from twisted.internet.interfaces import (
     IProtocolNegotiationFactory,
 )
 from twisted.internet.protocol import Factory, Protocol
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from ..accesslog import AccessRecord
@@ -24,6 +23,7 @@ from ..http1.framing import NONE, requestFraming
 from ..http1.headers import Target, parseAbsoluteTarget, parseAuthority
 from ..http1.parse import HTTPError, RequestHead, parseRequestHead, splitTokens
 from ..policy import clientAllowed
+from ..tls.layer import startTLS
 from .connect import startConnect
 from .flow import CONNECTING, PEER, PIPELINE, ReadPauser
 from .forward import ForwardExchange
@@ -197,6 +197,13 @@ class ClientConnection(Protocol):
                 )
                 return
             exchange.clientLost()
+        elif exchange is None and self._state == _HEAD:
+            # An idle keep-alive connection: close gracefully. The last response may still
+            # sit in the kernel's buffers, being read; a reset would discard it.
+            self._state = _CLOSED
+            self.transport.loseConnection()
+            self._arm("close", self.rt.headerTimeout)
+            return
         self.transport.abortConnection()
 
     # --- reading -------------------------------------------------------------------------
@@ -537,7 +544,7 @@ class ClientConnection(Protocol):
         self.mitm = (host, port, user)
         self.persistent = True
         self.version = b"HTTP/1.1"
-        tls = self._startServerTLS(creator)
+        tls = startTLS(self, creator)
         self._state = _HEAD
         # Like a new connection: idle until the first request byte (then the header timer);
         # a tunnel set up ahead of use must not get a 408 after header_timeout.
@@ -545,34 +552,6 @@ class ClientConnection(Protocol):
         early, self._buf = self._buf, b""
         if early:
             tls.dataReceived(early)
-
-    def _startServerTLS(self, creator):
-        """
-        Speak TLS (as the server) from now on; returns the protocol that decrypts.
-
-        On a tcp: listener that is the transport's own startTLS. On an ssl: listener the
-        transport is already a TLS layer (a TLSMemoryBIOProtocol wrapping this protocol),
-        whose startTLS (reached through ProtocolWrapper.__getattr__) would put the new TLS
-        *under* it, on the wire: instead a TLS layer of our own goes between it and us.
-        """
-        transport = self.transport
-        if not (isinstance(transport, TLSMemoryBIOProtocol) and transport.wrappedProtocol is self):
-            transport.startTLS(creator)
-            return transport.protocol
-        # A streaming producer (a ReadPauser) registered on the old layer moves to the new one.
-        membrane = getattr(transport, "_producer", None)
-        producer = membrane._producer if membrane is not None else None
-        if producer is not None:
-            transport.unregisterProducer()
-        layer = TLSMemoryBIOProtocol(
-            TLSMemoryBIOFactory(creator, False, Factory()), self, _connectWrapped=False
-        )
-        transport.wrappedProtocol = layer
-        layer.makeConnection(transport)
-        self.transport = layer
-        if producer is not None:
-            layer.registerProducer(producer, True)
-        return layer
 
     def _reject(self, e: HTTPError, head: RequestHead | None = None) -> None:
         """A request the proxy refuses to parse further: answer and close."""

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import time
 
-from OpenSSL.SSL import Error as SSLError
-from service_identity import VerificationError
-
 from ..accesslog import AccessRecord, hierarchy
 from ..http1.framing import CHUNKED, LAST_CHUNK, LENGTH, NONE, encodeChunk
 from ..http1.headers import Target, httpDate, stripHopByHop
 from ..http1.parse import HTTPError, RequestHead, ResponseHead, splitTokens
+from ..tls.layer import describeFailure
 from .dial import DialFailure
-from .flow import CONNECTING
+from .flow import CONNECTING, writeNow
 from .mitm import normaliseAPI
 from .origin import OriginConnection
 from .responses import errorResponse
@@ -75,6 +73,7 @@ class ForwardExchange:
         self.retried = False
         self.closeAfter = not client.persistent
         self.clientChunked = False
+        self._heldHead = b""  # the response head, until the end of the read that brought it
         self.started = self.rt.reactor.seconds()
         self.wallStart = time.time()
         self.reason: str | None = None
@@ -141,7 +140,7 @@ class ForwardExchange:
             # Everything received so far was pending (body bytes, as in requestBody; a
             # chunked body's last chunk too: requestEnd queued it, it is not added again).
             self.sentUpstream = self.received
-        conn.transport.write(b"".join(out))
+        writeNow(conn.transport, b"".join(out))
         client.pauser.resume(CONNECTING)
 
     def _dialFailed(self, failure) -> None:
@@ -225,7 +224,7 @@ class ForwardExchange:
             return
         if self.origin is not None:
             self.sentUpstream = self.received
-            self.origin.transport.write(data)
+            writeNow(self.origin.transport, data)
 
     def requestEnd(self) -> None:
         self.requestComplete = True
@@ -257,7 +256,9 @@ class ForwardExchange:
         self.code = head.status
         if self.upgrade is not None:
             self.rt.metrics.upgrades.labels("refused").inc()
-        self._write(self._responseHead(head, framing=framing))
+        # Held, so that it leaves with the body that usually came in the same read: one
+        # send instead of two. The origin connection calls flushHead after every read.
+        self._heldHead = self._responseHead(head, framing=framing)
 
     def _responseHead(self, head: ResponseHead, framing=None, interim: bool = False) -> bytes:
         lines = [b"HTTP/1.1 %d " % head.status, head.reason, b"\r\n"]
@@ -318,11 +319,17 @@ class ForwardExchange:
         self.client.touch()
         if self.clientChunked:
             data = encodeChunk(data)
-        self.client.transport.write(data)
+        self._write(data)
+
+    def flushHead(self) -> None:
+        if self._heldHead:
+            self._write(b"")
 
     def responseEnd(self) -> None:
         if self.clientChunked:
-            self.client.transport.write(LAST_CHUNK)
+            self._write(LAST_CHUNK)
+        elif self._heldHead:
+            self._write(b"")
         origin = self.origin
         if origin is not None:
             self._releaseOrigin(origin, reuse=self.requestComplete)
@@ -380,7 +387,7 @@ class ForwardExchange:
         self.origin = None
         if self.finished:
             return
-        tlsProblem = _tlsFailure(reason)
+        tlsProblem = describeFailure(reason)
         if tlsProblem is not None and not self.responseStarted:
             # Never a silently trusted origin: the client is told why, in the body.
             self.rt.metrics.upstreamErrors.labels("tls").inc()
@@ -434,7 +441,11 @@ class ForwardExchange:
     # --- endings -------------------------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
-        self.client.transport.write(data)
+        held = self._heldHead
+        if held:
+            self._heldHead = b""
+            data = held + data
+        writeNow(self.client.transport, data)
 
     def _localError(
         self,
@@ -514,20 +525,3 @@ class ForwardExchange:
                     version=self.head.version.decode("ascii"),
                 )
             )
-
-
-def _tlsFailure(reason) -> str | None:
-    """A one-line reason if C{reason} is a TLS handshake or verification failure."""
-    if reason is None:
-        return None
-    value = reason.value
-    if isinstance(value, VerificationError):
-        return "the certificate does not match the host name"
-    if isinstance(value, SSLError):
-        text = " ".join(
-            str(part[-1])
-            for part in (value.args[0] if value.args and isinstance(value.args[0], list) else [])
-            if part
-        )
-        return text or "handshake failed"
-    return None

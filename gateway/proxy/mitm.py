@@ -15,12 +15,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from twisted.internet.endpoints import wrapClientTLS
-
 from ..config import MitmConfig
 from ..metrics import Metrics
 from ..tls.ca import loadOrCreateCA
 from ..tls.contexts import ServerContextCache, clientCreator
+from ..tls.layer import wrapEndpoint
 
 __all__ = ["Interceptor", "normaliseAPI"]
 
@@ -56,8 +55,7 @@ class Interceptor:
 
     def originTLS(self, host: str) -> Callable:
         """Wraps an origin endpoint in TLS verified for C{host}."""
-        creator = self.originCreator(host)
-        return lambda endpoint: wrapClientTLS(creator, endpoint)
+        return wrapEndpoint(self.originCreator(host))
 
 
 def _addressMatch(pattern, host: str) -> bool:

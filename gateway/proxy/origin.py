@@ -71,7 +71,9 @@ class OriginConnection(Protocol):
             self._feedBody(data)
         elif state == _HEAD:
             self._buf += data
+            exchange = self.exchange
             self._parseHead()
+            exchange.flushHead()
         elif state == _UPGRADED:
             self.splice.fromOrigin(data)
         else:

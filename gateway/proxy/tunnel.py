@@ -15,7 +15,7 @@ from twisted.internet.protocol import Protocol
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
-from .flow import ReadPauser
+from .flow import ReadPauser, writeNow
 
 __all__ = ["ABORT_GRACE", "Splice", "TunnelOrigin"]
 
@@ -58,12 +58,12 @@ class Splice:
     def fromClient(self, data: bytes) -> None:
         self.fromClientBytes += len(data)
         self.client.touch()
-        self.originTransport.write(data)
+        writeNow(self.originTransport, data)
 
     def fromOrigin(self, data: bytes) -> None:
         self.fromOriginBytes += len(data)
         self.client.touch()
-        self.clientTransport.write(data)
+        writeNow(self.clientTransport, data)
 
     def clientReadClosed(self) -> None:
         """The client sent FIN: pass it on, keep relaying the origin's answer."""
@@ -161,7 +161,7 @@ class Splice:
 
 
 def _isTLS(transport) -> bool:
-    """A TLS layer (an ssl: listener, startTLS, an https:// upstream), not plain TCP."""
+    """A TLS layer (an ssl: listener, an intercepted tunnel, an https:// upstream), not TCP."""
     return isinstance(transport, TLSMemoryBIOProtocol) or getattr(transport, "TLS", False) is True
 
 

@@ -1,87 +1,71 @@
 # -*- test-case-name: tests.test_tls -*-
 """
-TLS contexts for both legs of an intercepted connection.
+TLS contexts for both legs of an intercepted connection, as C{ssl.SSLContext} objects for
+L{gateway.tls.layer.TLSLayer} (the standard library's C{ssl}, not pyOpenSSL: see that
+module for why).
 
-Client-facing leg: L{ServerContextCache} keeps an LRU of ready
-C{OpenSSL.SSL.Context} objects, one per host, each carrying a leaf minted by
-L{gateway.tls.mint.mintLeaf} on one shared key.  L{ServerContextCache.serverCreator}
-gives the creator to pass to C{transport.startTLS} after a CONNECT: its
-connections start on a certificate-less base context whose SNI callback
-switches them to the context for the name the client asked for (or the
-CONNECT host when it sent none).
+Client-facing leg: L{ServerContextCache} keeps an LRU of ready contexts, one per host,
+each carrying a leaf minted by L{gateway.tls.mint.mintLeaf} on one shared key.
+L{ServerContextCache.serverCreator} gives the creator for the client connection after a
+CONNECT: its connections start on a certificate-less base context whose SNI callback
+switches them to the context for the name the client asked for (or the CONNECT host when
+it sent none). The settings are Twisted's defaults (TLS >= 1.2, no compression, no
+renegotiation, server cipher preference) with a fixed AEAD-only TLS 1.2 cipher list, no
+session tickets (no resumption: each host has its own context) and ALPN http/1.1 only;
+after an SNI switch OpenSSL keeps the base context's protocol limits and ciphers and
+consults the new context's ALPN settings, so every context gets the same ones.
 
-Why contexts are built by hand rather than with C{CertificateOptions}: since
-pyOpenSSL 26.2 a context cannot be changed once a connection used it, so each
-must be complete before first use; and C{CertificateOptions.__init__} expands
-the cipher string with a throw-away context, which would double the cost of a
-new host.  The settings mirror Twisted's defaults (TLS >= 1.2, no
-compression, no renegotiation, server cipher preference) with a fixed AEAD-only
-cipher list, and every context, base and per-host, gets the same ALPN select
-callback: after an SNI switch OpenSSL consults the I{new} context's callback,
-while protocol limits and ciphers stay those of the base context.
+C{ssl} loads certificates and keys from files only, so a leaf and the shared key are
+handed to it through an anonymous in-memory file (memfd; a private temporary directory
+where there is none); nothing is written to disk.
 
-Upstream leg: L{clientCreator} wraps Twisted's C{optionsForClientTLS}
-(service-identity hostname/IP checks against system trust or a bundle), cached
-per (hostname, bundle, verify) because building a trust store is slow.
+Upstream leg: L{clientCreator} verifies the origin in OpenSSL (chain against the system
+trust store or a bundle, then the DNS name or IP address), with one context per (bundle,
+verify) shared by every host.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import ssl
+import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
-from weakref import WeakKeyDictionary
 
 from attrs import frozen
-from OpenSSL import SSL
-from twisted.internet.interfaces import (
-    IOpenSSLClientConnectionCreator,
-    IOpenSSLServerConnectionCreator,
-)
-from twisted.internet.ssl import (
-    Certificate,
-    CertificateOptions,
-    optionsForClientTLS,
-    platformTrust,
-    trustRootFromCertificates,
-)
+from cryptography.hazmat.primitives import serialization
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from gateway.tls.ca import CAError, CertificateAuthority
 from gateway.tls.mint import mintLeaf, newLeafKey, normalizeHost
 
-if TYPE_CHECKING:
-    # Not exported by twisted.internet.ssl; only needed for annotations.
-    from twisted.internet._sslverify import IOpenSSLTrustRoot
-
-__all__ = ["HTTP11", "ServerContextCache", "clientCreator"]
+__all__ = ["HTTP11", "ClientTLS", "ServerContextCache", "ServerTLS", "clientCreator"]
 
 _log = Logger()
 
 #: The only application protocol offered or accepted over ALPN: the
 #: intercepting handler speaks HTTP/1.1, and agreeing to h2 would break
 #: every client that offers it first.
-HTTP11 = b"http/1.1"
+HTTP11 = "http/1.1"
 
 #: TLS 1.2 suites: forward-secret AEAD only (Mozilla "intermediate", minus
 #: finite-field DHE, which needs parameters and is slow).  TLS 1.3 suites are
 #: OpenSSL's defaults, all of which are modern.
 MODERN_CIPHERS = (
-    b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
-    b"ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
-    b"ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
 )
 
 _SERVER_OPTIONS = (
-    SSL.OP_NO_COMPRESSION
-    | SSL.OP_CIPHER_SERVER_PREFERENCE
-    | SSL.OP_NO_TICKET
-    | SSL.OP_SINGLE_ECDH_USE
-    | getattr(SSL, "OP_NO_RENEGOTIATION", 0)
+    ssl.OP_NO_COMPRESSION
+    | ssl.OP_CIPHER_SERVER_PREFERENCE
+    | ssl.OP_NO_TICKET
+    | ssl.OP_SINGLE_ECDH_USE
+    | ssl.OP_NO_RENEGOTIATION
 )
 
 #: A cached leaf older than this is re-minted on its next use, so a
@@ -97,30 +81,39 @@ def _noop() -> None:
     pass
 
 
-def _selectALPN(connection: SSL.Connection, offered: list[bytes]) -> object:
-    """
-    ALPN select callback: http/1.1 when offered; otherwise no ALPN at all
-    (the handshake goes on and the client falls back to its default, which
-    for HTTPS is HTTP/1.1).  Never h2.
-    """
-    if HTTP11 in offered:
-        return HTTP11
-    return SSL.NO_OVERLAPPING_PROTOCOLS
-
-
-def _newServerContext() -> SSL.Context:
+def _newServerContext() -> ssl.SSLContext:
     """
     A server context with the shared security settings and ALPN, but no
     certificate yet.
     """
-    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
-    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
-    ctx.set_options(_SERVER_OPTIONS)
-    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
-    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
-    ctx.set_cipher_list(MODERN_CIPHERS)
-    ctx.set_alpn_select_callback(_selectALPN)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= _SERVER_OPTIONS
+    ctx.set_ciphers(MODERN_CIPHERS)
+    ctx.num_tickets = 0
+    ctx.set_alpn_protocols([HTTP11])
     return ctx
+
+
+def _loadChain(ctx: ssl.SSLContext, pem: bytes) -> None:
+    """
+    Load a PEM holding the leaf, its chain and its key into C{ctx}, which only
+    reads files: an anonymous memory file where the platform has one.
+    """
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+        fd = os.memfd_create("proxygate-leaf", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, pem)
+            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="proxygate-") as directory:  # mode 0700
+        path = os.path.join(directory, "leaf.pem")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        ctx.load_cert_chain(path)
 
 
 @frozen
@@ -129,7 +122,7 @@ class _Entry:
     A cached per-host context and when its leaf was minted.
     """
 
-    context: SSL.Context
+    context: ssl.SSLContext
     issuedAt: datetime
 
 
@@ -172,14 +165,19 @@ class ServerContextCache:
         self._onIssued = onIssued
         self._onHit = onHit
         self._leafKey = newLeafKey()
+        # The chain and key part of every leaf's PEM, serialised once.
+        self._chainAndKey = ca.pem() + self._leafKey.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
-        self._baseContext: SSL.Context | None = None
-        self._defaultHosts: WeakKeyDictionary[SSL.Connection, str] = WeakKeyDictionary()
+        self._baseContext: ssl.SSLContext | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def contextFor(self, host: str) -> SSL.Context:
+    def contextFor(self, host: str) -> ssl.SSLContext:
         """
         The ready server context for C{host}, minting its leaf on a miss or
         when the cached one is older than L{MAX_LEAF_AGE}.
@@ -203,90 +201,84 @@ class ServerContextCache:
         self._onIssued()
         return context
 
-    def _buildContext(self, host: str, now: datetime) -> SSL.Context:
+    def _buildContext(self, host: str, now: datetime) -> ssl.SSLContext:
         """
         Mint a leaf for C{host} and build its complete context (certificate,
-        shared key, CA as chain), ready before any connection touches it.
+        CA as chain, shared key), ready before any connection touches it.
         """
         leaf = mintLeaf(self.ca, self._leafKey, host, now)
         ctx = _newServerContext()
-        ctx.use_certificate(leaf)
-        ctx.use_privatekey(self._leafKey)
-        ctx.add_extra_chain_cert(self.ca.cert)
-        ctx.check_privatekey()
+        _loadChain(ctx, leaf.public_bytes(serialization.Encoding.PEM) + self._chainAndKey)
         return ctx
 
-    def _serverBaseContext(self) -> SSL.Context:
+    def _serverBaseContext(self) -> ssl.SSLContext:
         """
         The certificate-less context every intercepted connection starts on;
-        its SNI callback moves the connection to a per-host context.  Built
-        once: it is shared, the per-connection fallback host lives in
-        C{_defaultHosts}.
+        its SNI callback moves the connection to a per-host context.
         """
         if self._baseContext is None:
             ctx = _newServerContext()
-            ctx.set_tlsext_servername_callback(self._onServerName)
+            ctx.sni_callback = self._onServerName
             self._baseContext = ctx
         return self._baseContext
 
-    def _onServerName(self, connection: SSL.Connection) -> None:
+    def _onServerName(self, tls: ssl.SSLObject, serverName: str | None, _ctx) -> None:
         """
         SNI callback.  OpenSSL (1.1.1 and later) calls it for every
         ClientHello, with or without a server name, so a client that sends
         none still gets switched, to the CONNECT host's context.  A name we
-        cannot certify (not ASCII, not a valid DNS name) also falls back to
-        the CONNECT host.  Any failure is logged and leaves the connection on
-        the certificate-less base context, which fails the handshake cleanly
+        cannot certify (not a valid DNS name) also falls back to the CONNECT
+        host.  Any failure is logged and leaves the connection on the
+        certificate-less base context, which fails the handshake cleanly
         instead of raising into OpenSSL.
         """
         try:
             context = None
-            serverName = connection.get_servername()
             if serverName:
                 try:
-                    context = self.contextFor(serverName.decode("ascii"))
-                except (UnicodeDecodeError, ValueError):
+                    context = self.contextFor(serverName)
+                except ValueError:
                     _log.info(
                         "MITM: unusable SNI {serverName!r}; using the CONNECT host",
                         serverName=serverName,
                     )
             if context is None:
-                defaultHost = self._defaultHosts.get(connection)
+                defaultHost = getattr(tls, "proxygateDefaultHost", None)
                 if defaultHost is None:
                     return
                 context = self.contextFor(defaultHost)
-            connection.set_context(context)
+            tls.context = context
         except Exception:
             _log.failure("MITM: cannot select a certificate for a TLS client")
 
-    def serverCreator(self, defaultHost: str) -> IOpenSSLServerConnectionCreator:
+    def serverCreator(self, defaultHost: str) -> ServerTLS:
         """
-        A connection creator for C{transport.startTLS(creator)} on the
-        client-facing transport of a CONNECT tunnel being intercepted.
+        The creator of the server side of TLS on the client connection of a
+        CONNECT tunnel being intercepted.
 
         @param defaultHost: The CONNECT host, certified when the client sends
             no SNI (clients never send SNI for IP literals).
         @raise ValueError: If C{defaultHost} is not a valid DNS name or IP
             literal (checked now, not mid-handshake).
         """
-        return _MITMServerCreator(self, normalizeHost(defaultHost))
+        return ServerTLS(self._serverBaseContext(), normalizeHost(defaultHost))
 
 
-@implementer(IOpenSSLServerConnectionCreator)
-class _MITMServerCreator:
+class ServerTLS:
     """
-    Creates server connections on the cache's SNI-switching base context,
-    remembering this tunnel's CONNECT host for the no-SNI case.
+    Makes server connections on the SNI-switching base context, remembering this
+    tunnel's CONNECT host (on the C{SSLObject}, where the SNI callback finds it) for the
+    no-SNI case.
     """
 
-    def __init__(self, cache: ServerContextCache, defaultHost: str) -> None:
-        self._cache = cache
-        self._defaultHost = defaultHost
+    def __init__(self, context: ssl.SSLContext, defaultHost: str) -> None:
+        self.context = context
+        self.defaultHost = defaultHost
 
-    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
-        connection = SSL.Connection(self._cache._serverBaseContext(), None)
-        self._cache._defaultHosts[connection] = self._defaultHost
-        return connection
+    def newTLS(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> ssl.SSLObject:
+        tls = self.context.wrap_bio(incoming, outgoing, server_side=True)
+        tls.proxygateDefaultHost = self.defaultHost
+        return tls
 
 
 # ---------------------------------------------------------------- upstream leg
@@ -294,19 +286,16 @@ class _MITMServerCreator:
 #: Number of upstream creators kept (one per origin host in practice).
 CLIENT_CACHE_SIZE = 256
 
-_clientCreators: OrderedDict[tuple[str, str | None, bool], IOpenSSLClientConnectionCreator] = (
-    OrderedDict()
-)
-_trustRoots: dict[str, IOpenSSLTrustRoot] = {}
+_clientCreators: OrderedDict[tuple[str, str | None, bool], ClientTLS] = OrderedDict()
+_clientContexts: dict[tuple[str | None, bool], ssl.SSLContext] = {}
 
 
 def _verificationName(hostname: str) -> str:
     """
-    The name to hand to C{optionsForClientTLS}.  Twisted checks IP literals
-    against IP SANs (service_identity C{IPAddress_ID}) and sends no SNI for
-    them, but only when the text is a bare address: brackets and an IPv6
-    zone id must go, and the address is canonicalised.  DNS names lose a
-    trailing dot, which would otherwise never match a SAN.
+    The name to verify and send as SNI.  C{ssl} checks IP literals against IP
+    SANs and sends no SNI for them, but only when the text is a bare address:
+    brackets and an IPv6 zone id must go, and the address is canonicalised.
+    DNS names lose a trailing dot, which would otherwise never match a SAN.
     """
     text = hostname.strip()
     if text.startswith("[") and text.endswith("]"):
@@ -322,33 +311,32 @@ _PEM_CERTIFICATE = re.compile(
 )
 
 
-def _bundleTrustRoot(caBundle: str) -> IOpenSSLTrustRoot:
+def _bundleCertificates(caBundle: str) -> str:
     """
-    A trust root holding every certificate in the PEM bundle C{caBundle}
-    (read once per path and kept: parsing a large bundle is slow).
+    The certificates of the PEM bundle C{caBundle} that OpenSSL can load.
 
-    Each PEM block is loaded on its own and blocks OpenSSL cannot parse are
+    Each PEM block is tried on its own and blocks OpenSSL cannot parse are
     skipped (with a warning), so that one odd certificate in a system-style
     bundle does not make the whole bundle unusable.
 
     @raise CAError: If the file cannot be read or holds no usable certificate.
     """
-    root = _trustRoots.get(caBundle)
-    if root is not None:
-        return root
     try:
         with open(caBundle, "rb") as f:
             data = f.read()
     except OSError as e:
         raise CAError(f"{caBundle}: cannot read the CA bundle: {e.strerror or e}") from None
-    certificates = []
+    usable = []
     skipped = 0
     for block in _PEM_CERTIFICATE.findall(data):
+        text = block.decode("ascii", "replace")
         try:
-            certificates.append(Certificate.loadPEM(block))
-        except Exception:
+            ssl.create_default_context(cadata=text)
+        except (ssl.SSLError, ValueError):
             skipped += 1
-    if not certificates:
+        else:
+            usable.append(text)
+    if not usable:
         raise CAError(f"{caBundle}: no PEM certificates in the CA bundle")
     if skipped:
         _log.warn(
@@ -356,56 +344,62 @@ def _bundleTrustRoot(caBundle: str) -> IOpenSSLTrustRoot:
             caBundle=caBundle,
             skipped=skipped,
         )
-    root = trustRootFromCertificates(certificates)
-    _trustRoots[caBundle] = root
-    return root
+    return "\n".join(usable)
 
 
-@implementer(IOpenSSLClientConnectionCreator)
-class _UnverifiedClientCreator:
+def _clientContext(caBundle: str | None, verify: bool) -> ssl.SSLContext:
     """
-    DANGEROUS: a client creator that accepts any certificate from any
-    issuer for any name, i.e. no protection against a man in the middle.
-    Only for C{verify_upstream = off}.  It still sends SNI, so the origin
-    picks the right certificate and virtual host, and offers http/1.1 only.
+    The client context for one trust setting, shared by every origin (the name to
+    verify is per connection); built once because loading a trust store is slow.
+    """
+    key = (caBundle, verify)
+    ctx = _clientContexts.get(key)
+    if ctx is not None:
+        return ctx
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols([HTTP11])
+    if not verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    elif caBundle is None:
+        ctx.load_default_certs()
+    else:
+        ctx.load_verify_locations(cadata=_bundleCertificates(caBundle))
+    _clientContexts[key] = ctx
+    return ctx
+
+
+class ClientTLS:
+    """
+    Makes client connections to one origin: SNI and verification for C{serverName}
+    (a DNS name, or an IP literal: verified against IP SANs, no SNI).
     """
 
-    def __init__(self, hostname: str) -> None:
-        self._options = CertificateOptions(acceptableProtocols=[HTTP11])
-        try:
-            ipaddress.ip_address(hostname)
-            self._serverName: bytes | None = None
-        except ValueError:
-            try:
-                self._serverName = hostname.encode("idna")
-            except UnicodeError:
-                self._serverName = None
+    def __init__(self, context: ssl.SSLContext, serverName: str) -> None:
+        self.context = context
+        self.serverName = serverName
 
-    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
-        connection = self._options.clientConnectionForTLS(tlsProtocol)
-        if self._serverName:
-            connection.set_tlsext_host_name(self._serverName)
-        return connection
+    def newTLS(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> ssl.SSLObject:
+        return self.context.wrap_bio(incoming, outgoing, server_hostname=self.serverName)
 
 
-def clientCreator(
-    hostname: str, caBundle: str | None, verify: bool
-) -> IOpenSSLClientConnectionCreator:
+def clientCreator(hostname: str, caBundle: str | None, verify: bool) -> ClientTLS:
     """
-    The TLS connection creator for the upstream leg to an origin, for
-    C{wrapClientTLS(creator, endpoint)} or C{transport.startTLS(creator)}.
+    The TLS creator for the upstream leg to an origin (or to an https:// proxy), for
+    L{gateway.tls.layer.wrapEndpoint} or a L{gateway.tls.layer.TLSLayer}.
 
     @param hostname: The origin host as the client named it: DNS name or IP
         literal (brackets allowed).  DNS names are verified against DNS SANs
         and sent as SNI; IP literals against IP SANs, without SNI.
     @param caBundle: A PEM file of trusted CAs (may hold many); L{None} for
-        the system trust store (OpenSSL default paths; set C{SSL_CERT_FILE}
-        where there is none).
+        the system trust store (OpenSSL default paths; C{SSL_CERT_FILE} and
+        C{SSL_CERT_DIR} override them).
     @param verify: L{False} disables every check (chain and name): the
         upstream connection is then open to interception; use it only for
-        testing against origins with broken certificates.
+        testing against origins with broken certificates.  SNI is still sent.
     @return: A creator offering ALPN http/1.1 only; shared between calls
-        with the same arguments (the trust store is built once per entry).
+        with the same arguments.
     @raise CAError: If C{caBundle} cannot be read or holds no certificate.
     """
     name = _verificationName(hostname)
@@ -414,11 +408,7 @@ def clientCreator(
     if creator is not None:
         _clientCreators.move_to_end(key)
         return creator
-    if not verify:
-        creator = _UnverifiedClientCreator(name)
-    else:
-        trustRoot = platformTrust() if caBundle is None else _bundleTrustRoot(caBundle)
-        creator = optionsForClientTLS(name, trustRoot=trustRoot, acceptableProtocols=[HTTP11])
+    creator = ClientTLS(_clientContext(caBundle, verify), name)
     _clientCreators[key] = creator
     while len(_clientCreators) > CLIENT_CACHE_SIZE:
         _clientCreators.popitem(last=False)
