@@ -157,7 +157,23 @@ class ProxyProcess:
             return ""
 
     def accessLines(self) -> list[str]:
+        self.settle()
         return [line for line in self.log().splitlines() if "[proxygate.access" in line]
+
+    def settle(self) -> None:
+        """
+        Wait until the proxy is done with what it was doing: a response leaves before its
+        access-log line is written (in the same reactor turn), so a client can read the
+        log a moment too early. A metrics scrape is served by the same reactor after that
+        turn; without a metrics listener, a short sleep.
+        """
+        if self.metricsPort is None or self.proc is None or self.proc.poll() is not None:
+            time.sleep(0.05)
+            return
+        try:
+            self.metrics()
+        except OSError:
+            time.sleep(0.05)
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metricsPort}/metrics", timeout=5) as r:

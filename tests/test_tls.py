@@ -4,8 +4,9 @@ upstream client creator.
 
 Three layers: pure tests of certificate fields; file tests of
 loadOrCreateCA; and loopback end-to-end tests over real sockets, driving the
-server with C{openssl s_client} (spawned through the reactor, which the
-server runs on) and with Twisted's own TLS client.
+server (a L{gateway.tls.layer.TLSLayer}, as in the proxy) with C{openssl
+s_client} (spawned through the reactor, which the server runs on), curl and
+Python, and the client creators against a Twisted (pyOpenSSL) TLS origin.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
+import ssl
 import stat
 import subprocess
 import time
@@ -24,14 +26,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from OpenSSL import SSL
-from service_identity import VerificationError
 from twisted.internet import defer, protocol, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
-from zope.interface import implementer
 
 from gateway.tls import (
     HTTP11,
@@ -46,6 +44,7 @@ from gateway.tls import (
     normalizeHost,
 )
 from gateway.tls import contexts as contextsModule
+from gateway.tls.layer import startTLS, wrapEndpoint
 
 OPENSSL = shutil.which("openssl")
 needsOpenSSL = pytest.mark.skipif(OPENSSL is None, reason="no openssl binary")
@@ -488,22 +487,35 @@ class _HelloServer(protocol.Protocol):
 
     def connectionMade(self):
         self.buffer = b""
-        self.transport.startTLS(self.factory.cache.serverCreator(self.factory.defaultHost))
+        startTLS(self, self.factory.cache.serverCreator(self.factory.defaultHost))
 
     def dataReceived(self, data):
         self.buffer += data
         if b"\r\n\r\n" not in self.buffer:
             return
-        tls = self.transport.getHandle()  # the SSL.Connection after startTLS
         body = b"hello alpn=%s sni=%s\n" % (
-            tls.get_alpn_proto_negotiated() or b"none",
-            tls.get_servername() or b"none",
+            self.alpn() or b"none",
+            (self.serverName() or "none").encode(),
         )
         self.transport.write(
             b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
             % (len(body), body)
         )
         self.transport.loseConnection()
+
+    def alpn(self) -> bytes | None:
+        return self.transport.negotiatedProtocol
+
+    def serverName(self) -> str | None:
+        return getattr(self.transport._tls, "sniSeen", None)
+
+
+class _RecordingCache(ServerContextCache):
+    """Remembers, on the connection, the SNI its client sent (for the answer)."""
+
+    def _onServerName(self, tls, serverName, ctx):
+        tls.sniSeen = serverName
+        super()._onServerName(tls, serverName, ctx)
 
 
 class _Counter:
@@ -525,7 +537,7 @@ def mitmServer(ca):
     """
     counter = _Counter()
     factory = protocol.Factory.forProtocol(_HelloServer)
-    factory.cache = ServerContextCache(ca, onIssued=counter.onIssued, onHit=counter.onHit)
+    factory.cache = _RecordingCache(ca, onIssued=counter.onIssued, onHit=counter.onHit)
     factory.defaultHost = "fallback.test"
     factory.counter = counter
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
@@ -793,7 +805,6 @@ def test_unusableSNIFallsBack(mitmServer, pemDir):
 # ---------------------------------------------- Twisted TLS clients (both legs)
 
 
-@implementer(IHandshakeListener)
 class _GetClient(protocol.Protocol):
     """
     Sends one GET, collects the answer; fires C{done} with (negotiated ALPN,
@@ -809,11 +820,11 @@ class _GetClient(protocol.Protocol):
     def connectionMade(self):
         self.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
 
-    def handshakeCompleted(self):
-        self.alpn = self.transport.negotiatedProtocol
-        self.peer = self.transport.getPeerCertificate().to_cryptography()
-
     def dataReceived(self, data):
+        if self.peer is None:
+            self.alpn = self.transport.negotiatedProtocol
+            der = self.transport._tls.getpeercert(binary_form=True)
+            self.peer = x509.load_der_x509_certificate(der)
         self.data += data
 
     def connectionLost(self, reason):
@@ -826,7 +837,7 @@ class _GetClient(protocol.Protocol):
 def fetch(creator, port: int, host: str = "127.0.0.1") -> defer.Deferred:
     client = _GetClient()
     endpointType = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
-    endpoint = wrapClientTLS(creator, endpointType(reactor, host, port, timeout=5))
+    endpoint = wrapEndpoint(creator)(endpointType(reactor, host, port, timeout=5))
     d = endpoint.connect(protocol.Factory.forProtocol(lambda: client))
     d.addCallback(lambda _: client.done)
     return d.addTimeout(10, reactor)
@@ -840,13 +851,23 @@ def originServer(ca, leafKey):
     """
     leaf = mintLeaf(ca, leafKey, "origin.test", datetime.now(UTC))
     options = CertificateOptions(
-        privateKey=leafKey, certificate=leaf, extraCertChain=[ca.cert], acceptableProtocols=[HTTP11]
+        privateKey=leafKey,
+        certificate=leaf,
+        extraCertChain=[ca.cert],
+        acceptableProtocols=[HTTP11.encode()],
     )
 
     class Origin(_HelloServer):
         def connectionMade(self):
             self.buffer = b""
             self.transport.startTLS(options)
+
+        def alpn(self):
+            return self.transport.getHandle().get_alpn_proto_negotiated()
+
+        def serverName(self):
+            name = self.transport.getHandle().get_servername()
+            return name.decode() if name else None
 
     port = reactor.listenTCP(0, protocol.Factory.forProtocol(Origin), interface="127.0.0.1")
     yield port.getHost().port
@@ -856,7 +877,7 @@ def originServer(ca, leafKey):
 @pytest.fixture(autouse=True)
 def _freshClientCache():
     contextsModule._clientCreators.clear()
-    contextsModule._trustRoots.clear()
+    contextsModule._clientContexts.clear()
 
 
 @pytest_twisted.inlineCallbacks
@@ -876,15 +897,15 @@ def test_clientCreatorVerifiesWithBundle(originServer, pemDir):
 @pytest_twisted.inlineCallbacks
 def test_clientCreatorRejectsWrongHostname(originServer, pemDir):
     creator = clientCreator("wrong.test", str(pemDir / "ca.pem"), True)
-    with pytest.raises(VerificationError) as e:
+    with pytest.raises(ssl.SSLCertVerificationError) as e:
         yield fetch(creator, originServer)
-    assert "wrong.test" in repr(e.value)
+    assert "wrong.test" in e.value.verify_message
 
 
 @pytest_twisted.inlineCallbacks
 def test_clientCreatorRejectsOtherCA(originServer, pemDir):
     creator = clientCreator("origin.test", str(pemDir / "other.pem"), True)
-    with pytest.raises(SSL.Error):
+    with pytest.raises(ssl.SSLCertVerificationError):
         yield fetch(creator, originServer)
 
 
@@ -894,7 +915,7 @@ def test_clientCreatorSystemTrust(originServer):
     Without a bundle the system trust store is used, which does not contain
     the test CA.
     """
-    with pytest.raises(SSL.Error):
+    with pytest.raises(ssl.SSLCertVerificationError):
         yield fetch(clientCreator("origin.test", None, True), originServer)
 
 
@@ -926,9 +947,9 @@ def test_clientCreatorIPLiteral(mitmServer, pemDir):
     assert alpn == b"http/1.1"
     assert b"sni=none" in data
     mitmServer.defaultHost = "127.0.0.2"
-    with pytest.raises(VerificationError) as e:
+    with pytest.raises(ssl.SSLCertVerificationError) as e:
         yield fetch(clientCreator("127.0.0.1", bundle, True), mitmServer.port)
-    assert "IPAddressMismatch" in repr(e.value)
+    assert "IP address mismatch" in e.value.verify_message
 
 
 @pytest_twisted.inlineCallbacks
@@ -937,7 +958,7 @@ def test_clientCreatorIPv6Literal(ca, pemDir):
     The same for an IPv6 literal, over ::1 when the host has it.
     """
     factory = protocol.Factory.forProtocol(_HelloServer)
-    factory.cache = ServerContextCache(ca)
+    factory.cache = _RecordingCache(ca)
     factory.defaultHost = "::1"
     try:
         port = reactor.listenTCP(0, factory, interface="::1")

@@ -78,6 +78,7 @@ class TLSLayer:
         self._pending: list[bytes] = []  # plaintext written before the handshake completed
         self._closeAfterHandshake = False
         self._failure: Failure | None = None
+        self._closeNotified = False  # the peer ended TLS cleanly
         self._lost = False
 
     # -- below: the transport's protocol ------------------------------------------------
@@ -107,6 +108,9 @@ class TLSLayer:
         self.connected = False
         if self._failure is not None:
             reason = self._failure
+        elif self._closeNotified:
+            # Ended by close_notify: complete, however the TCP connection went after it.
+            reason = Failure(error.ConnectionDone())
         elif not self._handshakeDone and reason.check(error.ConnectionDone, error.ConnectionLost):
             reason = Failure(HandshakeEOF("the peer closed the connection during the handshake"))
         protocol, self.wrappedProtocol = self.wrappedProtocol, None
@@ -156,8 +160,9 @@ class TLSLayer:
             self.wrappedProtocol.dataReceived(chunks[0] if len(chunks) == 1 else b"".join(chunks))
         if self._outgoing.pending:
             self._flush()  # post-handshake messages (key updates) and alerts
-        if closed and not self._lost and self.transport is not None:
+        if closed and not self._lost:
             # The peer's close_notify: answer with ours and close, like Twisted's TLS.
+            self._closeNotified = True
             self.loseConnection()
 
     def _flush(self) -> None:
