@@ -42,6 +42,8 @@ _PROTECTED = frozenset({b"host", b"content-length"})
 # Back ends that read `_` as `-` (CGI/WSGI) would frame or route by these look-alikes
 # (Transfer_Encoding, Content_Length): they are never forwarded, as nginx drops them.
 _FRAMING = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection"})
+# What is dropped when Connection names nothing else (almost every message).
+_DROP = HOP_BY_HOP | {b"content-length"}
 
 
 def connectionTokens(headers: Headers) -> list[bytes]:
@@ -60,17 +62,22 @@ def stripHopByHop(
     upgrade handshake keeps Upgrade and Connection for its own hop). Content-Length and
     framing fields are dropped too: the caller writes its own framing.
     """
-    drop = set(HOP_BY_HOP)
-    drop.add(b"content-length")
-    for token in connectionTokens(headers) if tokens is None else tokens:
-        if token not in _PROTECTED:
-            drop.add(token)
-    drop.difference_update(keep)
-    return [
-        (n, v)
-        for n, v in headers
-        if n.lower() not in drop and not (b"_" in n and n.lower().replace(b"_", b"-") in _FRAMING)
+    named = [
+        t
+        for t in (connectionTokens(headers) if tokens is None else tokens)
+        if t not in _PROTECTED and t not in _DROP
     ]
+    drop = _DROP
+    if named or keep:
+        drop = (drop | frozenset(named)) - keep
+    out = []
+    for field in headers:
+        name = field[0]
+        lower = name.lower()
+        if lower in drop or (b"_" in name and lower.replace(b"_", b"-") in _FRAMING):
+            continue
+        out.append(field)
+    return out
 
 
 class Target:
@@ -95,13 +102,31 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 _HOST = re.compile(rb"[A-Za-z0-9._\-]+")
 
 
+_authorities: dict[tuple[bytes, int | None], tuple[str, int]] = {}
+
+
 def parseAuthority(authority: bytes, defaultPort: int | None) -> tuple[str, int]:
     """
     Split C{host[:port]} (IPv6 literals in brackets).
 
+    Valid results are remembered (a proxy sees the same few authorities over and over, in
+    the target and in Host); the memo is emptied when it grows past a few thousand.
+
     @raise HTTPError: 400 for an empty host, a bad or missing port, userinfo, or characters
         that have no business in a host name.
     """
+    key = (authority, defaultPort)
+    known = _authorities.get(key)
+    if known is not None:
+        return known
+    result = _parseAuthority(authority, defaultPort)
+    if len(_authorities) >= 4096:
+        _authorities.clear()
+    _authorities[key] = result
+    return result
+
+
+def _parseAuthority(authority: bytes, defaultPort: int | None) -> tuple[str, int]:
     if not authority or b"@" in authority:
         raise HTTPError(400, "invalid authority (no host, or userinfo)")
     if authority.startswith(b"["):

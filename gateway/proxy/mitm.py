@@ -71,13 +71,25 @@ _ID_SEGMENT = re.compile(
 )
 
 
+_apis: dict[bytes, str] = {}
+
+
 def normaliseAPI(path: bytes) -> str:
     """
     The API a request calls, for metric labels: the path without its query, with
     segments that look like identifiers (numbers, hex, UUIDs, long tokens) folded to
     C{:id}, and at most four segments kept, so one endpoint is one series.
+
+    Results are remembered per path (clients repeat them), in a memo emptied when full.
     """
-    text = path.split(b"?", 1)[0].decode("ascii", "replace")
-    segments = [s for s in text.split("/") if s][:4]
-    folded = [":id" if _ID_SEGMENT.fullmatch(s) else s[:40] for s in segments]
-    return "/" + "/".join(folded)
+    path = path.split(b"?", 1)[0]
+    api = _apis.get(path)
+    if api is None:
+        text = path.decode("ascii", "replace")
+        segments = [s for s in text.split("/") if s][:4]
+        folded = [":id" if _ID_SEGMENT.fullmatch(s) else s[:40] for s in segments]
+        api = "/" + "/".join(folded)
+        if len(_apis) >= 4096:
+            _apis.clear()
+        _apis[path] = api
+    return api

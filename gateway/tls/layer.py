@@ -139,14 +139,17 @@ class TLSLayer:
         """Decrypt everything that arrived and deliver it as one string."""
         chunks = []
         closed = False
-        read = self._tls.read
+        tls = self._tls
+        incoming = self._incoming
         try:
             while True:
-                chunk = read(_READ_SIZE)
+                chunk = tls.read(_READ_SIZE)
                 if not chunk:
                     closed = True
                     break
                 chunks.append(chunk)
+                if not incoming.pending and not tls.pending():
+                    break  # all consumed: skip the read that would only say "want read"
         except ssl.SSLWantReadError:
             pass
         except ssl.SSLZeroReturnError:
