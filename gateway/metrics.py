@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.utils import floatToGoString
@@ -60,27 +60,7 @@ class Metrics:
             "TLS contexts served from the cache.",
             registry=r,
         )
-        self.apiRequests = Counter(
-            "proxygate_api_requests",
-            "Decrypted (MITM) requests by host, API and status.",
-            ["host", "api", "code"],
-            registry=r,
-        )
-        self.apiLatency = Histogram(
-            "proxygate_api_latency_seconds",
-            "Decrypted (MITM) request latency by host and API.",
-            ["host", "api"],
-            buckets=_DURATION_BUCKETS,
-            registry=r,
-        )
-        self.apiRequestBytes = Counter(
-            "proxygate_api_request_bytes",
-            "Request body bytes of decrypted (MITM) requests.",
-            ["host", "api"],
-            registry=r,
-        )
         self.maxAPISeries = 500
-        self._apis: dict[tuple[str, str], tuple] = {}
         live = self.live
         self.fromClient = live.transferred["from_client"]
         self.toClient = live.transferred["to_client"]
@@ -114,26 +94,19 @@ class Metrics:
         past the cap, new pairs are counted as host="other", api="other", so a client
         inventing paths or names cannot grow the scrape without bound.
         """
+        apis = self.live.apis
         key = (host, api)
-        children = self._apis.get(key)
-        if children is None:
-            if len(self._apis) >= self.maxAPISeries:
+        figures = apis.get(key)
+        if figures is None:
+            if len(apis) >= self.maxAPISeries:
                 key = ("other", "other")
-                children = self._apis.get(key)
-            if children is None:
-                children = self._apis[key] = (
-                    self.apiLatency.labels(*key),
-                    self.apiRequestBytes.labels(*key),
-                    {},
-                )
-        latency, size, codes = children
-        latency.observe(seconds)
-        if requestBytes:
-            size.inc(requestBytes)
-        counter = codes.get(code)
-        if counter is None:
-            counter = codes[code] = self.apiRequests.labels(key[0], key[1], str(code))
-        counter.inc()
+                figures = apis.get(key)
+            if figures is None:
+                figures = apis[key] = _API()
+        figures.latency.observe(seconds)
+        figures.requestBytes += requestBytes
+        codes = figures.codes
+        codes[code] = codes.get(code, 0) + 1
 
 
 class _Count:
@@ -162,6 +135,29 @@ class _Histogram:
         self.sum += seconds
 
 
+class _API:
+    """The figures of one (host, API) pair of decrypted traffic."""
+
+    __slots__ = ("codes", "latency", "requestBytes")
+
+    def __init__(self) -> None:
+        self.codes: dict[int, int] = {}
+        self.latency = _Histogram()
+        self.requestBytes = 0
+
+
+def _histogram(name: str, documentation: str, labelNames, series) -> HistogramMetricFamily:
+    """A histogram family from (label values, L{_Histogram}) pairs."""
+    family = HistogramMetricFamily(name, documentation, labels=labelNames)
+    for labels, hist in series:
+        cumulative, buckets = 0, []
+        for bound, count in zip((*_DURATION_BUCKETS, float("inf")), hist.buckets, strict=True):
+            cumulative += count
+            buckets.append((floatToGoString(bound), cumulative))
+        family.add_metric(labels, buckets, hist.sum)
+    return family
+
+
 class _LiveCollector:
     """
     The per-request figures, kept as plain integers and exported at scrape time: the
@@ -176,6 +172,7 @@ class _LiveCollector:
         self.tunnelsTotal: dict[str, int] = {}
         self.requests: dict[tuple[str, bytes, int], int] = {}
         self.durations: dict[str, _Histogram] = {}
+        self.apis: dict[tuple[str, str], _API] = {}
         self.transferred = {
             d: _Count() for d in ("from_client", "to_client", "from_upstream", "to_upstream")
         }
@@ -211,18 +208,35 @@ class _LiveCollector:
         for (mode, method, code), count in sorted(self.requests.items()):
             requests.add_metric([mode, method.decode("ascii"), str(code)], count)
         yield requests
-        duration = HistogramMetricFamily(
+        yield _histogram(
             "proxygate_request_duration_seconds",
             "Time from a complete request head to the end of the response.",
-            labels=["mode"],
+            ["mode"],
+            (([mode], hist) for mode, hist in sorted(self.durations.items())),
         )
-        for mode, hist in sorted(self.durations.items()):
-            cumulative, buckets = 0, []
-            for bound, count in zip((*_DURATION_BUCKETS, float("inf")), hist.buckets, strict=True):
-                cumulative += count
-                buckets.append((floatToGoString(bound), cumulative))
-            duration.add_metric([mode], buckets, hist.sum)
-        yield duration
+        apis = sorted(self.apis.items())
+        apiRequests = CounterMetricFamily(
+            "proxygate_api_requests",
+            "Decrypted (MITM) requests by host, API and status.",
+            labels=["host", "api", "code"],
+        )
+        apiBytes = CounterMetricFamily(
+            "proxygate_api_request_bytes",
+            "Request body bytes of decrypted (MITM) requests.",
+            labels=["host", "api"],
+        )
+        for (host, api), figures in apis:
+            for code, count in sorted(figures.codes.items()):
+                apiRequests.add_metric([host, api, str(code)], count)
+            apiBytes.add_metric([host, api], figures.requestBytes)
+        yield apiRequests
+        yield _histogram(
+            "proxygate_api_latency_seconds",
+            "Decrypted (MITM) request latency by host and API.",
+            ["host", "api"],
+            (([host, api], figures.latency) for (host, api), figures in apis),
+        )
+        yield apiBytes
         transferred = CounterMetricFamily(
             "proxygate_transferred_bytes", "Bytes moved, by direction.", labels=["direction"]
         )
