@@ -65,5 +65,8 @@ if [[ -n "${BENCH_ORIGIN_PORTS:-}" ]] || port_busy 18080 || port_busy 18443; the
   HARNESS="$COPY/run.sh"
 fi
 
+# proxygate-w2: two worker processes on the same listening socket ([proxy] workers = 2). The
+# harness pins every proxy to CPU0, so compare it with --no-pin (issue 8's "all cores" goal).
 bash "$HARNESS" --proxy "proxygate=$PG_CMD" --proxy "proxygate-mitm=$PG_MITM_CMD" \
+  --proxy "proxygate-w2=$PG_CMD --set proxy.workers=2" \
   --mitm-ca "proxygate-mitm=$CA_DIR/ca.pem" "${defaults[@]}" "$@"
