@@ -16,7 +16,7 @@ import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
-from gateway.proxy.flow import writeNow
+from gateway.proxy.flow import BULK_READ, writeNow
 from gateway.tls.ca import createCA
 from gateway.tls.contexts import ServerContextCache, clientCreator
 from gateway.tls.layer import HandshakeEOF, TLSLayer, describeFailure, startTLS, wrapEndpoint
@@ -93,6 +93,7 @@ def test_bulkBothWaysWrittenBeforeHandshake(server, bundle):
     client = Sink()
     yield dial(clientCreator("layer.test", bundle, True), server.port, client)
     assert isinstance(client.transport, TLSLayer)
+    assert client.transport.transport.bufferSize == BULK_READ  # 256 KB socket reads below TLS
     client.transport.write(payload[:1000])  # before the handshake: held, then sent in order
     client.transport.writeSequence([payload[1000:5000], payload[5000:]])
     [reason] = yield client.lost.addTimeout(30, reactor)

@@ -15,7 +15,7 @@ from twisted.internet.protocol import Protocol
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
-from .flow import ReadPauser, writeNow
+from .flow import ReadPauser, widenReads, writeNow
 
 __all__ = ["ABORT_GRACE", "Splice", "TunnelOrigin"]
 
@@ -35,6 +35,8 @@ class Splice:
         self.client = client
         self.clientTransport = client.transport
         self.originTransport = originTransport
+        widenReads(self.clientTransport)
+        widenReads(originTransport)
         self.metrics = metrics
         self.onEnd = onEnd
         self.fromClientBytes = 0

@@ -37,7 +37,7 @@ from twisted.internet.interfaces import IProtocol, IPushProducer, ITransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..proxy.flow import writeNow
+from ..proxy.flow import widenReads, writeNow
 
 __all__ = ["TLSCreator", "TLSLayer", "describeFailure", "startTLS", "wrapEndpoint"]
 
@@ -86,6 +86,7 @@ class TLSLayer:
     def makeConnection(self, transport) -> None:
         """Attach to C{transport} and start the handshake (a client sends its hello now)."""
         self.transport = transport
+        widenReads(transport)
         self.connected = True
         self.wrappedProtocol.makeConnection(self)
         if not self._lost:
@@ -268,6 +269,7 @@ def startTLS(protocol, creator: TLSCreator) -> TLSLayer:
         below.protocol = layer  # a TCP connection delivers to its .protocol
     layer.transport = below
     layer.connected = True
+    widenReads(below)
     protocol.transport = layer
     layer._handshake()
     return layer
