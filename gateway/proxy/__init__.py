@@ -7,5 +7,5 @@ The Twisted side: protocols that own sockets, built around the sans-IO pieces.
 - tunnel.py   the blind byte pipe behind CONNECT and 101 upgrades
 - origin.py   origin connections (response parsing) and their keep-alive pool
 - dial.py     resolve once, check the dialled address against policy, connect
-- flow.py     pause/resume bookkeeping for backpressure
+- flow.py     pause/resume bookkeeping for backpressure; immediate writes, wide reads
 """

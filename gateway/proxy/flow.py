@@ -7,7 +7,8 @@ Registering a peer's raw transport as the producer (what twisted.protocols.portf
 does) cannot express several reasons at once, and leaves a pooled connection paused after
 the relay that paused it is gone. This class can.
 
-L{writeNow} is the write every relay uses: it sends at once when nothing is queued.
+L{writeNow} is the write every relay uses: it sends at once when nothing is queued; and
+L{widenReads} makes bulk relays read 256 KB at a time.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 # -*- test-case-name: tests.test_tls -*-
 """
-TLS for proxygate: the interception CA, per-host leaf certificates, and the
-OpenSSL contexts/connection creators for both legs of an intercepted tunnel.
+TLS for proxygate: the interception CA, per-host leaf certificates, the
+C{ssl} contexts for both legs of an intercepted tunnel, and the TLS layer that
+runs them on Twisted transports.
 
 Import from here; the submodules are split by concern (C{ca}: files and the
-CA; C{mint}: pure certificate minting; C{contexts}: OpenSSL/Twisted glue).
+CA; C{mint}: pure certificate minting; C{contexts}: C{ssl.SSLContext} set-up;
+C{layer}: TLS over memory BIOs between a transport and a protocol).
 """
 
 from gateway.tls.ca import CAError, CertificateAuthority, createCA, loadOrCreateCA
