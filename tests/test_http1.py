@@ -211,6 +211,11 @@ def test_parseResponseHeadAccepts(block: bytes, expected: tuple) -> None:
     head = parseResponseHead(block)
     assert isinstance(head, ResponseHead)
     assert (head.version, head.status, head.reason, head.headers) == expected
+    # The lookup index built while parsing agrees with the fields (folds included).
+    for name, _ in head.headers:
+        assert head.values(name.lower()) == [
+            v for n, v in head.headers if n.lower() == name.lower()
+        ]
 
 
 BAD_RESPONSES = [

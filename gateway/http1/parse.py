@@ -196,6 +196,7 @@ def parseResponseHead(block: bytes, maxHeaders: int = 200) -> ResponseHead:
     if len(lines) - 1 > maxHeaders:
         raise HTTPError(502, "too many header fields from the origin")
     headers: Headers = []
+    fields: dict[bytes, list[bytes]] = {}
     fullmatch = _RESPONSE_FIELD.fullmatch
     for line in lines[1:]:
         if line[:1] in (b" ", b"\t") and headers:
@@ -204,13 +205,21 @@ def parseResponseHead(block: bytes, maxHeaders: int = 200) -> ResponseHead:
             extra = line.strip(b" \t")
             if not _FIELD.fullmatch(b"x:" + extra):
                 raise HTTPError(502, "malformed folded header from the origin")
-            headers[-1] = (name, value + b" " + extra if value else extra)
+            value = value + b" " + extra if value else extra
+            headers[-1] = (name, value)
+            fields[name.lower()][-1] = value
             continue
         fm = fullmatch(line)
         if fm is None:
             raise HTTPError(502, "malformed header field from the origin")
-        headers.append((fm.group(1), fm.group(2)))
-    return ResponseHead(b"HTTP/1." + m.group(1), status, m.group(3) or b"", headers)
+        name, value = fm.groups()
+        headers.append((name, value))
+        lower = name.lower()
+        if lower in fields:
+            fields[lower].append(value)
+        else:
+            fields[lower] = [value]
+    return ResponseHead(b"HTTP/1." + m.group(1), status, m.group(3) or b"", headers, fields)
 
 
 def splitTokens(values: list[bytes]) -> list[bytes]:
