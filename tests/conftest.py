@@ -48,6 +48,17 @@ def freePort(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def waitFor(predicate, timeout: float = 5.0, interval: float = 0.05):
+    """Poll C{predicate} until it returns something true (returned) or C{timeout} passes
+    (then its last value is returned, for the caller's assert)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
 def waitForPort(host: str, port: int, timeout: float = 15.0, proc=None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

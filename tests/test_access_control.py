@@ -42,7 +42,7 @@ from urllib.parse import quote
 import bcrypt
 import pytest
 import requests
-from conftest import LOOPBACK_INI, ProxyProcess
+from conftest import LOOPBACK_INI, ProxyProcess, waitFor
 
 REALM = "proxygate test"
 
@@ -184,15 +184,6 @@ def accessRecords(proxy) -> list[dict]:
         except ValueError:
             pass
     return records
-
-
-def waitFor(predicate, timeout: float = 5.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 # -- real clients ----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import time
 
 import pytest
 import requests
-from conftest import LOOPBACK_INI, ProxyProcess, freePort, payloadChunks, rss
+from conftest import LOOPBACK_INI, ProxyProcess, freePort, payloadChunks, rss, waitFor
 from tlsorigin import (
     HELLO,
     HTTPSOrigin,
@@ -68,16 +68,6 @@ def recordHandler(server: TCPServer, conn: socket.socket) -> None:
 
 def headerNames(headers) -> set[str]:
     return {name.lower() for name, _ in headers}
-
-
-def waitFor(predicate, timeout: float, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 # -- fixtures -------------------------------------------------------------------------------

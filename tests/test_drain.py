@@ -14,7 +14,7 @@ import time
 
 import pytest
 import websocket
-from conftest import payloadChunks
+from conftest import payloadChunks, waitFor
 from tlsorigin import (
     FrameReader,
     TCPServer,
@@ -54,16 +54,6 @@ def refused(port: int) -> bool:
     except OSError:
         return False
     return False
-
-
-def waitFor(predicate, timeout: float, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 @pytest.fixture

@@ -33,6 +33,7 @@ from conftest import (
     payloadChunks,
     rawRequest,
     rss,
+    waitFor,
 )
 
 
@@ -284,15 +285,6 @@ def assertServing(proxy, origin) -> None:
     """After any abuse, a normal request on a new connection still works."""
     r = fetch(proxy, "GET", origin.url("/bytes/1000"))
     assert r.status == 200 and r.sha256 == payloadDigest(1000), r
-
-
-def waitFor(predicate, timeout: float = 5.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def chunked(data: bytes, sizes=(1, 100, 65536, 3, 8192)) -> bytes:

@@ -38,6 +38,7 @@ from conftest import (
     payloadChunks,
     payloadDigest,
     rss,
+    waitFor,
     waitForPort,
 )
 from cryptography import x509
@@ -184,15 +185,6 @@ class Body:
             self.buf += chunk
         out, self.buf = (self.buf, b"") if size < 0 else (self.buf[:size], self.buf[size:])
         return out
-
-
-def waitFor(predicate, timeout: float = 5.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 # -- origins and the shared proxy -----------------------------------------------------------

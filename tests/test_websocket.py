@@ -16,7 +16,7 @@ import time
 
 import pytest
 import websocket
-from conftest import LOOPBACK_INI
+from conftest import LOOPBACK_INI, waitFor
 from tlsorigin import (
     FrameReader,
     TCPServer,
@@ -35,16 +35,6 @@ SIZES = [1, 1024, 1 << 20, 10_000_000]
 
 def headerMap(headers) -> dict[str, str]:
     return {name.lower(): value for name, value in headers}
-
-
-def waitFor(predicate, timeout: float, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 @pytest.fixture(scope="module")

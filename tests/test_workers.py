@@ -27,6 +27,7 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import LOOPBACK_INI, REPO, TWISTD, ProxyProcess, freePort
+from conftest import waitFor as _waitFor
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from mitmorigin import HTTPSOrigin, OriginPKI
@@ -40,12 +41,8 @@ WORKERS_INI = LOOPBACK_INI.replace("[proxy]", "[proxy]\nworkers = 2", 1)
 
 
 def waitFor(predicate, timeout: float = 15.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
+    """Workers start as processes: a longer default wait than conftest's."""
+    return _waitFor(predicate, timeout, interval)
 
 
 def children(pid: int) -> set[int]:
