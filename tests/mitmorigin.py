@@ -22,11 +22,11 @@ import ssl
 import threading
 import time
 from datetime import UTC, datetime
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 from conftest import OriginHandler
 from cryptography.hazmat.primitives import serialization
+from tlsorigin import TLSHTTPServer
 from websockets.sync.server import serve
 
 from gateway.tls.ca import CertificateAuthority, createCA
@@ -117,51 +117,30 @@ class _Handler(OriginHandler):
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = _handle
 
 
-class HTTPSOrigin(ThreadingHTTPServer):
-    """conftest's origin handler over TLS on 127.0.0.1; the handshake runs per thread."""
+class HTTPSOrigin(TLSHTTPServer):
+    """conftest's origin handler over TLS on 127.0.0.1, counting connections and handshakes."""
 
-    daemon_threads = True
     allow_reuse_address = True
+    connectionTimeout = 60.0
 
     def __init__(self, pki: OriginPKI) -> None:
-        self.address_family = socket.AF_INET
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.context = pki.serverContext()
         self.requests: list = []
         self.connections = 0
         self.handshakes = 0
-        self._lock = threading.Lock()
-        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
-        self.thread.start()
+        self._lock = threading.Lock()  # set before the serving thread starts
+        super().__init__(_Handler, pki.serverContext())
 
-    @property
-    def port(self) -> int:
-        return self.server_address[1]
-
-    def finish_request(self, request, client_address) -> None:
+    def accepted(self, request: socket.socket) -> None:
         with self._lock:
             self.connections += 1
-        request.settimeout(60)
+        super().accepted(request)
         # The handler writes the head and the body separately: without this, Nagle and the
         # peer's delayed ACK add 40 ms to every response.
         request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            tls = self.context.wrap_socket(request, server_side=True)
-        except (OSError, ssl.SSLError):
-            return
+
+    def handshaken(self) -> None:
         with self._lock:
             self.handshakes += 1
-        try:
-            super().finish_request(tls, client_address)
-        finally:
-            try:
-                tls.unwrap()
-            except (OSError, ssl.SSLError, ValueError):
-                pass
-
-    def close(self) -> None:
-        self.shutdown()
-        self.server_close()
 
 
 class WSSEcho:

@@ -166,15 +166,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(HELLO)
 
 
-class HTTPSOrigin(ThreadingHTTPServer):
-    """HTTPS on 127.0.0.1 (or ::1); the TLS handshake runs in each connection's thread."""
+class TLSHTTPServer(ThreadingHTTPServer):
+    """
+    HTTP over TLS on a loopback address, served from a thread of its own; the TLS handshake
+    runs in each connection's thread. Subclasses pick the handler and context, and may
+    extend L{accepted} and L{handshaken} (to count, to tune the socket).
+    """
 
     daemon_threads = True
+    #: Socket timeout of each connection, in seconds.
+    connectionTimeout = 10.0
 
-    def __init__(self, files: TLSFiles, host: str = "127.0.0.1") -> None:
+    def __init__(self, handler, context: ssl.SSLContext, host: str = "127.0.0.1") -> None:
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        super().__init__((host, 0), _Handler)
-        self.context = files.serverContext()
+        super().__init__((host, 0), handler)
+        self.context = context
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
         self.thread.start()
 
@@ -182,12 +188,20 @@ class HTTPSOrigin(ThreadingHTTPServer):
     def port(self) -> int:
         return self.server_address[1]
 
+    def accepted(self, request: socket.socket) -> None:
+        """A connection, before its handshake."""
+        request.settimeout(self.connectionTimeout)
+
+    def handshaken(self) -> None:
+        """A connection whose handshake succeeded."""
+
     def finish_request(self, request, client_address) -> None:
-        request.settimeout(10)
+        self.accepted(request)
         try:
             tls = self.context.wrap_socket(request, server_side=True)
         except (OSError, ssl.SSLError):
             return
+        self.handshaken()
         try:
             super().finish_request(tls, client_address)
         finally:
@@ -199,6 +213,13 @@ class HTTPSOrigin(ThreadingHTTPServer):
     def close(self) -> None:
         self.shutdown()
         self.server_close()
+
+
+class HTTPSOrigin(TLSHTTPServer):
+    """HTTPS on 127.0.0.1 (or ::1) with the L{makeCA} leaf."""
+
+    def __init__(self, files: TLSFiles, host: str = "127.0.0.1") -> None:
+        super().__init__(_Handler, files.serverContext(), host)
 
 
 # -- WebSocket echo -------------------------------------------------------------------------
