@@ -14,6 +14,7 @@ Every server binds 127.0.0.1 on a free port; every wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -46,6 +47,34 @@ def freePort(host: str = "127.0.0.1") -> int:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def nonAcceptingPort():
+    """
+    A loopback port whose connections never complete: a listening socket of backlog 0 whose
+    accept queue is filled and never accepted, so further SYNs are dropped.
+    """
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    fillers = []
+    for _ in range(8):
+        c = socket.socket()
+        c.setblocking(False)
+        try:
+            c.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(c)
+    time.sleep(0.1)
+    try:
+        yield port
+    finally:
+        for c in fillers:
+            c.close()
+        server.close()
 
 
 def waitFor(predicate, timeout: float = 5.0, interval: float = 0.05):

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
-from conftest import LOOPBACK_INI, ProxyProcess, freePort
+from conftest import LOOPBACK_INI, ProxyProcess, freePort, nonAcceptingPort
 from recorder import (
     BODY,
     CLOSE,
@@ -98,24 +98,8 @@ def closedPort():
 @pytest.fixture(scope="module")
 def blackhole():
     """A loopback port whose full accept queue drops further SYNs: a connect never ends."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(0)
-    port = server.getsockname()[1]
-    fillers = []
-    for _ in range(8):
-        c = socket.socket()
-        c.setblocking(False)
-        try:
-            c.connect(("127.0.0.1", port))
-        except BlockingIOError:
-            pass
-        fillers.append(c)
-    time.sleep(0.1)
-    yield port
-    for c in fillers:
-        c.close()
-    server.close()
+    with nonAcceptingPort() as port:
+        yield port
 
 
 # -- the table ---------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from conftest import (
     LOOPBACK_INI,
     ProxyProcess,
     freePort,
+    nonAcceptingPort,
     payload,
     payloadChunks,
     rawRequest,
@@ -395,36 +396,20 @@ def closedPort():
 @pytest.fixture
 def blackhole():
     """
-    A loopback port that never completes a connection: a listening socket of backlog 0
-    whose accept queue is filled and never accepted, so further SYNs are dropped.
+    A loopback port that never completes a connection (conftest's L{nonAcceptingPort}),
+    checked: a kernel that still accepts skips the test.
     """
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(0)
-    port = server.getsockname()[1]
-    fillers = []
-    for _ in range(8):
-        c = socket.socket()
-        c.setblocking(False)
+    with nonAcceptingPort() as port:
+        probe = socket.socket()
+        probe.settimeout(0.5)
         try:
-            c.connect(("127.0.0.1", port))
-        except BlockingIOError:
+            probe.connect(("127.0.0.1", port))
+            pytest.skip("cannot make a non-accepting loopback port on this kernel")
+        except (TimeoutError, OSError):
             pass
-        fillers.append(c)
-    time.sleep(0.1)
-    probe = socket.socket()
-    probe.settimeout(0.5)
-    try:
-        probe.connect(("127.0.0.1", port))
-        pytest.skip("cannot make a non-accepting loopback port on this kernel")
-    except (TimeoutError, OSError):
-        pass
-    finally:
-        probe.close()
-    yield port
-    for c in fillers:
-        c.close()
-    server.close()
+        finally:
+            probe.close()
+        yield port
 
 
 def startModuleProxy(tmp_path_factory, ini: str) -> ProxyProcess:
