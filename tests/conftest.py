@@ -77,6 +77,23 @@ def nonAcceptingPort():
         server.close()
 
 
+@pytest.fixture
+def server():
+    """Raw TCP origins (tlsorigin.TCPServer) for one test; the test gives each its handler."""
+    from tlsorigin import TCPServer  # tlsorigin imports this module
+
+    made = []
+
+    def make(handler, host: str = "127.0.0.1", **kwargs):
+        s = TCPServer(handler, host, **kwargs)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.close()
+
+
 def waitFor(predicate, timeout: float = 5.0, interval: float = 0.05):
     """Poll C{predicate} until it returns something true (returned) or C{timeout} passes
     (then its last value is returned, for the caller's assert)."""

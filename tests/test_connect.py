@@ -92,21 +92,6 @@ def echo():
     s.close()
 
 
-@pytest.fixture
-def server():
-    """A TCP origin per test; the test sets its handler."""
-    made: list[TCPServer] = []
-
-    def make(handler, host: str = "127.0.0.1", **kwargs) -> TCPServer:
-        s = TCPServer(handler, host, **kwargs)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.close()
-
-
 # -- real clients -----------------------------------------------------------------------------
 
 

@@ -17,7 +17,6 @@ import websocket
 from conftest import payloadChunks, waitFor
 from tlsorigin import (
     FrameReader,
-    TCPServer,
     WebSocketEcho,
     openTunnel,
     readHead,
@@ -54,20 +53,6 @@ def refused(port: int) -> bool:
     except OSError:
         return False
     return False
-
-
-@pytest.fixture
-def server():
-    made: list[TCPServer] = []
-
-    def make(handler) -> TCPServer:
-        s = TCPServer(handler)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.close()
 
 
 @pytest.fixture(scope="module")

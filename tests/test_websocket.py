@@ -19,7 +19,6 @@ import websocket
 from conftest import LOOPBACK_INI, waitFor
 from tlsorigin import (
     FrameReader,
-    TCPServer,
     WebSocketEcho,
     acceptFor,
     frameBytes,
@@ -54,20 +53,6 @@ def wssEcho(tls):
     s = WebSocketEcho(tls)
     yield s
     s.close()
-
-
-@pytest.fixture
-def server():
-    made: list[TCPServer] = []
-
-    def make(handler) -> TCPServer:
-        s = TCPServer(handler)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.close()
 
 
 def upgrade(proxyPort: int, originPort: int, path: str = "/", early: bytes = b""):
