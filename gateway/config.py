@@ -9,10 +9,9 @@ section and the key.  The defaults live in one table (L{SCHEMA}) and go
 through the same parsers as the file's values, so L{defaultConfig} cannot
 drift from what a file with every key at its default would give.
 
-Only L{loadConfig} reads files; L{parseConfig} works on text (it does ask
-Twisted to build each listen endpoint, which for C{ssl:} reads the
-certificate it names, because that is the only complete validation of an
-endpoint string).
+Only L{loadConfig} reads files; L{parseConfig} works on text (it does build
+each listen endpoint, which for C{ssl:} reads the certificate and key it
+names, because that is the only complete validation of an endpoint string).
 """
 
 from __future__ import annotations
@@ -141,7 +140,7 @@ class Config:
 # -- endpoint strings --------------------------------------------------------------------------
 
 
-def _endpointParts(description: str) -> tuple[str, list[str], dict[str, str]]:
+def endpointParts(description: str) -> tuple[str, list[str], dict[str, str]]:
     """Split an endpoint string as Twisted does: ':' between fields, key=value, '\\' escapes."""
     fields: list[list[str]] = [[""]]
     chars = iter(description)
@@ -174,7 +173,7 @@ _NETWORK_ENDPOINTS = {
 
 def _endpointBinding(description: str) -> tuple[str, str | None] | None:
     """(interface, port text) of a TCP-based server endpoint, None for other kinds."""
-    kind, args, kwargs = _endpointParts(description)
+    kind, args, kwargs = endpointParts(description)
     if kind not in _NETWORK_ENDPOINTS:
         return None
     index, defaultPort, defaultInterface = _NETWORK_ENDPOINTS[kind]
@@ -204,7 +203,7 @@ def _isLocalOnly(description: str) -> bool:
     wildcard or other binds, and endpoint kinds we cannot see into, count as
     reachable from the network.
     """
-    kind = _endpointParts(description)[0]
+    kind = endpointParts(description)[0]
     if kind == "unix":
         return True
     binding = _endpointBinding(description)
@@ -217,12 +216,27 @@ def _isLocalOnly(description: str) -> bool:
     return address is not None and address.is_loopback
 
 
-def _checkEndpoint(description: str) -> None:
-    from twisted.internet import reactor
+def serverEndpoint(reactor, description: str):
+    """
+    The server endpoint for C{description}: Twisted's C{serverFromString}, except C{ssl:},
+    which is proxygate's own (L{gateway.tls.listener}: the standard library's TLS, no
+    pyOpenSSL).
+    """
+    kind, args, kwargs = endpointParts(description)
+    if kind == "ssl":
+        from .tls.listener import sslServerEndpoint
+
+        return sslServerEndpoint(reactor, args, kwargs)
     from twisted.internet.endpoints import serverFromString
 
+    return serverFromString(reactor, description)
+
+
+def _checkEndpoint(description: str) -> None:
+    from twisted.internet import reactor
+
     try:
-        serverFromString(reactor, description)
+        serverEndpoint(reactor, description)
     except Exception as e:  # Twisted raises ValueError, TypeError, OSError, KeyError...
         problem = " ".join(str(e).split()) or type(e).__name__
         if re.search(r"interface=(?:[0-9a-fA-F]{0,4}:){2}", description):
@@ -553,7 +567,7 @@ def _checkWorkers(config: Config, path: str) -> None:
             "platform lacks (use workers = 1)"
         )
     for description in config.proxy.listen:
-        if _endpointParts(description)[0] not in WORKER_ENDPOINTS:
+        if endpointParts(description)[0] not in WORKER_ENDPOINTS:
             raise ConfigError(
                 f"{path}: [proxy] workers: {config.proxy.workers} worker processes need "
                 f"tcp:, tcp6: or ssl: listeners, and listen {description!r} is not one "

@@ -9,6 +9,7 @@ never competes with DNS look-ups for the reactor's threads.
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_left
 
 from prometheus_client import CollectorRegistry, Counter
@@ -17,7 +18,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.utils import floatToGoString
 from twisted.web.resource import Resource
 
-__all__ = ["Metrics", "MetricsResource"]
+__all__ = ["Metrics", "MetricsResource", "normaliseAPI"]
 
 _METHODS = frozenset(
     b"GET HEAD POST PUT DELETE OPTIONS TRACE PATCH CONNECT PROPFIND PROPPATCH MKCOL COPY MOVE "
@@ -259,3 +260,33 @@ class MetricsResource(Resource):
         encoder, contentType = choose_encoder(accept.decode("latin-1") if accept else "")
         request.setHeader(b"content-type", contentType.encode("ascii"))
         return encoder(self.registry)
+
+
+_ID_SEGMENT = re.compile(
+    r"[0-9]+|[0-9a-fA-F]{8,}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+    r"[0-9a-fA-F]{12}|[A-Za-z0-9_\-]{24,}"
+)
+
+
+_apis: dict[bytes, str] = {}
+
+
+def normaliseAPI(path: bytes) -> str:
+    """
+    The API a request calls, for metric labels: the path without its query, with
+    segments that look like identifiers (numbers, hex, UUIDs, long tokens) folded to
+    C{:id}, and at most four segments kept, so one endpoint is one series.
+
+    Results are remembered per path (clients repeat them), in a memo emptied when full.
+    """
+    path = path.split(b"?", 1)[0]
+    api = _apis.get(path)
+    if api is None:
+        text = path.decode("ascii", "replace")
+        segments = [s for s in text.split("/") if s][:4]
+        folded = [":id" if _ID_SEGMENT.fullmatch(s) else s[:40] for s in segments]
+        api = "/" + "/".join(folded)
+        if len(_apis) >= 4096:
+            _apis.clear()
+        _apis[path] = api
+    return api

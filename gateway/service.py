@@ -13,14 +13,13 @@ import signal
 
 from twisted.application.service import MultiService
 from twisted.internet import defer, task
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.static import Data
 
 from .accesslog import AccessLog, fileObserver
-from .config import Config, ConfigError, loadConfig
+from .config import Config, ConfigError, loadConfig, serverEndpoint
 from .metrics import Metrics, MetricsResource
 from .proxy.client import ClientFactory
 from .proxy.runtime import Runtime
@@ -159,7 +158,7 @@ class GatewayService(MultiService):
     def _listenOne(self, description: str, factory, reactor=None):
         if reactor is None:
             reactor = self.reactor
-        d = serverFromString(reactor, _withBacklog(description)).listen(factory)
+        d = serverEndpoint(reactor, _withBacklog(description)).listen(factory)
         result: list = []
         d.addBoth(result.append)
         if not result:

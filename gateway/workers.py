@@ -44,7 +44,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, error, protocol, task
 from twisted.internet.abstract import isIPv6Address
 from twisted.logger import Logger, LogLevel, globalLogPublisher
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -102,19 +101,13 @@ class FrameReader:
 
 class _Listener:
     """
-    What C{serverFromString(...).listen()} asks of a reactor (listenTCP, listenSSL), with
-    another way to get the listening socket. An ssl: listener is the TLS layer Twisted's own
-    listenSSL puts over TCP, so connections look exactly as they do with one process.
+    What a TCP server endpoint asks of a reactor (listenTCP), with another way to get the
+    listening socket. An ssl: listener (L{gateway.tls.listener}) is TLS over listenTCP, so
+    it shares sockets the same way.
     """
 
     def __init__(self, reactor) -> None:
         self.reactor = reactor
-
-    def listenSSL(self, port, factory, contextFactory, backlog=50, interface=""):
-        wrapped = TLSMemoryBIOFactory(contextFactory, False, factory)
-        listening = self.listenTCP(port, wrapped, backlog, interface)
-        listening._type = "TLS"
-        return listening
 
     def _adopt(self, sock: socket.socket, factory):
         try:

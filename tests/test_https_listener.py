@@ -12,7 +12,9 @@ as the real C{twistd -n proxygate} subprocess, stopped by PID.
 
 from __future__ import annotations
 
+import datetime
 import gc
+import ipaddress
 import json
 import shutil
 import subprocess
@@ -21,8 +23,13 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import LOOPBACK_INI, ProxyProcess, freePort, payload
-from tlsorigin import HELLO, HTTPSOrigin, TLSFiles, makeCA
+from conftest import LOOPBACK_INI, TWISTD_WITHOUT_PYOPENSSL, ProxyProcess, freePort, payload
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from tlsorigin import HELLO, HTTPSOrigin, TLSFiles, _name, _pem, makeCA
+
+from gateway.config import ConfigError, parseConfig
 
 CURL = shutil.which("curl")
 needsCurl = pytest.mark.skipif(CURL is None, reason="curl is not installed (apt: curl)")
@@ -247,3 +254,132 @@ def test_mitm_on_https_listener(startTLSProxy, pki, httpsOrigin, tmp_path) -> No
     assert r.returncode in (35, 60), r.stderr.decode()
     assert r.stdout == b""
     assert b"unknown CA" in r.stderr or b"unable to get local issuer" in r.stderr
+
+
+# -- the listener is proxygate's own (standard library TLS), not Twisted's --------------------
+
+
+@needsCurl
+def test_https_listener_and_mitm_without_pyopenssl(pki, httpsOrigin, tmp_path) -> None:
+    """
+    An install from the README has no pyOpenSSL (proxygate's TLS is the standard library's):
+    the ssl: listener, an intercepted CONNECT inside it and the verified origin leg all work
+    in a process that cannot import it.
+    """
+    port = freePort()
+    p = ProxyProcess(
+        tmp_path,
+        mitmINI(tmp_path, pki),
+        listen=sslListen(port, pki),
+        twistd=TWISTD_WITHOUT_PYOPENSSL,
+    )
+    p.port = port
+    p.start()
+    try:
+        base = f"https://127.0.0.1:{httpsOrigin.port}"
+        r = curl(
+            "--proxy", httpsProxy(p), "--proxy-cacert", str(pki.caCert),
+            "--cacert", str(tmp_path / "mitm-ca.pem"), f"{base}/",
+        )  # fmt: skip
+        assert r.returncode == 0, (r.stderr.decode(), p.log()[-3000:])
+        assert r.stdout == HELLO
+        assert p.metric("proxygate_requests_total", mode="mitm", method="GET", code="200") == 1
+        assert "Traceback" not in p.log()
+    finally:
+        p.stop()
+
+
+def _chainFiles(folder: Path) -> tuple[Path, Path, Path, Path]:
+    """A root, an intermediate CA and a 127.0.0.1 leaf signed by the intermediate (PEM files)."""
+    now = datetime.datetime.now(datetime.UTC)
+
+    def issue(subject: str, key, issuer: str, issuerKey, ca: bool) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(_name(subject))
+            .issuer_name(_name(issuer))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            ip = x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
+            builder = builder.add_extension(x509.SubjectAlternativeName([ip]), critical=False)
+        return builder.sign(issuerKey, hashes.SHA256())
+
+    rootKey, midKey, leafKey = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    paths = [folder / name for name in ("root.pem", "mid.pem", "leaf.pem", "leaf.key")]
+    certificates = (
+        issue("chain test root", rootKey, "chain test root", rootKey, True),
+        issue("chain test intermediate", midKey, "chain test root", rootKey, True),
+        issue("127.0.0.1", leafKey, "chain test intermediate", midKey, False),
+    )
+    for path, certificate in zip(paths, certificates, strict=False):
+        path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    paths[3].write_bytes(_pem(leafKey))
+    return tuple(paths)
+
+
+@needsCurl
+def test_extra_cert_chain_is_sent(tmp_path, origin) -> None:
+    """extraCertChain= (as with Twisted's ssl: endpoint): a client trusting only the root works."""
+    root, mid, leaf, key = _chainFiles(tmp_path)
+    port = freePort()
+    listen = f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={leaf}:extraCertChain={mid}"
+    p = ProxyProcess(tmp_path, LOOPBACK_INI, listen=listen)
+    p.port = port
+    p.start()
+    try:
+        r = curl("--proxy", httpsProxy(p), "--proxy-cacert", str(root), origin.url("/echo"))
+        assert r.returncode == 0, (r.stderr.decode(), p.log()[-3000:])
+    finally:
+        p.stop()
+
+
+def _listenerProblem(tmp_path: Path, options: str) -> str:
+    with pytest.raises(ConfigError) as e:
+        parseConfig(f"[proxy]\nlisten = ssl:0:interface=127.0.0.1:{options}\n", "t.ini")
+    return str(e.value)
+
+
+@pytest.mark.parametrize(
+    "options, problem",
+    [
+        ("privateKey={key}:certKey={cert}:sslmethod=TLSv1_2_METHOD", "sslmethod= is not supported"),
+        ("privateKey={key}:certKey={cert}:dhParameters={key}", "dhParameters= is not supported"),
+        ("privateKey={key}:certKey={cert}:ciphers=ALL", "unknown option ciphers="),
+        ("privateKey={other}:certKey={cert}", "key values mismatch"),
+        ("privateKey={encrypted}:certKey={cert}", "is encrypted (a service cannot type"),
+        ("privateKey={key}:certKey={key}", "no PEM certificate in {key}"),
+        ("privateKey={cert}:certKey={cert}", "no PEM private key in {cert}"),
+        ("privateKey={folder}/absent.key:certKey={cert}", "cannot read {folder}/absent.key"),
+        ("privateKey={key}", "no PEM certificate in {key}"),  # certKey defaults to privateKey
+    ],
+)
+def test_listener_files_checked_at_start_up(pki, tmp_path, options, problem) -> None:
+    """A bad ssl: listener stops start-up with one line that names the file and the problem."""
+    otherKey = ec.generate_private_key(ec.SECP256R1())
+    other, encrypted = tmp_path / "other.key", tmp_path / "encrypted.key"
+    other.write_bytes(_pem(otherKey))
+    encrypted.write_bytes(
+        otherKey.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    names = dict(key=pki.key, cert=pki.cert, other=other, encrypted=encrypted, folder=tmp_path)
+    message = _listenerProblem(tmp_path, options.format(**names))
+    assert message.startswith("t.ini: [proxy] listen: invalid endpoint 'ssl:0:"), message
+    assert problem.format(**names) in message, message
+    assert "\n" not in message
+
+
+def test_listener_key_and_certificate_in_one_file(pki, tmp_path) -> None:
+    """Twisted's default: certKey is privateKey, one PEM file holding both."""
+    both = tmp_path / "both.pem"
+    both.write_bytes(pki.cert.read_bytes() + pki.key.read_bytes())
+    config = parseConfig(f"[proxy]\nlisten = ssl:0:interface=127.0.0.1:privateKey={both}\n")
+    assert config.proxy.listen[0].startswith("ssl:0:")

@@ -18,7 +18,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 
 from gateway.proxy.flow import BULK_READ, writeNow
 from gateway.tls.ca import createCA
-from gateway.tls.contexts import ServerContextCache, clientCreator
+from gateway.tls.contexts import clientCreator
+from gateway.tls.hostcontexts import ServerContextCache
 from gateway.tls.layer import HandshakeEOF, TLSLayer, describeFailure, startTLS, wrapEndpoint
 
 

@@ -17,10 +17,10 @@ from ..accesslog import AccessRecord, hierarchy
 from ..http1.framing import CHUNKED, LAST_CHUNK, LENGTH, NONE, encodeChunk
 from ..http1.headers import Target, httpDate, stripHopByHop
 from ..http1.parse import HTTPError, RequestHead, ResponseHead, splitTokens
+from ..metrics import normaliseAPI
 from ..tls.layer import describeFailure
 from .dial import DialFailure
 from .flow import CONNECTING, writeNow
-from .mitm import normaliseAPI
 from .origin import OriginConnection
 from .responses import errorResponse
 from .tunnel import Splice

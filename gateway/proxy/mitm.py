@@ -12,16 +12,16 @@ used to reach anywhere else.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 from ..config import MitmConfig
 from ..metrics import Metrics
 from ..tls.ca import loadOrCreateCA
-from ..tls.contexts import ServerContextCache, clientCreator
+from ..tls.contexts import clientCreator
+from ..tls.hostcontexts import ServerContextCache
 from ..tls.layer import wrapEndpoint
 
-__all__ = ["Interceptor", "normaliseAPI"]
+__all__ = ["Interceptor"]
 
 
 class Interceptor:
@@ -63,33 +63,3 @@ def _addressMatch(pattern, host: str) -> bool:
 
     ip = parseIP(host)
     return ip is not None and pattern.matchesAddress(ip)
-
-
-_ID_SEGMENT = re.compile(
-    r"[0-9]+|[0-9a-fA-F]{8,}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
-    r"[0-9a-fA-F]{12}|[A-Za-z0-9_\-]{24,}"
-)
-
-
-_apis: dict[bytes, str] = {}
-
-
-def normaliseAPI(path: bytes) -> str:
-    """
-    The API a request calls, for metric labels: the path without its query, with
-    segments that look like identifiers (numbers, hex, UUIDs, long tokens) folded to
-    C{:id}, and at most four segments kept, so one endpoint is one series.
-
-    Results are remembered per path (clients repeat them), in a memo emptied when full.
-    """
-    path = path.split(b"?", 1)[0]
-    api = _apis.get(path)
-    if api is None:
-        text = path.decode("ascii", "replace")
-        segments = [s for s in text.split("/") if s][:4]
-        folded = [":id" if _ID_SEGMENT.fullmatch(s) else s[:40] for s in segments]
-        api = "/" + "/".join(folded)
-        if len(_apis) >= 4096:
-            _apis.clear()
-        _apis[path] = api
-    return api

@@ -14,7 +14,7 @@ from ..accesslog import AccessLog
 from ..config import Config, ConfigError
 from ..metrics import Metrics
 from ..policy import DestinationPolicy
-from ..tls.ca import CAError
+from ..tls.contexts import CAError
 from .chain import Upstream
 from .dial import Dialer
 from .origin import OriginPool

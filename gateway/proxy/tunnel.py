@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
-from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from .flow import ReadPauser, widenReads, writeNow
@@ -164,7 +163,7 @@ class Splice:
 
 def _isTLS(transport) -> bool:
     """A TLS layer (an ssl: listener, an intercepted tunnel, an https:// upstream), not TCP."""
-    return isinstance(transport, TLSMemoryBIOProtocol) or getattr(transport, "TLS", False) is True
+    return getattr(transport, "TLS", False) is True
 
 
 @implementer(IHalfCloseableProtocol)

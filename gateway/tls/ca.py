@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from twisted.logger import Logger
 
+from gateway.tls.contexts import CAError
+
 __all__ = ["CAError", "CertificateAuthority", "createCA", "loadOrCreateCA"]
 
 _log = Logger()
@@ -36,14 +38,6 @@ CA_LIFETIME = timedelta(days=3650)
 #: How far back a new certificate's notBefore is placed, so that clients whose
 #: clocks run a little slow do not reject it as "not yet valid".
 BACKDATE = timedelta(days=1)
-
-
-class CAError(Exception):
-    """
-    The CA files cannot be used.  The message is one line naming the file and
-    what is wrong with it (unreadable, not a CA, key does not match the
-    certificate, only one of the pair exists, ...).
-    """
 
 
 @frozen

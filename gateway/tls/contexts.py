@@ -1,27 +1,22 @@
 # -*- test-case-name: tests.test_tls -*-
 """
-TLS contexts for both legs of an intercepted connection, as C{ssl.SSLContext} objects for
+C{ssl.SSLContext} set-up shared by every TLS leg proxygate runs on
 L{gateway.tls.layer.TLSLayer} (the standard library's C{ssl}, not pyOpenSSL: see that
-module for why).
+module for why), with nothing but the standard library: a process that never intercepts
+never imports C{cryptography}.
 
-Client-facing leg: L{ServerContextCache} keeps an LRU of ready contexts, one per host,
-each carrying a leaf minted by L{gateway.tls.mint.mintLeaf} on one shared key.
-L{ServerContextCache.serverCreator} gives the creator for the client connection after a
-CONNECT: its connections start on a certificate-less base context whose SNI callback
-switches them to the context for the name the client asked for (or the CONNECT host when
-it sent none). The settings are Twisted's defaults (TLS >= 1.2, no compression, no
-renegotiation, server cipher preference) with a fixed AEAD-only TLS 1.2 cipher list, no
-session tickets (no resumption: each host has its own context) and ALPN http/1.1 only;
-after an SNI switch OpenSSL keeps the base context's protocol limits and ciphers and
-consults the new context's ALPN settings, so every context gets the same ones.
+Server side (an intercepted client, L{gateway.tls.hostcontexts}; an C{ssl:} listener,
+L{gateway.tls.listener}): L{newServerContext} has the settings, which are Twisted's
+defaults (TLS >= 1.2, no compression, no renegotiation, server cipher preference) with a
+fixed AEAD-only TLS 1.2 cipher list, no session tickets and ALPN http/1.1 only.
+C{ssl} loads certificates and keys from files only, so L{loadChain} hands it a PEM through
+an anonymous in-memory file (memfd; a private temporary directory where there is none);
+nothing is written to disk.
 
-C{ssl} loads certificates and keys from files only, so a leaf and the shared key are
-handed to it through an anonymous in-memory file (memfd; a private temporary directory
-where there is none); nothing is written to disk.
-
-Upstream leg: L{clientCreator} verifies the origin in OpenSSL (chain against the system
-trust store or a bundle, then the DNS name or IP address), with one context per (bundle,
-verify) shared by every host.
+Client side (an intercepted tunnel's origin, an https:// upstream proxy):
+L{clientCreator} verifies the peer in OpenSSL (chain against the system trust store or a
+bundle, then the DNS name or IP address), with one context per (bundle, verify) shared by
+every host.
 """
 
 from __future__ import annotations
@@ -33,18 +28,21 @@ import ssl
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 
-from attrs import frozen
-from cryptography.hazmat.primitives import serialization
 from twisted.logger import Logger
 
-from gateway.tls.ca import CAError, CertificateAuthority
-from gateway.tls.mint import mintLeaf, newLeafKey, normalizeHost
-
-__all__ = ["HTTP11", "ClientTLS", "ServerContextCache", "ServerTLS", "clientCreator"]
+__all__ = ["HTTP11", "CAError", "ClientTLS", "clientCreator", "loadChain", "newServerContext"]
 
 _log = Logger()
+
+
+class CAError(Exception):
+    """
+    The CA files cannot be used.  The message is one line naming the file and
+    what is wrong with it (unreadable, not a CA, key does not match the
+    certificate, only one of the pair exists, ...).
+    """
+
 
 #: The only application protocol offered or accepted over ALPN: the
 #: intercepting handler speaks HTTP/1.1, and agreeing to h2 would break
@@ -68,20 +66,8 @@ _SERVER_OPTIONS = (
     | ssl.OP_NO_RENEGOTIATION
 )
 
-#: A cached leaf older than this is re-minted on its next use, so a
-#: long-running proxy never serves a certificate close to its notAfter.
-MAX_LEAF_AGE = timedelta(days=30)
 
-
-def _utcNow() -> datetime:
-    return datetime.now(UTC)
-
-
-def _noop() -> None:
-    pass
-
-
-def _newServerContext() -> ssl.SSLContext:
+def newServerContext() -> ssl.SSLContext:
     """
     A server context with the shared security settings and ALPN, but no
     certificate yet.
@@ -95,16 +81,17 @@ def _newServerContext() -> ssl.SSLContext:
     return ctx
 
 
-def _loadChain(ctx: ssl.SSLContext, pem: bytes) -> None:
+def loadChain(ctx: ssl.SSLContext, pem: bytes, password: Callable[[], bytes] | None = None) -> None:
     """
     Load a PEM holding the leaf, its chain and its key into C{ctx}, which only
-    reads files: an anonymous memory file where the platform has one.
+    reads files: an anonymous memory file where the platform has one. C{password} is
+    asked for an encrypted key (without it OpenSSL would prompt on the terminal).
     """
     if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
         fd = os.memfd_create("proxygate-leaf", os.MFD_CLOEXEC)
         try:
             os.write(fd, pem)
-            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+            ctx.load_cert_chain(f"/proc/self/fd/{fd}", password=password)
         finally:
             os.close(fd)
         return
@@ -113,172 +100,7 @@ def _loadChain(ctx: ssl.SSLContext, pem: bytes) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(pem)
-        ctx.load_cert_chain(path)
-
-
-@frozen
-class _Entry:
-    """
-    A cached per-host context and when its leaf was minted.
-    """
-
-    context: ssl.SSLContext
-    issuedAt: datetime
-
-
-class ServerContextCache:
-    """
-    Per-host server contexts for TLS interception, minted on demand and kept
-    in an LRU.
-
-    Single-threaded by design: use it from the reactor thread only.
-
-    @ivar ca: The signing CA.
-    @ivar size: The most contexts kept.
-    """
-
-    def __init__(
-        self,
-        ca: CertificateAuthority,
-        size: int = 1024,
-        clock: Callable[[], datetime] = _utcNow,
-        onIssued: Callable[[], None] = _noop,
-        onHit: Callable[[], None] = _noop,
-    ) -> None:
-        """
-        @param ca: The CA that signs every leaf; its certificate is sent as
-            the chain so clients that trust it need nothing else.
-        @param size: The most per-host contexts kept (least recently used
-            ones are dropped beyond it).  Must be at least 1.
-        @param clock: Returns the current time (timezone-aware) for minting
-            and ageing; injectable for tests.
-        @param onIssued: Called once for every leaf minted (for
-            C{proxygate_mitm_certificates_issued_total}).
-        @param onHit: Called once for every request served from the cache
-            (for C{proxygate_mitm_certificate_cache_hits_total}).
-        """
-        if size < 1:
-            raise ValueError("ServerContextCache size must be at least 1")
-        self.ca = ca
-        self.size = size
-        self._clock = clock
-        self._onIssued = onIssued
-        self._onHit = onHit
-        self._leafKey = newLeafKey()
-        # The chain and key part of every leaf's PEM, serialised once.
-        self._chainAndKey = ca.pem() + self._leafKey.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
-        self._baseContext: ssl.SSLContext | None = None
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def contextFor(self, host: str) -> ssl.SSLContext:
-        """
-        The ready server context for C{host}, minting its leaf on a miss or
-        when the cached one is older than L{MAX_LEAF_AGE}.
-
-        @param host: A DNS name or IP literal (case, a trailing dot and IPv6
-            brackets do not matter).
-        @raise ValueError: If C{host} is not a valid DNS name or IP literal.
-        """
-        key = normalizeHost(host)
-        now = self._clock()
-        entry = self._entries.get(key)
-        if entry is not None and now - entry.issuedAt < MAX_LEAF_AGE:
-            self._entries.move_to_end(key)
-            self._onHit()
-            return entry.context
-        context = self._buildContext(key, now)
-        self._entries[key] = _Entry(context=context, issuedAt=now)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
-        self._onIssued()
-        return context
-
-    def _buildContext(self, host: str, now: datetime) -> ssl.SSLContext:
-        """
-        Mint a leaf for C{host} and build its complete context (certificate,
-        CA as chain, shared key), ready before any connection touches it.
-        """
-        leaf = mintLeaf(self.ca, self._leafKey, host, now)
-        ctx = _newServerContext()
-        _loadChain(ctx, leaf.public_bytes(serialization.Encoding.PEM) + self._chainAndKey)
-        return ctx
-
-    def _serverBaseContext(self) -> ssl.SSLContext:
-        """
-        The certificate-less context every intercepted connection starts on;
-        its SNI callback moves the connection to a per-host context.
-        """
-        if self._baseContext is None:
-            ctx = _newServerContext()
-            ctx.sni_callback = self._onServerName
-            self._baseContext = ctx
-        return self._baseContext
-
-    def _onServerName(self, tls: ssl.SSLObject, serverName: str | None, _ctx) -> None:
-        """
-        SNI callback.  OpenSSL (1.1.1 and later) calls it for every
-        ClientHello, with or without a server name, so a client that sends
-        none still gets switched, to the CONNECT host's context.  A name we
-        cannot certify (not a valid DNS name) also falls back to the CONNECT
-        host.  Any failure is logged and leaves the connection on the
-        certificate-less base context, which fails the handshake cleanly
-        instead of raising into OpenSSL.
-        """
-        try:
-            context = None
-            if serverName:
-                try:
-                    context = self.contextFor(serverName)
-                except ValueError:
-                    _log.info(
-                        "MITM: unusable SNI {serverName!r}; using the CONNECT host",
-                        serverName=serverName,
-                    )
-            if context is None:
-                defaultHost = getattr(tls, "proxygateDefaultHost", None)
-                if defaultHost is None:
-                    return
-                context = self.contextFor(defaultHost)
-            tls.context = context
-        except Exception:
-            _log.failure("MITM: cannot select a certificate for a TLS client")
-
-    def serverCreator(self, defaultHost: str) -> ServerTLS:
-        """
-        The creator of the server side of TLS on the client connection of a
-        CONNECT tunnel being intercepted.
-
-        @param defaultHost: The CONNECT host, certified when the client sends
-            no SNI (clients never send SNI for IP literals).
-        @raise ValueError: If C{defaultHost} is not a valid DNS name or IP
-            literal (checked now, not mid-handshake).
-        """
-        return ServerTLS(self._serverBaseContext(), normalizeHost(defaultHost))
-
-
-class ServerTLS:
-    """
-    Makes server connections on the SNI-switching base context, remembering this
-    tunnel's CONNECT host (on the C{SSLObject}, where the SNI callback finds it) for the
-    no-SNI case.
-    """
-
-    def __init__(self, context: ssl.SSLContext, defaultHost: str) -> None:
-        self.context = context
-        self.defaultHost = defaultHost
-
-    def newTLS(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> ssl.SSLObject:
-        tls = self.context.wrap_bio(incoming, outgoing, server_side=True)
-        tls.proxygateDefaultHost = self.defaultHost
-        return tls
+        ctx.load_cert_chain(path, password=password)
 
 
 # ---------------------------------------------------------------- upstream leg

@@ -39,7 +39,15 @@ from zope.interface import implementer
 
 from ..proxy.flow import widenReads, writeNow
 
-__all__ = ["TLSCreator", "TLSLayer", "describeFailure", "startTLS", "wrapEndpoint"]
+__all__ = [
+    "TLSCreator",
+    "TLSFactory",
+    "TLSLayer",
+    "describeFailure",
+    "sslReason",
+    "startTLS",
+    "wrapEndpoint",
+]
 
 #: Decrypted bytes asked for per C{SSLObject.read}: more than one TLS record (16 KB), so
 #: one call drains a record, and small enough that the buffer allocated per call is cheap.
@@ -165,9 +173,12 @@ class TLSLayer:
         if self._outgoing.pending:
             self._flush()  # post-handshake messages (key updates) and alerts
         if closed and not self._lost:
-            # The peer's close_notify: answer with ours and close, like Twisted's TLS.
+            # The peer's close_notify: answer with ours (unless sent already) and close.
             self._closeNotified = True
-            self.loseConnection()
+            if self.disconnecting:
+                self.transport.loseConnection()
+            else:
+                self.loseConnection()
 
     def _flush(self) -> None:
         data = self._outgoing.read()
@@ -201,7 +212,12 @@ class TLSLayer:
         self.write(b"".join(data))
 
     def loseConnection(self) -> None:
-        """Send close_notify after what was written, then close the transport."""
+        """
+        Send close_notify after what was written; close the transport once the peer has
+        answered with its own (or closed), delivering what it still sends meanwhile, as
+        Twisted's TLS does. close_notify ends one direction: a relay passing on an end of
+        stream (L{gateway.proxy.tunnel}) must not lose what the peer sends after it.
+        """
         if self.disconnecting or self._lost:
             return
         if not self._handshakeDone:
@@ -214,9 +230,11 @@ class TLSLayer:
         try:
             self._tls.unwrap()
         except ssl.SSLError:
-            pass  # SSLWantReadError: our close_notify is out, the peer's is not needed
+            # SSLWantReadError: ours is out, the peer's is to come (see _readRecords).
+            self._flush()
+            return
         self._flush()
-        self.transport.loseConnection()
+        self.transport.loseConnection()  # the peer's close_notify had already come
 
     def abortConnection(self) -> None:
         self.disconnecting = True
@@ -289,11 +307,13 @@ class _TLSEndpoint:
         self._creator = creator
 
     def connect(self, factory):
-        d = self._endpoint.connect(_TLSFactory(factory, self._creator))
+        d = self._endpoint.connect(TLSFactory(factory, self._creator))
         return d.addCallback(lambda layer: layer.wrappedProtocol)
 
 
-class _TLSFactory:
+class TLSFactory:
+    """Wraps the protocols C{factory} builds in TLS made by C{creator} (client or server)."""
+
     def __init__(self, factory, creator: TLSCreator) -> None:
         self._factory = factory
         self._creator = creator
@@ -328,7 +348,12 @@ def describeFailure(reason: Failure | None) -> str | None:
             return f"the certificate does not match the host name ({value.verify_message})"
         return f"certificate verify failed: {value.verify_message}"
     if isinstance(value, ssl.SSLError):
-        return _SSL_DECORATION.sub("", str(value)) or "handshake failed"
+        return sslReason(value) or "handshake failed"
     if isinstance(value, HandshakeEOF):
         return value.args[0]
     return None
+
+
+def sslReason(e: ssl.SSLError) -> str:
+    """OpenSSL's reason in C{e}, without the library tag and the C{_ssl.c} line number."""
+    return _SSL_DECORATION.sub("", str(e))
