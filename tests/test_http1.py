@@ -35,6 +35,8 @@ from gateway.http1.parse import (
     HTTPError,
     RequestHead,
     ResponseHead,
+    _parseRequestLines,
+    _parseResponseLines,
     parseRequestHead,
     parseResponseHead,
 )
@@ -915,3 +917,43 @@ def test_underscoreLookalikesOfFramingFieldsAreDropped():
         ]
     )
     assert kept == [(b"HOST_", b"x"), (b"X_Trace_Id", b"1"), (b"Accept", b"*/*")]
+
+
+# -- the fast path of the head parsers agrees with the line-by-line parser -----------------
+
+_HEAD_PIECES = st.sampled_from(
+    [
+        *(b"Host", b"X-A", b"content-length", b"Content_Length", b"B C", b"N\x00", b"\xe9"),
+        *(b": ", b":", b" :", b"\t", b" ", b"\r\n", b"\r", b"\n", b"\x7f", b"\x01", b"\x80"),
+        *(b"v", b"a b", b"1", b"\xff", b"\r\n ", b"\r\n\t", b"", b"xxx"),
+    ]
+)
+
+
+def _outcome(parse, block: bytes):
+    try:
+        head = parse(block)
+    except HTTPError as e:
+        return ("error", e.status, str(e))
+    return ("head", *(getattr(head, a) for a in type(head).__slots__ if a != "__weakref__"))
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    first=st.sampled_from(
+        [
+            *(b"GET /x HTTP/1.1", b"GET http://h/ HTTP/1.0", b"GET /x HTTP/1.2", b"G@T / HTTP/1.1"),
+            *(b"HTTP/1.1 200 OK", b"HTTP/1.0 404", b"HTTP/1.1 099 x", b"HTTP/1.1 200 \xff\t"),
+        ]
+    ),
+    pieces=st.lists(_HEAD_PIECES, max_size=14),
+)
+def test_fast_head_parsers_agree_with_line_parsers(first, pieces) -> None:
+    """Same head, same fields and index, or the same error, whichever path parses it."""
+    block = first + b"\r\n" + b"".join(pieces)
+    assert _outcome(parseRequestHead, block) == _outcome(
+        lambda b: _parseRequestLines(b, 100), block
+    )
+    assert _outcome(parseResponseHead, block) == _outcome(
+        lambda b: _parseResponseLines(b, 200), block
+    )

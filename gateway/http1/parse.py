@@ -16,6 +16,7 @@ receive buffer, and return plain values; they never see a socket.
 from __future__ import annotations
 
 import re
+from itertools import islice
 
 from attrs import define
 
@@ -122,6 +123,52 @@ _RESPONSE_FIELD = re.compile(
 )
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([\t !-~\x80-\xff]*))?")
 
+# The fast path: almost every head is valid and unfolded, and its field names are the same
+# few dozen again and again. One C scan rejects every control character a field may not
+# hold (CR and LF are counted by _splitLines), and names already seen to be tokens are
+# looked up instead of matched, with their lower case remembered; a line is then a
+# partition at its first colon. Any head the fast path does not take (an unseen name that
+# is not a token, a folded line, a space before a colon) goes through the line-by-line
+# parser, which gives the precise error or makes the repair.
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([!-\"$-~]+) (HTTP/1\.[01])")
+_FIELD_NAME = re.compile(_TOKEN)
+# What a head may hold: HTAB, CR and LF (framing, checked by _splitLines), SP, VCHAR, obs-text.
+_HEAD_CHARS = bytes([9, 10, 13, *range(32, 127), *range(128, 256)])
+_names: dict[bytes, bytes] = {}  # field names known to be tokens -> lower case
+
+
+def _quickLines(block: bytes, maxHeaders: int) -> list[bytes] | None:
+    """The lines of C{block} if the fast path may take it, else None."""
+    lines = _splitLines(block)
+    if lines is None or len(lines) > maxHeaders + 1 or block.translate(None, _HEAD_CHARS):
+        return None
+    return lines
+
+
+def _quickFields(lines: list[bytes]) -> tuple[Headers, dict[bytes, list[bytes]]] | None:
+    """The fields after the first line and their index, or None for the line-by-line parser."""
+    headers: Headers = []
+    fields: dict[bytes, list[bytes]] = {}
+    names = _names
+    for line in islice(lines, 1, None):
+        name, colon, value = line.partition(b":")
+        if not colon:
+            return None
+        lower = names.get(name)
+        if lower is None:
+            if not _FIELD_NAME.fullmatch(name):
+                return None
+            if len(names) >= 4096:
+                names.clear()
+            lower = names[name] = name.lower()
+        value = value.strip(b" \t")
+        headers.append((name, value))
+        if lower in fields:
+            fields[lower].append(value)
+        else:
+            fields[lower] = [value]
+    return headers, fields
+
 
 def _splitLines(block: bytes) -> list[bytes] | None:
     """The lines of a head, or None when a bare CR or LF is left inside one."""
@@ -141,6 +188,17 @@ def parseRequestHead(block: bytes, maxHeaders: int = 100) -> RequestHead:
     @raise HTTPError: 400 for anything malformed, 431 for too many fields, 505 for a
         well-formed version other than 1.0 and 1.1.
     """
+    lines = _quickLines(block, maxHeaders)
+    line = _REQUEST_LINE.fullmatch(lines[0]) if lines is not None else None
+    quick = _quickFields(lines) if line is not None else None
+    if quick is None:
+        return _parseRequestLines(block, maxHeaders)
+    method, target, version = line.groups()
+    return RequestHead(method, target, version, *quick)
+
+
+def _parseRequestLines(block: bytes, maxHeaders: int) -> RequestHead:
+    """L{parseRequestHead} line by line: any head, and the precise error for a bad one."""
     lines = _splitLines(block)
     if lines is None:
         raise HTTPError(400, "bare CR or LF in the request head")
@@ -184,6 +242,18 @@ def parseResponseHead(block: bytes, maxHeaders: int = 200) -> ResponseHead:
 
     @raise HTTPError: always 502: the client cannot fix what the origin sent.
     """
+    lines = _quickLines(block, maxHeaders)
+    status = _STATUS_LINE.fullmatch(lines[0]) if lines is not None else None
+    # A status below 100 ("0xx") is left to the line-by-line parser's 502.
+    quick = _quickFields(lines) if status is not None and block[9] != 48 else None
+    if quick is None:
+        return _parseResponseLines(block, maxHeaders)
+    version, code, reason = status.groups()
+    return ResponseHead(b"HTTP/1." + version, int(code), reason or b"", *quick)
+
+
+def _parseResponseLines(block: bytes, maxHeaders: int) -> ResponseHead:
+    """L{parseResponseHead} line by line: folded fields, and the precise error for a bad head."""
     lines = _splitLines(block)
     if lines is None:
         raise HTTPError(502, "bare CR or LF in the origin's response head")
