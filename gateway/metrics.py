@@ -1,9 +1,10 @@
 """
-The project's Prometheus metrics, in a registry of their own, and the /metrics resource.
+The project's Prometheus metrics, in a registry of their own, and the scrape handler the
+metrics listener (L{gateway.metricsserver}) serves them with.
 
 Every label is bounded: modes, methods folded to a known set, status codes, fixed reasons.
 Never a client address, a URL or a user name (a label per value is a cardinality DoS).
-The resource renders synchronously in the reactor thread: no thread pool, so a scrape
+The handler renders synchronously in the reactor thread: no thread pool, so a scrape
 never competes with DNS look-ups for the reactor's threads.
 """
 
@@ -11,14 +12,19 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_left
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.utils import floatToGoString
-from twisted.web.resource import Resource
 
-__all__ = ["Metrics", "MetricsResource", "normaliseAPI"]
+if TYPE_CHECKING:
+    from .http1.parse import RequestHead
+    from .metricsserver import Answer, Handler
+
+__all__ = ["Metrics", "encoderFor", "metricsHandler", "normaliseAPI"]
 
 _METHODS = frozenset(
     b"GET HEAD POST PUT DELETE OPTIONS TRACE PATCH CONNECT PROPFIND PROPPATCH MKCOL COPY MOVE "
@@ -246,20 +252,25 @@ class _LiveCollector:
         yield transferred
 
 
-class MetricsResource(Resource):
-    """Renders the registry in the format the scraper asks for (text or OpenMetrics)."""
+def encoderFor(head: RequestHead) -> tuple[Callable[[Any], bytes], bytes]:
+    """
+    The exposition format a scraper asks for in its Accept field: OpenMetrics or the text
+    format (prometheus_client decides), as (encoder of a registry, Content-Type).
+    """
+    accept = b", ".join(head.values(b"accept")).decode("latin-1")
+    encoder, contentType = choose_encoder(accept)
+    # latin-1: the type echoes the client's version parameter, which may hold obs-text.
+    return encoder, contentType.encode("latin-1")
 
-    isLeaf = True
 
-    def __init__(self, registry: CollectorRegistry) -> None:
-        super().__init__()
-        self.registry = registry
+def metricsHandler(registry: CollectorRegistry) -> Handler:
+    """The scrape route of a single process: the registry, rendered now."""
 
-    def render_GET(self, request):
-        accept = request.getHeader(b"accept")
-        encoder, contentType = choose_encoder(accept.decode("latin-1") if accept else "")
-        request.setHeader(b"content-type", contentType.encode("ascii"))
-        return encoder(self.registry)
+    def scrape(head: RequestHead) -> Answer:
+        encoder, contentType = encoderFor(head)
+        return 200, contentType, encoder(registry)
+
+    return scrape
 
 
 _ID_SEGMENT = re.compile(

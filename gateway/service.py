@@ -14,13 +14,11 @@ import signal
 from twisted.application.service import MultiService
 from twisted.internet import defer, task
 from twisted.logger import Logger
-from twisted.web.resource import Resource
-from twisted.web.server import Site
-from twisted.web.static import Data
 
 from .accesslog import AccessLog, fileObserver
 from .config import Config, ConfigError, loadConfig, serverEndpoint
-from .metrics import Metrics, MetricsResource
+from .metrics import Metrics, metricsHandler
+from .metricsserver import Handler, MetricsServerFactory, routePath, staticHandler
 from .proxy.client import ClientFactory
 from .proxy.runtime import Runtime
 from .proxy.tunnel import ABORT_GRACE
@@ -30,15 +28,6 @@ __all__ = ["GatewayService", "ListenError", "makeService"]
 
 class ListenError(Exception):
     """A configured listener could not be opened (address in use, permission...)."""
-
-
-class _QuietSite(Site):
-    """The metrics site: scrapes are not access-logged."""
-
-    noisy = False
-
-    def log(self, request) -> None:
-        pass
 
 
 class GatewayService(MultiService):
@@ -68,6 +57,7 @@ class GatewayService(MultiService):
         self.metrics = Metrics()
         self.proxyPorts: list = []
         self.metricsPorts: list = []
+        self.metricsFactory: MetricsServerFactory | None = None
         self._logFile = None
         self._flusher = None
         self._authReloader = None
@@ -151,9 +141,14 @@ class GatewayService(MultiService):
         for description in self.config.proxy.listen:
             self.proxyPorts.append(self._listenOne(description, factory, self.listenReactor))
         if self.config.metrics.listen:
-            site = _QuietSite(self._metricsRoot())
+            # A slow or idle scrape connection gets what a proxy client gets for its head.
+            self.metricsFactory = MetricsServerFactory(
+                self._metricsRoutes(),
+                timeout=self.config.proxy.header_timeout,
+                reactor=self.reactor,
+            )
             for description in self.config.metrics.listen:
-                self.metricsPorts.append(self._listenOne(description, site))
+                self.metricsPorts.append(self._listenOne(description, self.metricsFactory))
 
     def _listenOne(self, description: str, factory, reactor=None):
         if reactor is None:
@@ -170,27 +165,21 @@ class GatewayService(MultiService):
             raise ListenError(f"cannot listen on {description!r}: {error}")
         return port
 
-    def _metricsRoot(self) -> Resource:
-        root = Resource()
-        segments = [s.encode("utf-8") for s in self.config.metrics.path.strip("/").split("/")]
-        node = root
-        for segment in segments[:-1]:
-            child = Resource()
-            node.putChild(segment, child)
-            node = child
+    def _metricsRoutes(self) -> dict[bytes, Handler]:
+        """What the metrics listener serves: the scrape path, and the MITM CA when there is one."""
         if self.workers is None:
-            node.putChild(segments[-1], MetricsResource(self.metrics.registry))
+            scrape = metricsHandler(self.metrics.registry)
         else:
-            from .workers import MergedMetricsResource
+            from .workers import mergedMetricsHandler
 
-            node.putChild(segments[-1], MergedMetricsResource(self.metrics.registry, self.workers))
+            scrape = mergedMetricsHandler(self.metrics.registry, self.workers)
+        routes = {routePath(self.config.metrics.path): scrape}
         interceptor = self.runtime.interceptor
         if interceptor is not None:
             # Users fetch the CA to trust it: curl http://127.0.0.1:9530/ca.pem
-            root.putChild(b"ca.pem", Data(interceptor.ca.pem(), "application/x-pem-file"))
-            root.putChild(b"ca.der", Data(interceptor.ca.der(), "application/x-x509-ca-cert"))
-        self.metricsRoot = root
-        return root
+            routes[b"/ca.pem"] = staticHandler(b"application/x-pem-file", interceptor.ca.pem())
+            routes[b"/ca.der"] = staticHandler(b"application/x-x509-ca-cert", interceptor.ca.der())
+        return routes
 
     def _closePorts(self) -> list:
         ds = [defer.maybeDeferred(p.stopListening) for p in self.ports]
@@ -212,6 +201,9 @@ class GatewayService(MultiService):
         yield defer.maybeDeferred(super().stopService)
         workersStopped = self.workers.stop() if self.workers is not None else None
         yield defer.DeferredList(self._closePorts())
+        if self.metricsFactory is not None:
+            # Scrapers keep their connections alive: close them, after any answer under way.
+            self.metricsFactory.closeConnections()
         for timer in (self._flusher, self._authReloader):
             if timer is not None and timer.running:
                 timer.stop()

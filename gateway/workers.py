@@ -21,7 +21,7 @@ Master and worker talk over the worker's standard streams, in length-prefixed fr
 
 A worker drains and exits on SIGTERM, and when its stdin closes (the master is gone). The
 master's /metrics asks every worker for its exposition and adds them to its own, sample by
-sample (L{MergedMetricsResource}): one scrape shows the totals.
+sample (L{mergedMetricsHandler}): one scrape shows the totals.
 """
 
 from __future__ import annotations
@@ -35,30 +35,33 @@ import struct
 import sys
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import attrs
 from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import choose_encoder
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, error, protocol, task
 from twisted.internet.abstract import isIPv6Address
 from twisted.logger import Logger, LogLevel, globalLogPublisher
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
 
 from .accesslog import fileObserver
 from .config import Config
+from .metrics import encoderFor
 from .proxy.tunnel import ABORT_GRACE
+
+if TYPE_CHECKING:
+    from .http1.parse import RequestHead
+    from .metricsserver import Answer, Handler
 
 __all__ = [
     "FrameReader",
     "InheritedListener",
-    "MergedMetricsResource",
     "SharedListener",
     "WorkerPool",
     "frame",
     "mergeExpositions",
+    "mergedMetricsHandler",
     "workerConfig",
 ]
 
@@ -232,45 +235,33 @@ class _Families:
         return iter(self.families)
 
 
-class MergedMetricsResource(Resource):
-    """The master's /metrics with workers: its own figures plus every worker's that answers."""
+_UNAVAILABLE = (500, b"text/plain; charset=utf-8", b"metrics unavailable, see the log\n")
 
-    isLeaf = True
-    log = Logger(namespace="proxygate.workers")
 
-    def __init__(self, registry, pool: WorkerPool) -> None:
-        super().__init__()
-        self.registry = registry
-        self.pool = pool
+def mergedMetricsHandler(registry, pool: WorkerPool) -> Handler:
+    """
+    The master's scrape route with workers: its own figures plus every worker's that
+    answers within SCRAPE_TIMEOUT, so the answer is a Deferred. A failure to merge is
+    logged here (it says what failed) and answered with a 500.
+    """
 
-    def render_GET(self, request):
-        accept = request.getHeader(b"accept")
-        encoder, contentType = choose_encoder(accept.decode("latin-1") if accept else "")
-        request.setHeader(b"content-type", contentType.encode("ascii"))
-        own = generate_latest(self.registry).decode("utf-8")
-        gone: list = []
-        request.notifyFinish().addErrback(gone.append)
+    def scrape(head: RequestHead) -> defer.Deferred[Answer]:
+        encoder, contentType = encoderFor(head)
+        own = generate_latest(registry).decode("utf-8")
 
-        def render(texts: list[str | None]) -> bytes:
+        def render(texts: list[str | None]) -> Answer:
             answered = [text for text in texts if text is not None]
             families = mergeExpositions([own, *answered])
-            families += self.pool.families(processes=1 + len(answered))
-            return encoder(_Families(families))
+            families += pool.families(processes=1 + len(answered))
+            return 200, contentType, encoder(_Families(families))
 
-        def write(body: bytes) -> None:
-            if not gone:
-                request.write(body)
-                request.finish()
+        def failed(failure) -> Answer:
+            pool.log.failure("merging the workers' metrics", failure)
+            return _UNAVAILABLE
 
-        def failed(failure) -> None:
-            self.log.failure("merging the workers' metrics", failure)
-            if not gone:
-                request.setResponseCode(500)
-                request.write(b"metrics unavailable, see the log\n")
-                request.finish()
+        return pool.scrape().addCallback(render).addErrback(failed)
 
-        self.pool.scrape().addCallback(render).addCallbacks(write, failed)
-        return NOT_DONE_YET
+    return scrape
 
 
 # -- the worker processes ------------------------------------------------------------------------
