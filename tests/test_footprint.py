@@ -1,0 +1,37 @@
+"""
+What an idle proxygate process weighs (issue 8: idle RSS under 40 MB per process).
+
+Run as a README install runs it (no pyOpenSSL, see conftest.TWISTD_WITHOUT_PYOPENSSL), on
+the defaults plus loopback destinations, after it has served a request and a scrape. The
+budget is what the process must not load to stay under it: pyOpenSSL and cryptography's
+OpenSSL (13 MB; cryptography only with [mitm] on) and twisted.web (5 MB).
+"""
+
+from __future__ import annotations
+
+import urllib.request
+
+from conftest import LOOPBACK_INI, TWISTD_WITHOUT_PYOPENSSL, ProxyProcess, rss
+
+MB = 1024 * 1024
+
+
+def _mapped(pid: int) -> set[str]:
+    with open(f"/proc/{pid}/maps") as f:
+        return {line.split()[-1] for line in f if "/" in line}
+
+
+def test_idle_process_stays_under_40_mb(tmp_path, origin) -> None:
+    p = ProxyProcess(tmp_path, LOOPBACK_INI, twistd=TWISTD_WITHOUT_PYOPENSSL).start()
+    try:
+        proxy = urllib.request.ProxyHandler({"http": p.url})
+        with urllib.request.build_opener(proxy).open(origin.url("/echo"), timeout=10) as r:
+            assert r.status == 200
+        assert "proxygate_requests_total" in p.metrics()
+        libraries = _mapped(p.pid)
+        assert not [path for path in libraries if "cryptography" in path], libraries
+        resident = rss(p.pid)
+        print(f"idle RSS {resident / MB:.1f} MB")
+        assert resident < 40 * MB, f"idle RSS {resident / MB:.1f} MB"
+    finally:
+        p.stop()
