@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Mapping
 from email.utils import formatdate
 
 from .parse import Headers, HTTPError, splitTokens
@@ -52,7 +53,11 @@ def connectionTokens(headers: Headers) -> list[bytes]:
 
 
 def stripHopByHop(
-    headers: Headers, keep: frozenset[bytes] = frozenset(), tokens: list[bytes] | None = None
+    headers: Headers,
+    keep: frozenset[bytes] = frozenset(),
+    tokens: list[bytes] | None = None,
+    index: Mapping[bytes, list[bytes]] | None = None,
+    also: frozenset[bytes] = frozenset(),
 ) -> Headers:
     """
     Drop hop-by-hop fields and every field the Connection header names.
@@ -60,7 +65,10 @@ def stripHopByHop(
     The removal set is computed first and applied once (tinyproxy CVE-2023-49606 freed the
     list it was iterating when Connection named itself). Fields in C{keep} survive (the
     upgrade handshake keeps Upgrade and Connection for its own hop). Content-Length and
-    framing fields are dropped too: the caller writes its own framing.
+    framing fields are dropped too: the caller writes its own framing, and so are the
+    names in C{also} (fields the caller rewrites, such as Host). C{index} is the message's
+    fields by lower-case name (the parsers' C{fields}): with it, what goes is decided once
+    per distinct name instead of once per field.
     """
     named = [
         t
@@ -68,16 +76,15 @@ def stripHopByHop(
         if t not in _PROTECTED and t not in _DROP
     ]
     drop = _DROP
-    if named or keep:
-        drop = (drop | frozenset(named)) - keep
-    out = []
-    for field in headers:
-        name = field[0]
-        lower = name.lower()
-        if lower in drop or (b"_" in name and lower.replace(b"_", b"-") in _FRAMING):
-            continue
-        out.append(field)
-    return out
+    if named or keep or also:
+        drop = (drop | also | frozenset(named)) - keep
+    names = index.keys() if index is not None else {name.lower() for name, _ in headers}
+    gone = drop.intersection(names)
+    if b"_" in b"".join(names):
+        gone.update(n for n in names if b"_" in n and n.replace(b"_", b"-") in _FRAMING)
+    if not gone:
+        return list(headers)
+    return [field for field in headers if field[0].lower() not in gone]
 
 
 class Target:

@@ -29,6 +29,15 @@ __all__ = ["ForwardExchange"]
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _UPGRADE_KEEP = frozenset({b"upgrade", b"connection"})
+# Request fields the proxy writes itself: Host always, Max-Forwards on TRACE and OPTIONS.
+_HOST = frozenset({b"host"})
+_HOST_AND_MAX_FORWARDS = frozenset({b"host", b"max-forwards"})
+
+
+def _appendFields(lines: list[bytes], fields: list[tuple[bytes, bytes]]) -> None:
+    """Add C{fields} to a head being built, as field lines."""
+    if fields:
+        lines += (b"\r\n".join([b": ".join(field) for field in fields]), b"\r\n")
 
 
 class ForwardExchange:
@@ -179,17 +188,15 @@ class ForwardExchange:
                 b"\r\n",
             ]
         keep = _UPGRADE_KEEP if self.upgrade is not None else frozenset()
+        tokens = splitTokens(head.values(b"connection"))
+        fields = head.fields
         maxForwards = None
-        for name, value in stripHopByHop(
-            head.headers, tokens=splitTokens(head.values(b"connection"))
-        ):
-            lower = name.lower()
-            if lower == b"host":
-                continue
-            if lower == b"max-forwards" and head.method in (b"TRACE", b"OPTIONS"):
-                maxForwards = value  # validated by the client connection: one 1*DIGIT
-                continue
-            lines += (name, b": ", value, b"\r\n")
+        also = _HOST
+        if head.method in (b"TRACE", b"OPTIONS"):
+            also = _HOST_AND_MAX_FORWARDS
+            if b"max-forwards" in fields and b"max-forwards" not in tokens:
+                maxForwards = fields[b"max-forwards"][-1]  # checked by the client: 1*DIGIT
+        _appendFields(lines, stripHopByHop(head.headers, tokens=tokens, index=fields, also=also))
         if maxForwards is not None:
             # Decrement on the way through (RFC 9110 §7.6.2); 0 was answered locally.
             lines.append(b"Max-Forwards: %d\r\n" % max(int(maxForwards) - 1, 0))
@@ -263,16 +270,13 @@ class ForwardExchange:
     def _responseHead(self, head: ResponseHead, framing=None, interim: bool = False) -> bytes:
         lines = [b"HTTP/1.1 %d " % head.status, head.reason, b"\r\n"]
         keep = _UPGRADE_KEEP if head.status == 101 else frozenset()
-        hasDate = False
-        for name, value in stripHopByHop(
-            head.headers, keep, splitTokens(head.values(b"connection"))
-        ):
-            lower = name.lower()
-            if lower == b"date":
-                hasDate = True
-            elif lower == b"content-type":
-                self.contentType = value.decode("latin-1")
-            lines += (name, b": ", value, b"\r\n")
+        tokens = splitTokens(head.values(b"connection"))
+        fields = head.fields
+        _appendFields(lines, stripHopByHop(head.headers, keep, tokens, fields))
+        # Neither is hop-by-hop: each goes only when the Connection field names it.
+        hasDate = b"date" in fields and b"date" not in tokens
+        if b"content-type" in fields and b"content-type" not in tokens:
+            self.contentType = fields[b"content-type"][-1].decode("latin-1")
         if not interim:
             if not hasDate:
                 lines += (b"Date: ", httpDate(), b"\r\n")
