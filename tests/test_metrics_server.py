@@ -173,14 +173,19 @@ class Responses:
         return int(lines[0].split(" ")[1]), headers, body
 
 
+def _pipelined() -> bytes:
+    """Four requests in one send: a scrape, a 404, a HEAD, an OpenMetrics scrape that closes."""
+    return (
+        request("GET", "/metrics")
+        + request("GET", "/nowhere")
+        + request("HEAD", "/metrics")
+        + request("GET", "/metrics", f"Accept: {OPENMETRICS}", "Connection: close")
+    )
+
+
 def test_pipelinedRequestsAnsweredInOrder(proxy) -> None:
     with connect(proxy) as s:
-        s.sendall(
-            request("GET", "/metrics")
-            + request("GET", "/nowhere")
-            + request("HEAD", "/metrics")
-            + request("GET", "/metrics", f"Accept: {OPENMETRICS}", "Connection: close")
-        )
+        s.sendall(_pipelined())
         responses = Responses(s)
         status, headers, body = responses.next()
         assert (status, headers["content-type"]) == (200, TEXT_TYPE)
@@ -201,12 +206,7 @@ def test_mergedScrapesPipelined(startProxy) -> None:
     proxy = startProxy(LOOPBACK_INI.replace("[proxy]", "[proxy]\nworkers = 2", 1))
     assert waitFor(lambda: proxy.metric("proxygate_workers") == 2, timeout=15)
     with connect(proxy) as s:
-        s.sendall(
-            request("GET", "/metrics")
-            + request("GET", "/nowhere")
-            + request("HEAD", "/metrics")
-            + request("GET", "/metrics", f"Accept: {OPENMETRICS}", "Connection: close")
-        )
+        s.sendall(_pipelined())
         responses = Responses(s)
         status, _, body = responses.next()
         assert status == 200
