@@ -81,7 +81,7 @@ def stripHopByHop(
     names = index.keys() if index is not None else {name.lower() for name, _ in headers}
     gone = drop.intersection(names)
     if b"_" in b"".join(names):
-        gone.update(n for n in names if b"_" in n and n.replace(b"_", b"-") in _FRAMING)
+        gone = gone.union(n for n in names if b"_" in n and n.replace(b"_", b"-") in _FRAMING)
     if not gone:
         return list(headers)
     return [field for field in headers if field[0].lower() not in gone]
