@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping
 from email.utils import formatdate
 
 from .parse import Headers, HTTPError, splitTokens
@@ -56,7 +55,6 @@ def stripHopByHop(
     headers: Headers,
     keep: frozenset[bytes] = frozenset(),
     tokens: list[bytes] | None = None,
-    index: Mapping[bytes, list[bytes]] | None = None,
     also: frozenset[bytes] = frozenset(),
 ) -> Headers:
     """
@@ -66,25 +64,31 @@ def stripHopByHop(
     list it was iterating when Connection named itself). Fields in C{keep} survive (the
     upgrade handshake keeps Upgrade and Connection for its own hop). Content-Length and
     framing fields are dropped too: the caller writes its own framing, and so are the
-    names in C{also} (fields the caller rewrites, such as Host). C{index} is the message's
-    fields by lower-case name (the parsers' C{fields}): with it, what goes is decided once
-    per distinct name instead of once per field.
+    names in C{also} (fields the caller rewrites, such as Host).
     """
     named = [
         t
         for t in (connectionTokens(headers) if tokens is None else tokens)
         if t not in _PROTECTED and t not in _DROP
     ]
-    drop = _DROP
-    if named or keep or also:
-        drop = (drop | also | frozenset(named)) - keep
-    names = index.keys() if index is not None else {name.lower() for name, _ in headers}
-    gone = drop.intersection(names)
-    if b"_" in b"".join(names):
-        gone = gone.union(n for n in names if b"_" in n and n.replace(b"_", b"-") in _FRAMING)
-    if not gone:
-        return list(headers)
-    return [field for field in headers if field[0].lower() not in gone]
+    if named or keep:
+        drop = (_DROP | also | frozenset(named)) - keep
+    else:
+        drop = _dropping.get(also)
+        if drop is None:
+            drop = _dropping[also] = _DROP | also
+    out = []
+    for field in headers:
+        name = field[0]
+        lower = name.lower()
+        if lower in drop or (b"_" in name and lower.replace(b"_", b"-") in _FRAMING):
+            continue
+        out.append(field)
+    return out
+
+
+#: The removal set for each C{also} when Connection names nothing else (almost always).
+_dropping: dict[frozenset[bytes], frozenset[bytes]] = {}
 
 
 class Target:

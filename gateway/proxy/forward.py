@@ -196,7 +196,7 @@ class ForwardExchange:
             also = _HOST_AND_MAX_FORWARDS
             if b"max-forwards" in fields and b"max-forwards" not in tokens:
                 maxForwards = fields[b"max-forwards"][-1]  # checked by the client: 1*DIGIT
-        _appendFields(lines, stripHopByHop(head.headers, tokens=tokens, index=fields, also=also))
+        _appendFields(lines, stripHopByHop(head.headers, tokens=tokens, also=also))
         if maxForwards is not None:
             # Decrement on the way through (RFC 9110 §7.6.2); 0 was answered locally.
             lines.append(b"Max-Forwards: %d\r\n" % max(int(maxForwards) - 1, 0))
@@ -272,7 +272,7 @@ class ForwardExchange:
         keep = _UPGRADE_KEEP if head.status == 101 else frozenset()
         tokens = splitTokens(head.values(b"connection"))
         fields = head.fields
-        _appendFields(lines, stripHopByHop(head.headers, keep, tokens, fields))
+        _appendFields(lines, stripHopByHop(head.headers, keep, tokens))
         # Neither is hop-by-hop: each goes only when the Connection field names it.
         hasDate = b"date" in fields and b"date" not in tokens
         if b"content-type" in fields and b"content-type" not in tokens:
