@@ -50,11 +50,23 @@ TWISTD_WITHOUT_PYOPENSSL = [
 # -- helpers -------------------------------------------------------------------------------
 
 
+_handedOut: set[int] = set()
+
+
 def freePort(host: str = "127.0.0.1") -> int:
+    """
+    A port nothing listens on now, and one this test run has not handed out before: the
+    kernel may give a just-closed probe port again, and a test that picks a port and then
+    starts a proxy picking its own (listener, metrics) must not get the same one twice.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _handedOut:
+            _handedOut.add(port)
+            return port
 
 
 @contextlib.contextmanager
