@@ -52,6 +52,7 @@ from zope.interface import implementer
 from .http1.framing import NONE, requestFraming
 from .http1.headers import httpDate, parseAbsoluteTarget
 from .http1.parse import HTTPError, RequestHead, parseRequestHead, splitTokens
+from .proxy.responses import REASONS
 
 __all__ = [
     "ALLOW",
@@ -78,18 +79,6 @@ MAX_HEAD_SIZE = 16384
 ALLOW = b"GET, HEAD"
 
 _TEXT = b"text/plain; charset=utf-8"
-_REASONS = {
-    200: b"OK",
-    400: b"Bad Request",
-    404: b"Not Found",
-    405: b"Method Not Allowed",
-    408: b"Request Timeout",
-    413: b"Content Too Large",
-    431: b"Request Header Fields Too Large",
-    500: b"Internal Server Error",
-    501: b"Not Implemented",
-    505: b"HTTP Version Not Supported",
-}
 _NOT_FOUND: Answer = (404, _TEXT, b"not found\n")
 _NOT_ALLOWED: Answer = (405, _TEXT, b"only GET and HEAD are allowed here\n")
 _FAILED: Answer = (500, _TEXT, b"internal error, see the proxygate log\n")
@@ -388,7 +377,7 @@ class MetricsServerProtocol(Protocol):
         headOnly: bool,
     ) -> None:
         head = [
-            b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown")),
+            b"HTTP/1.1 %d %s\r\n" % (status, REASONS[status]),
             b"Date: %s\r\n" % httpDate(),
             b"Content-Type: %s\r\n" % contentType,
             b"Content-Length: %d\r\n" % len(body),

@@ -332,8 +332,8 @@ class ForwardExchange:
     def responseEnd(self) -> None:
         if self.clientChunked:
             self._write(LAST_CHUNK)
-        elif self._heldHead:
-            self._write(b"")
+        else:
+            self.flushHead()
         origin = self.origin
         if origin is not None:
             self._releaseOrigin(origin, reuse=self.requestComplete)

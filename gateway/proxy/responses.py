@@ -17,6 +17,7 @@ REASONS = {
     200: b"OK",
     400: b"Bad Request",
     403: b"Forbidden",
+    404: b"Not Found",
     405: b"Method Not Allowed",
     407: b"Proxy Authentication Required",
     408: b"Request Timeout",

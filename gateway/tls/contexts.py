@@ -31,7 +31,15 @@ from collections.abc import Callable
 
 from twisted.logger import Logger
 
-__all__ = ["HTTP11", "CAError", "ClientTLS", "clientCreator", "loadChain", "newServerContext"]
+__all__ = [
+    "HTTP11",
+    "CAError",
+    "ClientTLS",
+    "ServerTLS",
+    "clientCreator",
+    "loadChain",
+    "newServerContext",
+]
 
 _log = Logger()
 
@@ -101,6 +109,16 @@ def loadChain(ctx: ssl.SSLContext, pem: bytes, password: Callable[[], bytes] | N
         with os.fdopen(fd, "wb") as f:
             f.write(pem)
         ctx.load_cert_chain(path, password=password)
+
+
+class ServerTLS:
+    """Makes the server side of TLS on C{context} (an C{ssl:} listener's connections)."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+
+    def newTLS(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> ssl.SSLObject:
+        return self.context.wrap_bio(incoming, outgoing, server_side=True)
 
 
 # ---------------------------------------------------------------- upstream leg

@@ -24,10 +24,10 @@ from cryptography.hazmat.primitives import serialization
 from twisted.logger import Logger
 
 from gateway.tls.ca import CertificateAuthority
-from gateway.tls.contexts import loadChain, newServerContext
+from gateway.tls.contexts import ServerTLS, loadChain, newServerContext
 from gateway.tls.mint import mintLeaf, newLeafKey, normalizeHost
 
-__all__ = ["MAX_LEAF_AGE", "ServerContextCache", "ServerTLS"]
+__all__ = ["MAX_LEAF_AGE", "InterceptTLS", "ServerContextCache"]
 
 _log = Logger()
 
@@ -179,7 +179,7 @@ class ServerContextCache:
         except Exception:
             _log.failure("MITM: cannot select a certificate for a TLS client")
 
-    def serverCreator(self, defaultHost: str) -> ServerTLS:
+    def serverCreator(self, defaultHost: str) -> InterceptTLS:
         """
         The creator of the server side of TLS on the client connection of a
         CONNECT tunnel being intercepted.
@@ -189,10 +189,10 @@ class ServerContextCache:
         @raise ValueError: If C{defaultHost} is not a valid DNS name or IP
             literal (checked now, not mid-handshake).
         """
-        return ServerTLS(self._serverBaseContext(), normalizeHost(defaultHost))
+        return InterceptTLS(self._serverBaseContext(), normalizeHost(defaultHost))
 
 
-class ServerTLS:
+class InterceptTLS(ServerTLS):
     """
     Makes server connections on the SNI-switching base context, remembering this
     tunnel's CONNECT host (on the C{SSLObject}, where the SNI callback finds it) for the
@@ -200,10 +200,10 @@ class ServerTLS:
     """
 
     def __init__(self, context: ssl.SSLContext, defaultHost: str) -> None:
-        self.context = context
+        super().__init__(context)
         self.defaultHost = defaultHost
 
     def newTLS(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> ssl.SSLObject:
-        tls = self.context.wrap_bio(incoming, outgoing, server_side=True)
+        tls = super().newTLS(incoming, outgoing)
         tls.proxygateDefaultHost = self.defaultHost
         return tls

@@ -282,7 +282,7 @@ def startTLS(protocol, creator: TLSCreator) -> TLSLayer:
     below = protocol.transport
     layer = TLSLayer(creator, protocol)
     if hasattr(below, "wrappedProtocol") and below.wrappedProtocol is protocol:
-        below.wrappedProtocol = layer  # Twisted's TLS (ssl: listener) or another layer
+        below.wrappedProtocol = layer  # a TLS layer below (an ssl: listener's)
     else:
         below.protocol = layer  # a TCP connection delivers to its .protocol
     layer.transport = below

@@ -26,7 +26,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IStreamServerEndpoint
 from zope.interface import implementer
 
-from .contexts import loadChain, newServerContext
+from .contexts import ServerTLS, loadChain, newServerContext
 from .layer import TLSFactory, sslReason
 
 __all__ = ["SSLServerEndpoint", "sslServerEndpoint"]
@@ -38,16 +38,6 @@ _REFUSED = {
 _KNOWN = {"port", "interface", "backlog", "privateKey", "certKey", "extraCertChain"}
 
 
-class ListenerTLS:
-    """Makes the server side of TLS for each connection accepted on an C{ssl:} listener."""
-
-    def __init__(self, context: ssl.SSLContext) -> None:
-        self.context = context
-
-    def newTLS(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> ssl.SSLObject:
-        return self.context.wrap_bio(incoming, outgoing, server_side=True)
-
-
 @implementer(IStreamServerEndpoint)
 class SSLServerEndpoint:
     """Listens on TCP (C{reactor.listenTCP}) and speaks TLS on every accepted connection."""
@@ -57,7 +47,7 @@ class SSLServerEndpoint:
     ) -> None:
         self._reactor = reactor
         self._port = port
-        self._creator = ListenerTLS(context)
+        self._creator = ServerTLS(context)
         self._backlog = backlog
         self._interface = interface
 
