@@ -179,8 +179,16 @@ def rss(pid: int) -> int:
 # -- the proxy under test ------------------------------------------------------------------
 
 
+def sslListen(port: int, files) -> str:
+    """An ssl: listener on 127.0.0.1:C{port} with C{files}' key and certificate (tlsorigin)."""
+    return f"ssl:{port}:interface=127.0.0.1:privateKey={files.key}:certKey={files.cert}"
+
+
 class ProxyProcess:
-    """proxygate under twistd, configured by an INI text; listens on a free port."""
+    """
+    proxygate under twistd, configured by an INI text; listens on a free port (C{self.port}),
+    over TLS with C{sslFiles}' key and certificate when given (an HTTPS proxy).
+    """
 
     def __init__(
         self,
@@ -189,6 +197,7 @@ class ProxyProcess:
         *,
         metrics: bool = True,
         listen: str | None = None,
+        sslFiles=None,
         twistd: list[str] = TWISTD,
     ):
         self.workdir = workdir
@@ -196,6 +205,8 @@ class ProxyProcess:
         self.port = freePort()
         self.metricsPort = freePort() if metrics else None
         self.host = "127.0.0.1"
+        if listen is None and sslFiles is not None:
+            listen = sslListen(self.port, sslFiles)
         listenLine = listen or f"tcp:{self.port}:interface=127.0.0.1"
         text = ini
         if "[proxy]" in text:

@@ -19,7 +19,7 @@ import time
 
 import pytest
 import requests
-from conftest import LOOPBACK_INI, ProxyProcess, freePort, payloadChunks, rss, waitFor
+from conftest import LOOPBACK_INI, ProxyProcess, payloadChunks, rss, waitFor
 from tlsorigin import (
     HELLO,
     HTTPSOrigin,
@@ -602,11 +602,8 @@ def test_tunnel_end_over_https_proxy_is_a_tls_close(tmp_path, tls, server):
         srv.seen.append(recvAll(conn))
 
     s = server(speakThenListen)
-    port = freePort()
-    listen = f"ssl:{port}:interface=127.0.0.1:privateKey={tls.key}:certKey={tls.cert}"
-    p = ProxyProcess(tmp_path, LOOPBACK_INI, listen=listen)
-    p.port = port
-    p.start()
+    p = ProxyProcess(tmp_path, LOOPBACK_INI, sslFiles=tls).start()
+    port = p.port
     try:
         raw = socket.create_connection(("127.0.0.1", port), timeout=10)
         sock = tls.clientContext().wrap_socket(

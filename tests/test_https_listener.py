@@ -23,7 +23,14 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import LOOPBACK_INI, TWISTD_WITHOUT_PYOPENSSL, ProxyProcess, freePort, payload
+from conftest import (
+    LOOPBACK_INI,
+    TWISTD_WITHOUT_PYOPENSSL,
+    ProxyProcess,
+    freePort,
+    payload,
+    sslListen,
+)
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -43,10 +50,6 @@ def curl(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
         timeout=timeout,
         env={"PATH": "/usr/bin:/bin"},
     )
-
-
-def sslListen(port: int, files: TLSFiles) -> str:
-    return f"ssl:{port}:interface=127.0.0.1:privateKey={files.key}:certKey={files.cert}"
 
 
 @pytest.fixture(scope="module")
@@ -266,15 +269,8 @@ def test_https_listener_and_mitm_without_pyopenssl(pki, httpsOrigin, tmp_path) -
     the ssl: listener, an intercepted CONNECT inside it and the verified origin leg all work
     in a process that cannot import it.
     """
-    port = freePort()
-    p = ProxyProcess(
-        tmp_path,
-        mitmINI(tmp_path, pki),
-        listen=sslListen(port, pki),
-        twistd=TWISTD_WITHOUT_PYOPENSSL,
-    )
-    p.port = port
-    p.start()
+    ini = mitmINI(tmp_path, pki)
+    p = ProxyProcess(tmp_path, ini, sslFiles=pki, twistd=TWISTD_WITHOUT_PYOPENSSL).start()
     try:
         base = f"https://127.0.0.1:{httpsOrigin.port}"
         r = curl(

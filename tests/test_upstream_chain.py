@@ -39,6 +39,7 @@ from conftest import (
     freePort,
     payload,
     rawRequest,
+    sslListen,
     waitForPort,
 )
 from tlsorigin import HELLO, HTTPSOrigin, TCPServer, TLSFiles, makeCA
@@ -821,10 +822,6 @@ def test_chain_to_ipv6_upstream(proxies, origin) -> None:
     assert r.returncode == 0, r.stderr.decode()
     assert headersOf(json.loads(r.stdout))["via"] == "1.1 proxygate, 1.1 proxygate"
     assert [ln for ln in b.accessLines() if "/echo" in ln and " ::1 " in ln], b.accessLines()
-
-
-def sslListen(port: int, files: TLSFiles) -> str:
-    return f"ssl:{port}:interface=127.0.0.1:privateKey={files.key}:certKey={files.cert}"
 
 
 @pytest.fixture

@@ -315,11 +315,8 @@ def test_sslListenerWithWorkers(tmp_path, origin) -> None:
     from tlsorigin import makeCA
 
     files = makeCA(tmp_path / "pki")
-    port = freePort()
-    listen = f"ssl:{port}:interface=127.0.0.1:privateKey={files.key}:certKey={files.cert}"
-    proxy = ProxyProcess(tmp_path, WORKERS_INI, listen=listen)
-    proxy.port = port
-    proxy.start()
+    proxy = ProxyProcess(tmp_path, WORKERS_INI, sslFiles=files).start()
+    port = proxy.port
     try:
         assert waitFor(lambda: ") serving" in proxy.log()), proxy.log()
         for _ in range(20):
