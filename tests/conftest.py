@@ -241,7 +241,11 @@ class ProxyProcess:
             env={**os.environ, "PYTHONPATH": str(REPO)},
         )
         try:
+            # The metrics listener opens just after the proxy's: a test that scrapes as soon
+            # as the proxy port answers could find it not listening yet.
             waitForPort(self.host, self.port, proc=self.proc)
+            if self.metricsPort is not None:
+                waitForPort("127.0.0.1", self.metricsPort, proc=self.proc)
         except Exception:
             self.stop()
             raise RuntimeError(f"proxygate did not start:\n{self.log()}")
