@@ -18,10 +18,19 @@ CONFIG="$HERE/bench.ini"            # absolute: the harness may start the proxy 
 
 [[ -x "$PG_VENV/bin/twistd" ]] || { echo "no twistd in $PG_VENV (set PROXYGATE_VENV)" >&2; exit 1; }
 [[ -f "$HARNESS" ]] || { echo "harness not found: $HARNESS (set BENCH_HARNESS)" >&2; exit 1; }
-# PYTHONPATH=$REPO: benchmark this working tree (gateway/ and twisted/plugins/proxygate.py),
-# from any cwd, whether or not proxygate is pip-installed into the venv.
-PYTHONPATH="$REPO" "$PG_VENV/bin/twistd" proxygate --help >/dev/null \
+# PYTHONPATH=$REPO: benchmark this working tree (gateway/ and twisted/plugins/proxygate.py)
+# from any cwd. A copy pip-installed into the venv puts its own twisted/plugins/proxygate.py
+# first, and twistd would run that plugin with this tree's gateway/: refuse the mix.
+plugin=$(PYTHONPATH="$REPO" "$PG_VENV/bin/python" -c '
+import sys
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+print(*[sys.modules[type(p).__module__].__file__ for p in getPlugins(IServiceMaker) if p.tapname == "proxygate"])') \
   || { echo "the proxygate twistd plugin does not load from $REPO" >&2; exit 1; }
+if [[ "$plugin" != "$REPO/twisted/plugins/proxygate.py" ]] && ! cmp -s "$plugin" "$REPO/twisted/plugins/proxygate.py"; then
+  echo "$PG_VENV runs the twistd plugin $plugin, not this tree's: reinstall (pip install $REPO)" >&2
+  exit 1
+fi
 
 PG_CMD="env PYTHONPATH=$REPO $PG_VENV/bin/twistd -n --pidfile= proxygate --config $CONFIG"
 PG_CMD+=" --listen tcp:{port}:interface=127.0.0.1 --metrics-listen ''"

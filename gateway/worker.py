@@ -107,7 +107,10 @@ def main() -> None:
 
     from twisted.internet import reactor, stdio
 
+    from .eventloop import dispatchDirectly
     from .service import GatewayService
+
+    dispatchDirectly(reactor)
 
     # Frames go out on a private copy of stdout; whatever else writes to fd 1 (a stray
     # print) lands on stderr, which the master logs, instead of corrupting the frames.

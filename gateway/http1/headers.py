@@ -73,22 +73,31 @@ def stripHopByHop(
     ]
     if named or keep:
         drop = (_DROP | also | frozenset(named)) - keep
-    else:
-        drop = _dropping.get(also)
-        if drop is None:
-            drop = _dropping[also] = _DROP | also
-    out = []
-    for field in headers:
-        name = field[0]
-        lower = name.lower()
-        if lower in drop or (b"_" in name and lower.replace(b"_", b"-") in _FRAMING):
-            continue
-        out.append(field)
-    return out
+        return [field for field in headers if not _dropped(field[0], drop)]
+    # Almost always: the removal set depends on `also` only, so each spelling's verdict is
+    # remembered and the fields are filtered by one lookup each.
+    verdicts = _verdicts.get(also)
+    if verdicts is None:
+        verdicts = _verdicts[also] = {}
+    try:
+        return [field for field in headers if not verdicts[field[0]]]
+    except KeyError:
+        if len(verdicts) >= 4096:
+            verdicts.clear()
+        drop = _DROP | also
+        for name, _ in headers:
+            verdicts[name] = _dropped(name, drop)
+        return [field for field in headers if not verdicts[field[0]]]
 
 
-#: The removal set for each C{also} when Connection names nothing else (almost always).
-_dropping: dict[frozenset[bytes], frozenset[bytes]] = {}
+def _dropped(name: bytes, drop: frozenset[bytes]) -> bool:
+    lower = name.lower()
+    return lower in drop or (b"_" in name and lower.replace(b"_", b"-") in _FRAMING)
+
+
+#: For each C{also}, whether a field spelled so is dropped when Connection names nothing
+#: else (almost every message).
+_verdicts: dict[frozenset[bytes], dict[bytes, bool]] = {}
 
 
 class Target:

@@ -205,7 +205,7 @@ class ForwardExchange:
             lines.append(b"Content-Length: %d\r\n" % self.framing.length)
         elif kind == CHUNKED:
             lines.append(b"Transfer-Encoding: chunked\r\n")
-        elif any(n.lower() == b"content-length" for n, _ in head.headers):
+        elif head.values(b"content-length"):
             # An empty POST keeps its "Content-Length: 0": origins answer 411 without it.
             lines.append(b"Content-Length: 0\r\n")
         if keep:
@@ -287,14 +287,13 @@ class ForwardExchange:
                 elif kind == NONE:
                     if head.status >= 200 and (self.head.method == b"HEAD" or head.status == 304):
                         # A HEAD or 304 response states the length of what a GET would get.
-                        for name, value in head.headers:
-                            if name.lower() == b"content-length":
-                                lines += (
-                                    b"Content-Length: ",
-                                    value.split(b",")[0].strip(),
-                                    b"\r\n",
-                                )
-                                break
+                        length = head.values(b"content-length")
+                        if length:
+                            lines += (
+                                b"Content-Length: ",
+                                length[0].split(b",")[0].strip(),
+                                b"\r\n",
+                            )
                     elif head.status not in (204,) and head.status >= 200:
                         lines.append(b"Content-Length: 0\r\n")
                 elif self.client.version == b"HTTP/1.1":

@@ -81,6 +81,11 @@ class ProxygateServiceMaker:
             sys.exit(f"proxygate: {e}")
         if service.authenticator is not None:
             _reloadOnHangup(service)
+        from twisted.internet import reactor
+
+        from gateway.eventloop import dispatchDirectly
+
+        dispatchDirectly(reactor)
         return service
 
 
