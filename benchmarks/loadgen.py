@@ -9,6 +9,7 @@ req/s, p50/p99 latency and, when it knows the proxy's PID, its CPU us/request an
   python benchmarks/loadgen.py --start-proxy                      # every scenario
   python benchmarks/loadgen.py --start-proxy get new -d 5          # some of them
   python benchmarks/loadgen.py --proxy 127.0.0.1:3128 --proxy-pid 1234 dk
+  python benchmarks/loadgen.py --start-squid bulk bulk-tunnel      # the same against Squid
 
 Scenarios (defaults; -c/-n/-d/--size override):
   get          GET 1 KiB, absolute-form, keep-alive, 32 conns, time-bound
@@ -195,9 +196,49 @@ def start_proxy(a, logdir, pin):
         "--metrics-listen",
         "",
     ]
-    log = open(os.path.join(logdir, f"proxygate-{port}.log"), "w")  # noqa: SIM115
     # this working tree's gateway/ and twisted/plugins, whatever the cwd or the install state
     env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
+    return _launch("proxygate", cmd, port, logdir, pin, env), port
+
+
+# The peer for the scenarios the shared harness lacks (bulk through a tunnel): Squid as
+# ../shared/bench configures it, except that CONNECT may reach the origin's random port.
+SQUID_CONF = """http_port 127.0.0.1:{port}
+workers 1
+cache deny all
+cache_mem 0 MB
+access_log none
+cache_store_log none
+cache_log {d}/cache.log
+pid_filename {d}/squid.pid
+coredump_dir {d}
+logfile_rotate 0
+pinger_enable off
+shutdown_lifetime 0 seconds
+visible_hostname bench
+via off
+forwarded_for transparent
+max_filedescriptors 65536
+acl bench_client src 127.0.0.1/32
+http_access allow bench_client
+http_access deny all
+"""
+
+
+def start_squid(a, logdir, pin):
+    squid = shutil.which("squid") or shutil.which("/usr/sbin/squid") or sys.exit("no squid")
+    port = free_port()
+    d = tempfile.mkdtemp(prefix="squid-", dir=logdir)
+    os.chmod(d, 0o777)  # squid drops to its own user for the cache log
+    conf = os.path.join(d, "squid.conf")
+    with open(conf, "w") as f:
+        f.write(SQUID_CONF.format(port=port, d=d))
+    return _launch("squid", [squid, "-N", "-f", conf], port, logdir, pin, None), port
+
+
+def _launch(name, cmd, port, logdir, pin, env):
+    """Start a proxy, pinned to CPU0 if asked, and wait until it accepts on port."""
+    log = open(os.path.join(logdir, f"{name}-{port}.log"), "w")  # noqa: SIM115
     p = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
     )
@@ -209,12 +250,12 @@ def start_proxy(a, logdir, pin):
             break
         try:
             socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return p, port
+            return p
         except OSError:
             time.sleep(0.05)
     stop(p)
     with open(log.name) as f:
-        sys.exit(f"proxygate did not start, see {log.name}:\n{f.read()[-2000:]}")
+        sys.exit(f"{name} did not start, see {log.name}:\n{f.read()[-2000:]}")
 
 
 def stop(p):
@@ -511,6 +552,7 @@ def main():
     ap.add_argument("scenarios", nargs="*", help=f"default: all ({' '.join(SCEN)})")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--start-proxy", action="store_true", help="start proxygate, fresh per scenario")
+    g.add_argument("--start-squid", action="store_true", help="start squid (the peer), same way")
     g.add_argument("--proxy", help="HOST:PORT of a running proxy (loopback only)")
     g.add_argument("--direct", action="store_true", help="no proxy: client+origin ceiling")
     ap.add_argument("--proxy-pid", type=int, help="PID of --proxy, to read its CPU and RSS")
@@ -543,8 +585,8 @@ def main():
         if not ipaddress.ip_address(socket.gethostbyname(h.strip("[]"))).is_loopback:
             sys.exit("--proxy must be a loopback address")
         proxy = (h.strip("[]"), int(p))
-    elif not (a.start_proxy or a.direct):
-        ap.error("one of --start-proxy, --proxy HOST:PORT, --direct")
+    elif not (a.start_proxy or a.start_squid or a.direct):
+        ap.error("one of --start-proxy, --start-squid, --proxy HOST:PORT, --direct")
     pin = not a.no_pin and len(os.sched_getaffinity(0)) >= 2
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
     todo = a.scenarios or list(SCEN)
@@ -562,8 +604,8 @@ def main():
     try:
         for name in todo:
             pproc = None
-            if a.start_proxy:
-                pproc, port = start_proxy(a, tmp, pin)
+            if a.start_proxy or a.start_squid:
+                pproc, port = (start_proxy if a.start_proxy else start_squid)(a, tmp, pin)
                 proxy = ("127.0.0.1", port)
             pid = pproc.pid if pproc else a.proxy_pid
             run = Run(a, name, proxy, origin, sslctx)
@@ -572,7 +614,7 @@ def main():
             finally:
                 if pproc:
                     if pproc.poll() is not None:
-                        print(f"proxygate exited (rc {pproc.returncode}), log in {tmp}")
+                        print(f"the proxy exited (rc {pproc.returncode}), log in {tmp}")
                     stop(pproc)
             results.append(r)
             print(json.dumps(r) if a.json else fmt(r), flush=True)
