@@ -29,10 +29,14 @@ def dispatchDirectly(reactor) -> bool:
     Make C{reactor} dispatch socket events without the log context, if it is Twisted's
     epoll reactor (any other reactor is left alone). Returns whether it did.
     """
-    if type(reactor) is not EPollReactor or EPollReactor.doPoll is not EPollReactor.doIteration:
+    # Only the loop this replaces: not a subclass, not another reactor, not a Twisted whose
+    # epoll loop has changed shape (then proxygate runs on Twisted's own, a little slower).
+    if type(reactor) is not EPollReactor or EPollReactor.doIteration is not EPollReactor.doPoll:
         return False
-    selectables = reactor._selectables
-    dispatch = reactor._doReadOrWrite
+    selectables = getattr(reactor, "_selectables", None)
+    dispatch = getattr(reactor, "_doReadOrWrite", None)
+    if not isinstance(selectables, dict) or dispatch is None or not hasattr(reactor, "_poller"):
+        return False
 
     def doIteration(timeout: float | None) -> None:
         # EPollReactor.doPoll, less callWithLogger. EINTR is retried by Python itself

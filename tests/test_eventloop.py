@@ -5,10 +5,14 @@ driven by hand with iterate(), over real loopback sockets.
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
+from conftest import REPO
 from twisted.internet import protocol
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.selectreactor import SelectReactor
@@ -113,3 +117,24 @@ def test_otherReactorsAreLeftAlone():
     finally:
         for fd in reactor._internalReaders:
             fd.connectionLost(None)
+
+
+def test_twistdPluginInstallsIt(tmp_path):
+    """`twistd proxygate` builds its service through the plugin, which switches the loop."""
+    script = (
+        "from twisted.internet import epollreactor; epollreactor.install()\n"
+        "from twisted.plugins.proxygate import Options, serviceMaker\n"
+        "options = Options(); options.parseOptions(['--metrics-listen', ''])\n"
+        "serviceMaker.makeService(options)\n"
+        "from twisted.internet import reactor\n"
+        "print(reactor.doIteration.__qualname__)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert out.stdout.strip() == "dispatchDirectly.<locals>.doIteration", out.stderr
