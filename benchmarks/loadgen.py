@@ -10,6 +10,7 @@ req/s, p50/p99 latency and, when it knows the proxy's PID, its CPU us/request an
   python benchmarks/loadgen.py --start-proxy get new -d 5          # some of them
   python benchmarks/loadgen.py --proxy 127.0.0.1:3128 --proxy-pid 1234 dk
   python benchmarks/loadgen.py --start-squid bulk bulk-tunnel      # the same against Squid
+  python benchmarks/loadgen.py --start-proxy --mitm tunnel-tls bulk-tls   # TLS intercepted
 
 Scenarios (defaults; -c/-n/-d/--size override):
   get          GET 1 KiB, absolute-form, keep-alive, 32 conns, time-bound
@@ -20,6 +21,7 @@ Scenarios (defaults; -c/-n/-d/--size override):
   dk-tls       the same through CONNECT + TLS (Datakit's real case)
   bulk         GET 100 MB, plain (absolute-form), 1 conn x 3
   bulk-tunnel  GET 100 MB inside a CONNECT tunnel (plain TCP inside), 1 conn x 3
+  bulk-tls     GET 100 MB inside a CONNECT tunnel with TLS to the origin, 1 conn x 3
   idle         N idle tunnels (--tunnels, default 2000): proxy RSS per tunnel, idle CPU
 Every run is bounded: -n requests per client AND -d seconds, a per-request timeout, and a
 SIGALRM kill switch; the processes it started are stopped by PID.
@@ -54,6 +56,7 @@ SCEN = {  # name: (conns, requests per client, path, dict of options)
     "dk-tls": (16, 100, "/v1/write/xxx", {"post": 172787, "tunnel": True, "tls": True}),
     "bulk": (1, 3, f"/bytes/{100_000_000}", {}),
     "bulk-tunnel": (1, 3, f"/bytes/{100_000_000}", {"tunnel": True}),
+    "bulk-tls": (1, 3, f"/bytes/{100_000_000}", {"tunnel": True, "tls": True}),
     "idle": (0, 0, "/bytes/16", {"tunnel": True}),
 }
 
@@ -196,6 +199,16 @@ def start_proxy(a, logdir, pin):
         "--metrics-listen",
         "",
     ]
+    if a.mitm:
+        # proxygate creates the CA on its first start (the client trusts it from then on) and
+        # verifies the origin's self-signed certificate.
+        for key, value in (
+            ("enabled", "on"),
+            ("ca_cert", os.path.join(logdir, "mitm-ca.pem")),
+            ("ca_key", os.path.join(logdir, "mitm-ca.key")),
+            ("upstream_ca_bundle", os.path.join(logdir, "cert.pem")),
+        ):
+            cmd += ["--set", f"mitm.{key}={value}"]
     # this working tree's gateway/ and twisted/plugins, whatever the cwd or the install state
     env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
     return _launch("proxygate", cmd, port, logdir, pin, env), port
@@ -553,6 +566,7 @@ def main():
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--start-proxy", action="store_true", help="start proxygate, fresh per scenario")
     g.add_argument("--start-squid", action="store_true", help="start squid (the peer), same way")
+    ap.add_argument("--mitm", action="store_true", help="with --start-proxy: [mitm] on")
     g.add_argument("--proxy", help="HOST:PORT of a running proxy (loopback only)")
     g.add_argument("--direct", action="store_true", help="no proxy: client+origin ceiling")
     ap.add_argument("--proxy-pid", type=int, help="PID of --proxy, to read its CPU and RSS")
@@ -587,6 +601,8 @@ def main():
         proxy = (h.strip("[]"), int(p))
     elif not (a.start_proxy or a.start_squid or a.direct):
         ap.error("one of --start-proxy, --start-squid, --proxy HOST:PORT, --direct")
+    if a.mitm and not a.start_proxy:
+        ap.error("--mitm needs --start-proxy")
     pin = not a.no_pin and len(os.sched_getaffinity(0)) >= 2
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
     todo = a.scenarios or list(SCEN)
@@ -607,6 +623,8 @@ def main():
             if a.start_proxy or a.start_squid:
                 pproc, port = (start_proxy if a.start_proxy else start_squid)(a, tmp, pin)
                 proxy = ("127.0.0.1", port)
+                if a.mitm:
+                    sslctx = ssl.create_default_context(cafile=os.path.join(tmp, "mitm-ca.pem"))
             pid = pproc.pid if pproc else a.proxy_pid
             run = Run(a, name, proxy, origin, sslctx)
             try:
