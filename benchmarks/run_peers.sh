@@ -26,7 +26,7 @@ import sys
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 print(*[sys.modules[type(p).__module__].__file__ for p in getPlugins(IServiceMaker) if p.tapname == "proxygate"])') \
-  || { echo "the proxygate twistd plugin does not load from $REPO" >&2; exit 1; }
+  && [[ -n "$plugin" ]] || { echo "the proxygate twistd plugin does not load from $REPO" >&2; exit 1; }
 if [[ "$plugin" != "$REPO/twisted/plugins/proxygate.py" ]] && ! cmp -s "$plugin" "$REPO/twisted/plugins/proxygate.py"; then
   echo "$PG_VENV runs the twistd plugin $plugin, not this tree's: reinstall (pip install $REPO)" >&2
   exit 1
