@@ -51,7 +51,13 @@ from zope.interface import implementer
 
 from .http1.framing import NONE, requestFraming
 from .http1.headers import httpDate, parseAbsoluteTarget
-from .http1.parse import HTTPError, RequestHead, parseRequestHead, splitTokens
+from .http1.parse import (
+    HTTPError,
+    RequestHead,
+    parseRequestHead,
+    splitRequestHead,
+    splitTokens,
+)
 from .proxy.responses import REASONS
 
 __all__ = [
@@ -82,6 +88,7 @@ _TEXT = b"text/plain; charset=utf-8"
 _NOT_FOUND: Answer = (404, _TEXT, b"not found\n")
 _NOT_ALLOWED: Answer = (405, _TEXT, b"only GET and HEAD are allowed here\n")
 _FAILED: Answer = (500, _TEXT, b"internal error, see the proxygate log\n")
+_TOO_LARGE = f"the request head is over {MAX_HEAD_SIZE} bytes"
 
 
 def routePath(configured: str) -> bytes:
@@ -264,24 +271,11 @@ class MetricsServerProtocol(Protocol):
 
     def _takeHead(self) -> RequestHead | None:
         """The next complete, acceptable head out of the buffer; None (maybe refused) if none."""
-        buf = self._buffer
-        if buf[:2] == b"\r\n":
-            # RFC 9112 §2.2: ignore empty lines before a request line.
-            buf = self._buffer = buf.lstrip(b"\r\n")
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buf) > MAX_HEAD_SIZE:
-                self._refuse(431, f"the request head is over {MAX_HEAD_SIZE} bytes")
-            elif buf.count(b"\n") != buf.count(b"\r\n"):
-                # A head ended by bare LFs would never complete: refuse it now.
-                self._refuse(400, "bare LF in the request head")
-            return None
-        if end + 4 > MAX_HEAD_SIZE:
-            self._refuse(431, f"the request head is over {MAX_HEAD_SIZE} bytes")
-            return None
-        self._buffer = buf[end + 4 :]
         try:
-            head = parseRequestHead(buf[:end])
+            block, self._buffer = splitRequestHead(self._buffer, MAX_HEAD_SIZE, _TOO_LARGE)
+            if block is None:
+                return None
+            head = parseRequestHead(block)
             _checkHead(head)
         except HTTPError as e:
             self._refuse(e.status, e.reason)

@@ -39,6 +39,7 @@ from gateway.http1.parse import (
     _parseResponseLines,
     parseRequestHead,
     parseResponseHead,
+    splitRequestHead,
 )
 
 
@@ -957,3 +958,39 @@ def test_fast_head_parsers_agree_with_line_parsers(first, pieces) -> None:
     assert _outcome(parseResponseHead, block) == _outcome(
         lambda b: _parseResponseLines(b, 200), block
     )
+
+
+# --- splitRequestHead: finding the head in a receive buffer --------------------------------
+
+
+def test_splitRequestHeadTakesOneHeadAndKeepsTheRest():
+    buffer = b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\nGET /next"
+    assert splitRequestHead(buffer, 100, "big") == (b"GET / HTTP/1.1\r\nHost: a", b"GET /next")
+
+
+def test_splitRequestHeadWaitsForTheRestAndDropsLeadingEmptyLines():
+    assert splitRequestHead(b"\r\n\r\nGET / HTTP/1.1\r\n", 100, "big") == (
+        None,
+        b"GET / HTTP/1.1\r\n",
+    )
+    assert splitRequestHead(b"\r\n", 100, "big") == (None, b"")
+
+
+def test_splitRequestHeadLimitCountsTheFinalCRLF():
+    head = b"GET / HTTP/1.1\r\nHost: a"
+    assert splitRequestHead(head + b"\r\n\r\n", len(head) + 4, "big")[0] == head
+    with pytest.raises(HTTPError) as info:
+        splitRequestHead(head + b"\r\n\r\n", len(head) + 3, "too big")
+    assert (info.value.status, info.value.reason) == (431, "too big")
+
+
+def test_splitRequestHeadRefusesAnIncompleteHeadAlreadyOverTheLimit():
+    with pytest.raises(HTTPError) as info:
+        splitRequestHead(b"GET / HTTP/1.1\r\nX: " + b"a" * 100, 64, "too big")
+    assert info.value.status == 431
+
+
+def test_splitRequestHeadRefusesBareLFAtOnce():
+    with pytest.raises(HTTPError) as info:
+        splitRequestHead(b"GET / HTTP/1.1\nHost: a\n", 100, "big")
+    assert (info.value.status, info.value.reason) == (400, "bare LF in the request head")

@@ -9,8 +9,8 @@ control characters in values. Requests that break them are refused (400); respon
 few repairs RFC 9112 requires of a proxy (whitespace before the colon removed, obs-fold
 unfolded) and are otherwise refused too (502).
 
-The functions take the head *without* its final empty line, as found by the caller in its
-receive buffer, and return plain values; they never see a socket.
+The functions take the head *without* its final empty line, as L{splitRequestHead} (or the
+caller) finds it in a receive buffer, and return plain values; they never see a socket.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ __all__ = [
     "ResponseHead",
     "parseRequestHead",
     "parseResponseHead",
+    "splitRequestHead",
 ]
 
 
@@ -290,6 +291,32 @@ def _parseResponseLines(block: bytes, maxHeaders: int) -> ResponseHead:
         else:
             fields[lower] = [value]
     return ResponseHead(b"HTTP/1." + m.group(1), status, m.group(3) or b"", headers, fields)
+
+
+def splitRequestHead(buffer: bytes, limit: int, tooLarge: str) -> tuple[bytes | None, bytes]:
+    """
+    The request head at the front of a receive buffer, without its final empty line, and
+    the buffer that remains: (head, what follows it), or (None, the buffer to keep) while
+    the head is incomplete. Empty lines before a request line are dropped (RFC 9112 §2.2).
+    One function for every listener, so each refuses exactly the same heads.
+
+    @param limit: the most bytes a head may have, its final CRLF counted.
+    @param tooLarge: the reason of the 431, in the caller's words.
+    @raise HTTPError: 431 for a head over C{limit}, as soon as the buffer shows it; 400 for
+        bare LF line ends, which would never end the head (not waiting for a timeout).
+    """
+    if buffer[:2] == b"\r\n":
+        buffer = buffer.lstrip(b"\r\n")
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        if len(buffer) > limit:
+            raise HTTPError(431, tooLarge)
+        if buffer.count(b"\n") != buffer.count(b"\r\n"):
+            raise HTTPError(400, "bare LF in the request head")
+        return None, buffer
+    if end + 4 > limit:
+        raise HTTPError(431, tooLarge)
+    return buffer[:end], buffer[end + 4 :]
 
 
 def splitTokens(values: list[bytes]) -> list[bytes]:

@@ -21,7 +21,13 @@ from zope.interface import implementer
 from ..accesslog import AccessRecord
 from ..http1.framing import NONE, requestFraming
 from ..http1.headers import Target, parseAbsoluteTarget, parseAuthority
-from ..http1.parse import HTTPError, RequestHead, parseRequestHead, splitTokens
+from ..http1.parse import (
+    HTTPError,
+    RequestHead,
+    parseRequestHead,
+    splitRequestHead,
+    splitTokens,
+)
 from ..policy import clientAllowed
 from ..tls.layer import startTLS
 from .connect import startConnect
@@ -33,6 +39,7 @@ __all__ = ["ClientConnection", "ClientFactory"]
 
 _HEAD, _BODY, _WAIT, _TUNNEL, _CLOSED, _PEEK = range(6)
 _PIPELINE_LIMIT = 65536
+_TOO_LARGE = "The request head is larger than the proxy accepts."
 _INFO = (
     "This is proxygate, an HTTP forward proxy. Configure it as your proxy "
     "(http_proxy / https_proxy) instead of requesting it directly."
@@ -230,28 +237,11 @@ class ClientConnection(Protocol):
                 self.pauser.pause(PIPELINE)
 
     def _readHead(self) -> None:
-        buf = self._buf
-        if buf[:2] == b"\r\n":
-            # RFC 9112 §2.2: ignore empty lines before a request line.
-            buf = self._buf = buf.lstrip(b"\r\n")
-            if not buf:
-                return
-        end = buf.find(b"\r\n\r\n")
-        limit = self.rt.maxHeaderSize
-        if end < 0:
-            if len(buf) > limit:
-                self._reject(HTTPError(431, "The request head is larger than the proxy accepts."))
-            elif buf.count(b"\n") != buf.count(b"\r\n"):
-                # A head ended by bare LFs would never complete: refuse it now, not at the
-                # header timeout (RFC 9112 §2.2).
-                self._reject(HTTPError(400, "bare LF in the request head"))
-            return
-        if end + 4 > limit:
-            self._reject(HTTPError(431, "The request head is larger than the proxy accepts."))
-            return
-        self._buf = buf[end + 4 :]
         try:
-            head = parseRequestHead(buf[:end], self.rt.maxHeaders)
+            block, self._buf = splitRequestHead(self._buf, self.rt.maxHeaderSize, _TOO_LARGE)
+            if block is None:
+                return
+            head = parseRequestHead(block, self.rt.maxHeaders)
         except HTTPError as e:
             self._reject(e)
             return
