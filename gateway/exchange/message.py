@@ -1,0 +1,119 @@
+"""
+Message heads that do not know their wire.
+
+A request or response crosses the proxy as one of these: the side that read it from its
+wire (an HTTP/1.1 connection, an HTTP/2 stream, an FTP fetch) has already removed what
+belongs to that wire (hop-by-hop fields, framing, Host or :authority), and the side that
+writes it adds its own. The exchange in between only sees the end-to-end part, so an HTTP/1.1
+client can talk to an HTTP/2 origin (and the reverse) without either side knowing.
+
+Plain slotted classes, not attrs: one of each is made per request on the hot path.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Fields", "Request", "Response", "UNKNOWN"]
+
+Fields = list[tuple[bytes, bytes]]
+
+#: A body length nobody stated: the body ends when its side says so (HTTP/1.1 chunked or
+#: close-delimited, an HTTP/2 stream without content-length).
+UNKNOWN = None
+
+
+class Request:
+    """
+    One request, as the exchange forwards it.
+
+    @ivar method: C{b"GET"}...
+    @ivar scheme: C{"http"}, C{"https"} (an intercepted tunnel, a TLS backend) or C{"ftp"}.
+    @ivar host: the destination name or address, lower case, IPv6 without brackets.
+    @ivar port: the destination port.
+    @ivar authority: what the next hop sees as Host (or :authority): C{b"example.com:8080"}.
+    @ivar path: origin-form path and query (C{b"/a?b"}), or C{b"*"} (OPTIONS to the server).
+    @ivar version: the protocol the client spoke (C{b"HTTP/1.1"}, C{b"HTTP/1.0"},
+        C{b"HTTP/2"}): Via names it.
+    @ivar fields: the end-to-end fields, in order, names as received (HTTP/2: lower case).
+    @ivar length: body bytes that follow: 0 for none, C{UNKNOWN} when unstated.
+    @ivar upgrade: the protocols a client asked to switch to (HTTP/1.1 only), else None.
+    """
+
+    __slots__ = (
+        "authority",
+        "fields",
+        "host",
+        "length",
+        "method",
+        "path",
+        "port",
+        "scheme",
+        "upgrade",
+        "version",
+    )
+
+    def __init__(
+        self,
+        method: bytes,
+        scheme: str,
+        host: str,
+        port: int,
+        authority: bytes,
+        path: bytes,
+        version: bytes,
+        fields: Fields,
+        length: int | None = 0,
+        upgrade: bytes | None = None,
+    ) -> None:
+        self.method = method
+        self.scheme = scheme
+        self.host = host
+        self.port = port
+        self.authority = authority
+        self.path = path
+        self.version = version
+        self.fields = fields
+        self.length = length
+        self.upgrade = upgrade
+
+    def url(self) -> str:
+        """The URL for logs: no query (Squid's strip_query_terms), never userinfo."""
+        path = self.path.split(b"?", 1)[0].decode("ascii", "replace")
+        return f"{self.scheme}://{self.authority.decode('ascii', 'replace')}{path}"
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method.decode()} {self.url()} length={self.length}>"
+
+
+class Response:
+    """
+    One response head, as the exchange forwards it.
+
+    @ivar status: the status code; 1xx heads are informational (more follow).
+    @ivar reason: the reason phrase (HTTP/1.1 only; empty from HTTP/2).
+    @ivar version: the protocol the origin spoke: Via names it.
+    @ivar fields: the end-to-end fields (hop-by-hop and framing removed).
+    @ivar length: body bytes that follow: 0 for none, C{UNKNOWN} when unstated.
+    @ivar statedLength: for a response that has no body by rule (to HEAD, a 304), the
+        Content-Length it states, which describes the body a GET would get; else None.
+    """
+
+    __slots__ = ("fields", "length", "reason", "statedLength", "status", "version")
+
+    def __init__(
+        self,
+        status: int,
+        reason: bytes,
+        version: bytes,
+        fields: Fields,
+        length: int | None = 0,
+        statedLength: bytes | None = None,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.version = version
+        self.fields = fields
+        self.length = length
+        self.statedLength = statedLength
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} length={self.length}>"
