@@ -13,7 +13,6 @@ import time
 from typing import IO
 
 from attrs import frozen
-from twisted.logger import Logger, LogLevel, formatEvent
 
 __all__ = ["AccessLog", "AccessRecord", "fileObserver", "hierarchy"]
 
@@ -33,8 +32,9 @@ class AccessRecord:
     action: str  # Squid result code: TCP_MISS, TCP_TUNNEL, TCP_DENIED, ...
     hierarchy: str  # HIER_DIRECT/ip, HIER_NONE/-
     contentType: str
-    mode: str  # forward | tunnel | mitm | local
-    reason: str | None = None  # why a request was refused or failed
+    mode: str  # forward | tunnel | mitm | reverse | ftp | local
+    reason: str | None = None  # why it was refused or failed: a code (exchange/problems.py)
+    detail: str | None = None  # the same in a sentence
     version: str = "HTTP/1.1"
 
 
@@ -76,6 +76,7 @@ def jsonLine(r: AccessRecord) -> str:
             "content_type": r.contentType or None,
             "mode": r.mode,
             "reason": r.reason,
+            "detail": r.detail,
         },
         separators=(",", ":"),
     )
@@ -91,12 +92,15 @@ class AccessLog:
     """
 
     def __init__(self, format: str = "squid", observer=None) -> None:
+        from twisted.logger import Logger, LogLevel
+
         self._format = _FORMATS[format]
         self._log = Logger(namespace="proxygate.access", observer=observer)
+        self._info = LogLevel.info
 
     def record(self, r: AccessRecord) -> None:
         line = self._format(r)
-        self._log.emit(LogLevel.info, "{line}", line=line, record=r)
+        self._log.emit(self._info, "{line}", line=line, record=r)
 
 
 def fileObserver(stream: IO[str]):
@@ -105,6 +109,8 @@ def fileObserver(stream: IO[str]):
     stream is buffered; its owner flushes it on a timer and at shutdown, as Squid does, so
     logging costs no system call per request.
     """
+
+    from twisted.logger import formatEvent
 
     def observe(event: dict) -> None:
         stream.write(formatEvent(event) + "\n")

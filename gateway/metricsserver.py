@@ -58,7 +58,7 @@ from .http1.parse import (
     splitRequestHead,
     splitTokens,
 )
-from .proxy.responses import REASONS
+from .message import REASONS
 
 __all__ = [
     "ALLOW",

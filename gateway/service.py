@@ -22,6 +22,7 @@ from .metricsserver import Handler, MetricsServerFactory, routePath, staticHandl
 from .proxy.client import ClientFactory
 from .proxy.runtime import Runtime
 from .proxy.tunnel import ABORT_GRACE
+from .seam import clearExitSignal, exitSignal
 
 __all__ = ["GatewayService", "ListenError", "makeService"]
 
@@ -53,6 +54,8 @@ class GatewayService(MultiService):
         self.config = config
         self.reactor = reactor
         self.drainGrace = drainGrace
+        #: What a tunnel that cannot flush gets after the drain grace (its splice cuts it).
+        self.abortGrace = ABORT_GRACE
         self.exitOnListenFailure = exitOnListenFailure
         self.metrics = Metrics()
         self.proxyPorts: list = []
@@ -214,10 +217,7 @@ class GatewayService(MultiService):
         while rt.connections and self.reactor.seconds() < deadline:
             yield task.deferLater(self.reactor, 0.05, lambda: None)
         for conn in list(rt.connections):
-            if conn.splice is not None:
-                conn.splice.abort()
-            else:
-                conn.transport.abortConnection()
+            conn.shutdown()
         rt.pool.closeAll()
         # Let the aborts run their connectionLost before reporting stopped; a tunnel that
         # cannot flush (its reader stopped reading) is cut off by its splice in ABORT_GRACE.
@@ -226,14 +226,10 @@ class GatewayService(MultiService):
             yield task.deferLater(self.reactor, 0.01, lambda: None)
         if workersStopped is not None:
             yield workersStopped
-        if self.exitOnListenFailure and getattr(self.reactor, "_exitSignal", None) in (
-            signal.SIGTERM,
-            signal.SIGINT,
-        ):
+        if self.exitOnListenFailure and exitSignal(self.reactor) in (signal.SIGTERM, signal.SIGINT):
             # Run by twistd (the only caller that owns the process): SIGTERM/SIGINT asked
-            # for this drained stop, which is a clean exit (status 0), not a death by signal
-            # (twistd >= 20.3 re-raises the signal it stopped on unless this is cleared).
-            self.reactor._exitSignal = None
+            # for this drained stop, which is a clean exit (status 0), not a death by signal.
+            clearExitSignal(self.reactor)
         if self._logFile is not None:
             self._logFile.flush()
             self._logFile.close()

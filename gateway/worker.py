@@ -107,7 +107,7 @@ def main() -> None:
 
     from twisted.internet import reactor, stdio
 
-    from .eventloop import dispatchDirectly
+    from .seam import dispatchDirectly
     from .service import GatewayService
 
     dispatchDirectly(reactor)

@@ -48,7 +48,6 @@ from twisted.logger import Logger, LogLevel, globalLogPublisher
 from .accesslog import fileObserver
 from .config import Config
 from .metrics import encoderFor
-from .proxy.tunnel import ABORT_GRACE
 
 if TYPE_CHECKING:
     from .http1.parse import RequestHead
@@ -534,7 +533,7 @@ class WorkerPool:
             if slot.restartCall is not None and slot.restartCall.active():
                 slot.restartCall.cancel()
             self._signal(slot, "TERM")
-        yield self._exited(self.service.drainGrace + ABORT_GRACE + 5.0)
+        yield self._exited(self.service.drainGrace + self.service.abortGrace + 5.0)
         for slot in self.slots:
             if slot.alive:
                 self.log.warn(

@@ -169,9 +169,10 @@ def test_refusalsAreLoggedWithTheirReason(defaultPolicyProxy, origin) -> None:
         time.sleep(0.05)
     found = records()
     assert [(r["method"], r["code"]) for r in found] == [("GET", 403), ("CONNECT", 403)]
-    assert "0x7f.1 (127.0.0.1)" in found[0]["reason"]
-    assert "deny_destinations" in found[0]["reason"]
-    assert "localhost (127.0.0.1)" in found[1]["reason"]
+    assert [r["reason"] for r in found] == ["destination", "destination"]
+    assert "0x7f.1 (127.0.0.1)" in found[0]["detail"]
+    assert "deny_destinations" in found[0]["detail"]
+    assert "localhost (127.0.0.1)" in found[1]["detail"]
 
 
 # -- the proxy's own ports -------------------------------------------------------------------

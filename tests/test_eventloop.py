@@ -1,5 +1,5 @@
 """
-Tests for gateway.eventloop: a private epoll reactor (not the one the other tests run on),
+Tests for gateway.seam.dispatchDirectly: a private epoll reactor (not the one the other tests run on),
 driven by hand with iterate(), over real loopback sockets.
 """
 
@@ -19,7 +19,7 @@ from twisted.internet.selectreactor import SelectReactor
 from twisted.logger import globalLogPublisher
 from twisted.python import context, log
 
-from gateway.eventloop import dispatchDirectly
+from gateway.seam import dispatchDirectly
 
 
 class Recorder(protocol.Protocol):

@@ -1,6 +1,6 @@
 """
 Tests for gateway.tls.layer (TLS on the stdlib ssl module over memory BIOs) and
-gateway.proxy.flow.writeNow, over real loopback sockets: a server protocol switched to
+gateway.seam.writeNow, over real loopback sockets: a server protocol switched to
 TLS with startTLS (as an intercepted tunnel is) and a client dialled through
 wrapEndpoint (as an origin leg is).
 """
@@ -16,7 +16,7 @@ import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
-from gateway.proxy.flow import BULK_READ, writeNow
+from gateway.seam import BULK_READ, writeNow
 from gateway.tls.ca import createCA
 from gateway.tls.contexts import clientCreator
 from gateway.tls.hostcontexts import ServerContextCache

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from .message import Fields, Request, Response
+from ..message import Fields, Request, Response
 
 __all__ = [
     "ByteStream",

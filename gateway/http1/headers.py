@@ -14,6 +14,7 @@ from .parse import Headers, HTTPError, splitTokens
 __all__ = [
     "HOP_BY_HOP",
     "Target",
+    "bracketed",
     "connectionTokens",
     "httpDate",
     "parseAbsoluteTarget",
@@ -116,6 +117,11 @@ class Target:
         """The URL for logs, without its query (Squid's strip_query_terms)."""
         path = self.path.split(b"?", 1)[0].decode("ascii", "replace")
         return f"{self.scheme}://{self.hostHeader.decode('ascii', 'replace')}{path}"
+
+
+def bracketed(host: str) -> str:
+    """A host as it appears in an authority: an IPv6 literal in brackets (RFC 3986 §3.2.2)."""
+    return f"[{host}]" if ":" in host else host
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}

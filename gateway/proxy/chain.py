@@ -16,34 +16,18 @@ from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
 from ..config import UpstreamConfig
+from ..http1.headers import bracketed
 from ..http1.parse import HTTPError, parseResponseHead
+from ..http1.rewrite import splitResponseHead
 from ..tls.contexts import clientCreator
 from ..tls.layer import TLSLayer, describeFailure, wrapEndpoint
 from ..upstream import ProxyURL
-from .dial import DialError
+from .dial import DialError, UpstreamRefused
+from .flow import noDelay
 
-__all__ = ["Upstream", "UpstreamRefused"]
+__all__ = ["Upstream"]
 
 _MAX_HEAD = 65536
-
-
-class UpstreamRefused(Exception):
-    """The upstream proxy answered our CONNECT with something other than 2xx."""
-
-    def __init__(self, proxy: ProxyURL, status: int, reason: str) -> None:
-        self.status = status
-        host = f"[{proxy.host}]" if ":" in proxy.host else proxy.host
-        # A CONNECT is answered by the proxy itself, so a 401 is its own authentication
-        # failure too (tinyproxy 1.11 answers 401 where RFC 9110 says 407).
-        self.message = (
-            f"The upstream proxy {host}:{proxy.port} refused the tunnel: {status} {reason}".rstrip()
-            + (
-                " (its credentials in [upstream] proxy are missing or wrong)."
-                if status in (401, 407)
-                else "."
-            )
-        )
-        super().__init__(self.message)
 
 
 class Upstream:
@@ -56,8 +40,7 @@ class Upstream:
         self._tls = None
         if self.proxy is not None and self.proxy.scheme == "https":
             self._tls = clientCreator(self.proxy.host, config.ca_certificate, config.verify)
-        hostText = self.proxy.host if self.proxy is not None else ""
-        self.label = f"[{hostText}]" if ":" in hostText else hostText
+        self.label = bracketed(self.proxy.host) if self.proxy is not None else ""
 
     def routeFor(self, host: str, port: int) -> ProxyURL | None:
         """The upstream to use for C{host}:C{port}, or None to go direct."""
@@ -87,7 +70,7 @@ class Upstream:
         @return: a Deferred firing with the upstream's address once the tunnel is up, or
             failing with L{UpstreamRefused} or L{DialError}.
         """
-        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        authority = f"{bracketed(host)}:{port}"
         lines = [f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n".encode("ascii")]
         if self.authorization is not None:
             lines.append(b"Proxy-Authorization: " + self.authorization + b"\r\n")
@@ -139,18 +122,15 @@ class _TunnelHandshake(Protocol):
         self.done: defer.Deferred = defer.Deferred()
         self._buf = b""
         self._target: Protocol | None = None
-        host = f"[{proxy.host}]" if ":" in proxy.host else proxy.host
-        self._name = f"upstream proxy {host}:{proxy.port}"
+        self._label = f"{bracketed(proxy.host)}:{proxy.port}"
+        self._name = f"upstream proxy {self._label}"
 
     def connectionMade(self) -> None:
         if self.done.called:
             # Timed out while the connection was still being made: nobody wants it now.
             self.transport.abortConnection()
             return
-        try:
-            self.transport.setTcpNoDelay(True)
-        except Exception:
-            pass
+        noDelay(self.transport)
         self.transport.write(self.request)
 
     def dataReceived(self, data: bytes) -> None:
@@ -159,21 +139,18 @@ class _TunnelHandshake(Protocol):
             return
         if self.done.called:
             return  # failed (timed out, refused): the connection is being aborted
-        self._buf += data
-        end = self._buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self._buf) > _MAX_HEAD:
-                self._fail(DialError("reset", 502, f"The {self._name} sent an oversized head."))
-            return
         try:
-            head = parseResponseHead(self._buf[:end])
+            block, self._buf = splitResponseHead(self._buf + data, _MAX_HEAD)
+            if block is None:
+                return
+            head = parseResponseHead(block)
         except HTTPError as e:
             self._fail(DialError("reset", 502, f"The {self._name} answered badly: {e.reason}."))
             return
-        rest = self._buf[end + 4 :]
-        self._buf = b""
+        rest, self._buf = self._buf, b""
         if not 200 <= head.status < 300:
-            self._fail(UpstreamRefused(self.proxy, head.status, head.reason.decode("latin-1")[:80]))
+            reason = head.reason.decode("latin-1")[:80]
+            self._fail(UpstreamRefused(self._label, head.status, reason))
             return
         target = TLSLayer(self.originTLS, self.inner) if self.originTLS is not None else self.inner
         self._target = target

@@ -1,15 +1,17 @@
 """
-The client-facing protocol: the front door every request comes through.
+The client-facing HTTP/1.1 connection: the front door every request comes through, and the
+downstream side of each exchange it starts (L{gateway.exchange.side.Downstream}).
 
 It reads request heads (bounded in size and time), asks the policy and the authenticator,
-and hands the request to one of three paths: a forwarded absolute-form request
-(L{forward.ForwardExchange}), a CONNECT tunnel (L{connect}), or a local answer. It owns the
-connection's timers and keep-alive; the paths own the bytes.
+and hands each request to one of three paths: an exchange (an absolute-form request, or one
+decrypted inside an intercepted tunnel), a CONNECT tunnel (L{gateway.proxy.connect}), or a
+local answer. It owns the connection's timers and keep-alive; the exchange owns the request.
+
+A connection inside an intercepted tunnel is one of these too, over the tunnel's TLS layer,
+with the tunnel as its C{tunnel}: its requests all go to the CONNECT target.
 """
 
 from __future__ import annotations
-
-import time
 
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
@@ -18,9 +20,12 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
-from ..accesslog import AccessRecord
-from ..http1.framing import NONE, requestFraming
-from ..http1.headers import Target, parseAbsoluteTarget, parseAuthority
+from ..exchange.answers import answer
+from ..exchange.exchange import Exchange
+from ..exchange.problems import Problem, problemForStatus
+from ..exchange.targets import forwardTarget, maxForwards, tunnelTarget
+from ..exchange.transaction import Transaction
+from ..http1.framing import LAST_CHUNK, NONE, encodeChunk, requestFraming
 from ..http1.parse import (
     HTTPError,
     RequestHead,
@@ -28,103 +33,138 @@ from ..http1.parse import (
     splitRequestHead,
     splitTokens,
 )
+from ..http1.rewrite import delivery, keepAlive, requestFromHead, responseHeadBytes
+from ..message import Response
 from ..policy import clientAllowed
-from ..tls.layer import startTLS
-from .connect import startConnect
-from .flow import CONNECTING, PEER, PIPELINE, ReadPauser
-from .forward import ForwardExchange
-from .responses import errorResponse
+from ..seam import writeNow
+from .connect import Tunnel
+from .flow import CONNECTING, PEER, PIPELINE, ReadPauser, noDelay
+from .tunnel import Stream
 
 __all__ = ["ClientConnection", "ClientFactory"]
 
-_HEAD, _BODY, _WAIT, _TUNNEL, _CLOSED, _PEEK = range(6)
+HEAD = "head"  # reading a request head (or idle between requests)
+BODY = "body"  # reading a request body
+WAIT = "wait"  # the request is read; its answer is pending (pipelined bytes are kept)
+STREAM = "stream"  # handed over to raw bytes (a tunnel, a 101, an intercepted tunnel's TLS)
+CLOSED = "closed"  # closing or closed: nothing more is read
+
 _PIPELINE_LIMIT = 65536
 _TOO_LARGE = "The request head is larger than the proxy accepts."
 _INFO = (
     "This is proxygate, an HTTP forward proxy. Configure it as your proxy "
     "(http_proxy / https_proxy) instead of requesting it directly."
 )
+ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
 
 @implementer(IHalfCloseableProtocol)
 class ClientConnection(Protocol):
-    def __init__(self, rt) -> None:
+    """
+    @ivar client: the client's address as the proxy knows it, for policy, logs and
+        X-Forwarded-For.
+    @ivar tunnel: the intercepted CONNECT this connection runs inside, or None.
+    @ivar mode: the metrics mode of its requests (forward, or mitm inside a tunnel).
+    """
+
+    def __init__(self, rt, tunnel: Tunnel | None = None) -> None:
         self.rt = rt
-        self._state = _HEAD
-        self._buf = b""
-        self._body = None  # body reader of the request being read
-        self.exchange = None  # ForwardExchange or a CONNECT attempt
-        self.splice = None
+        self.tunnel = tunnel
+        self.mode = "forward" if tunnel is None else "mitm"
+        self.client = "-" if tunnel is None else tunnel.client
+        self.exchange = None  # the Exchange or Tunnel the current request is in
+        self.stream: Stream | None = None
+        self.nestedConnection: ClientConnection | None = None
         self.persistent = True
         self.version = b"HTTP/1.1"
-        self.peerHost = "-"
         self.pauser: ReadPauser | None = None
+        self.requests = 0
+        self._state = HEAD
+        self._buf = b""
+        self._body = None  # body reader of the request being read
         self._deadline = 0.0
         self._timer = None
         self._timeoutKind = "idle"
         self._readClosed = False
         self._draining = False
-        self.requests = 0
-        # Set once a CONNECT is intercepted: (host, port, user) every request inside goes to.
-        self.mitm: tuple[str, int, str | None] | None = None
+        self._handshook = False
+        # The response being written: its held head, chunked or not, close after or not.
+        self._held = b""
+        self._chunked = False
+        self._closeAfter = False
 
     # --- connection lifecycle ----------------------------------------------------------
 
     def connectionMade(self) -> None:
         rt = self.rt
         self.pauser = ReadPauser(self.transport)
-        self.peerHost = _peerHost(self.transport.getPeer())
+        if self.tunnel is not None:
+            # Inside an intercepted tunnel: the outer connection was counted and checked.
+            # Idle until the first request byte (then the header timer): a tunnel set up
+            # ahead of use must not get a 408 after header_timeout.
+            self._arm("idle", rt.idleTimeout)
+            return
+        self.client = _peerHost(self.transport.getPeer())
         rt.connections.add(self)
         live = rt.metrics.live
         live.clientConnections += 1
         live.clientConnectionsTotal += 1
-        if not clientAllowed(rt.clientCIDRs, self.peerHost):
-            rt.metrics.denied.labels("client").inc()
-            self._refuseConnection(403, "Your address is not allowed to use this proxy.", "client")
-            return
-        if len(rt.connections) > rt.maxConnections:
-            rt.metrics.denied.labels("limit").inc()
+        if not clientAllowed(rt.clientCIDRs, self.client):
             self._refuseConnection(
-                503, "The proxy is at its connection limit; retry later.", "connection limit"
+                Problem(403, "client", "Your address is not allowed to use this proxy.")
             )
             return
-        try:
-            self.transport.setTcpNoDelay(True)
-        except Exception:
-            pass
+        if len(rt.connections) > rt.maxConnections:
+            self._refuseConnection(
+                Problem(503, "limit", "The proxy is at its connection limit; retry later.")
+            )
+            return
+        noDelay(self.transport)
         # The first head is due header_timeout after the accept, as nginx and Apache's
         # mod_reqtimeout count it: connections that never send a byte must not hold slots
         # for idle_timeout (a silent slowloris against max_connections). Between requests
         # of a kept-alive connection the idle timeout applies.
         self._arm("header", rt.headerTimeout)
 
-    def _refuseConnection(self, status: int, message: str, reason: str) -> None:
-        self._state = _CLOSED
-        self.transport.write(errorResponse(status, message))
+    def _refuseConnection(self, problem: Problem) -> None:
+        """Refused before any request: answer, close, log (not a request in the metrics)."""
+        self._state = CLOSED
+        self._localLog(None, problem, self._write(problem, close=True), counted=False)
         self.transport.loseConnection()
-        self._logLocal(b"-", "-", status, "TCP_DENIED", reason)
 
     def connectionLost(self, reason) -> None:
         rt = self.rt
-        rt.connections.discard(self)
-        rt.metrics.live.clientConnections -= 1
-        self._state = _CLOSED
+        if self.tunnel is None:
+            rt.connections.discard(self)
+            rt.metrics.live.clientConnections -= 1
+        elif not self._handshook:
+            self.tunnel.handshakeFailed(reason)
+        self._state = CLOSED
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if self.splice is not None:
-            self.splice.clientLost()
+        if self.stream is not None:
+            self.stream.connectionLost(reason)
         elif self.exchange is not None:
             exchange, self.exchange = self.exchange, None
-            exchange.clientLost()
+            exchange.downstreamLost()
+
+    def handshakeCompleted(self) -> None:
+        """
+        A TLS layer below finished its handshake: an ssl: listener's, or an intercepted
+        tunnel's (the client accepted our certificate: the tunnel is logged as intercepted).
+        """
+        self._handshook = True
+        if self.tunnel is not None:
+            self.tunnel.handshakeDone()
 
     def readConnectionLost(self) -> None:
         """The client half-closed: finish what it asked for, then close."""
         self._readClosed = True
-        if self.splice is not None:
-            self.splice.clientReadClosed()
+        if self._state == STREAM:
+            self.stream.readConnectionLost()
             return
-        if self._state == _BODY:
+        if self._state == BODY:
             # The body was cut short: never forward an incomplete message as complete.
             self.transport.loseConnection()
         elif self.exchange is None:
@@ -160,105 +200,86 @@ class ClientConnection(Protocol):
         self._timedOut()
 
     def _timedOut(self) -> None:
-        if self._state == _CLOSED:
+        state = self._state
+        if state == CLOSED:
             # Still open an idle period after we closed: a TLS client (MITM tunnel) that
             # never answers our close_notify keeps a TLS close pending forever. Drop it.
             self.transport.abortConnection()
             return
-        if self.splice is not None:
-            self.splice.abort()
+        if state == STREAM:
+            self.shutdown()
             return
-        if (
-            self._timeoutKind == "header"
-            and self._state == _HEAD
-            and not self._buf
-            and self.requests == 0
-            and self.mitm is None
-        ):
-            # Nothing was asked: close without a 408 that a client racing to send its first
-            # request would take for the answer to it.
-            self.rt.metrics.denied.labels("limit").inc()
-            self._state = _CLOSED
-            self.transport.loseConnection()
-            self._arm("close", self.rt.headerTimeout)
-            self._logLocal(b"-", "-", 0, "TAG_NONE", "no request within header_timeout")
-            return
-        if self._timeoutKind == "header" and self._state == _HEAD:
-            self.rt.metrics.denied.labels("limit").inc()
-            self._state = _CLOSED
-            self.transport.write(errorResponse(408, "The request head took too long to arrive."))
+        if self._timeoutKind == "header" and state == HEAD:
+            if not self._buf and self.requests == 0 and self.tunnel is None:
+                # Nothing was asked: close without a 408 that a client racing to send its
+                # first request would take for the answer to it.
+                self._state = CLOSED
+                self._localLog(
+                    None, Problem(0, "idle", "No request within header_timeout."), 0, False
+                )
+            else:
+                self._state = CLOSED
+                problem = Problem(
+                    408, "header_timeout", "The request head took too long to arrive."
+                )
+                self._localLog(None, problem, self._write(problem, close=True), counted=False)
             self.transport.loseConnection()
             self._arm("close", self.rt.headerTimeout)  # bound a TLS close the peer ignores
-            self._logLocal(
-                b"-", "-", 408, "TAG_NONE", "request head not complete within header_timeout"
-            )
             return
         exchange = self.exchange
-        if exchange is not None and isinstance(exchange, ForwardExchange):
-            if not exchange.responseStarted and not exchange.finished:
-                exchange.rt.metrics.upstreamErrors.labels("timeout").inc()
-                exchange._localError(
-                    504,
-                    "The origin did not answer in time.",
-                    "connection_timeout",
-                )
-                return
-            exchange.clientLost()
-        elif exchange is None and self._state == _HEAD:
+        if exchange is not None:
+            exchange.timedOut()
+        elif state == HEAD:
             # An idle keep-alive connection: close gracefully. The last response may still
             # sit in the kernel's buffers, being read; a reset would discard it.
-            self._state = _CLOSED
+            self._state = CLOSED
             self.transport.loseConnection()
             self._arm("close", self.rt.headerTimeout)
-            return
-        self.transport.abortConnection()
+        else:
+            self.transport.abortConnection()
 
     # --- reading -------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         state = self._state
-        if state == _TUNNEL:
-            self.splice.fromClient(data)
-        elif state == _BODY:
+        if state == STREAM:
+            self.stream.dataReceived(data)
+        elif state == BODY:
             self._feedBody(data)
-        elif state == _HEAD:
+        elif state == HEAD:
             if self._timeoutKind != "header":
                 # Armed once per head: empty lines before a request line (stripped from the
                 # buffer) must not restart the clock, or CRLFs would keep a slowloris alive.
                 self._arm("header", self.rt.headerTimeout)
             self._buf += data
             self._readHead()
-        elif state == _PEEK:
-            self._buf += data
-            self._peeked()
-        elif state == _WAIT:
+        elif state == WAIT:
             self._buf += data
             if len(self._buf) > _PIPELINE_LIMIT:
                 self.pauser.pause(PIPELINE)
 
     def _readHead(self) -> None:
+        rt = self.rt
         try:
-            block, self._buf = splitRequestHead(self._buf, self.rt.maxHeaderSize, _TOO_LARGE)
+            block, self._buf = splitRequestHead(self._buf, rt.maxHeaderSize, _TOO_LARGE)
             if block is None:
                 return
-            head = parseRequestHead(block, self.rt.maxHeaders)
+            head = parseRequestHead(block, rt.maxHeaders)
         except HTTPError as e:
-            self._reject(e)
+            self._reject(problemForStatus(e.status, e.reason))
             return
         self.requests += 1
-        self._arm("idle", self.rt.idleTimeout)
+        self._arm("idle", rt.idleTimeout)
         self.version = head.version
         tokens = splitTokens(head.values(b"connection"))
-        # RFC 9112 §9.3: never a persistent connection with an HTTP/1.0 client.
-        self.persistent = (
-            head.version == b"HTTP/1.1" and b"close" not in tokens and not self._draining
-        )
-        auth = self.rt.authenticator
-        if self.mitm is not None:
+        self.persistent = keepAlive(head.version, tokens) and not self._draining
+        auth = rt.authenticator
+        if self.tunnel is not None:
             # Inside an intercepted tunnel: the CONNECT carried the credentials.
-            self._dispatch(head, tokens, self.mitm[2])
-            return
-        if auth is not None:
+            self._dispatch(head, tokens, self.tunnel.user)
+        elif auth is None:
+            self._dispatch(head, tokens, None)
+        else:
             values = head.values(b"proxy-authorization")
             d = auth.authenticate(values[0] if len(values) == 1 else None)
             if d.called:
@@ -267,179 +288,121 @@ class ClientConnection(Protocol):
                 d.addBoth(result.append)
                 self._authenticated(head, tokens, result[0])
             else:
-                self._state = _WAIT
+                self._state = WAIT
                 self.pauser.pause(PIPELINE)
                 d.addBoth(self._authDone, head, tokens)
-            return
-        self._dispatch(head, tokens, None)
 
-    def _authDone(self, result, head, tokens) -> None:
-        if self._state == _CLOSED:
+    def _authDone(self, result, head: RequestHead, tokens) -> None:
+        if self._state == CLOSED:
             return
         self.pauser.resume(PIPELINE)
-        self._state = _HEAD
+        self._state = HEAD
         self._authenticated(head, tokens, result)
 
     def _authenticated(self, head: RequestHead, tokens, user) -> None:
-        if not isinstance(user, str):
-            self.rt.metrics.denied.labels("auth").inc()
-            auth = self.rt.authenticator
-            # A body the client may already be sending cannot be skipped reliably: close.
-            hasBody = any(
-                n.lower() in (b"content-length", b"transfer-encoding") for n, _ in head.headers
-            )
-            close = hasBody or not self.persistent or head.method == b"CONNECT"
-            self._answer(
-                head,
+        if isinstance(user, str):
+            self._dispatch(head, tokens, user)
+            return
+        # A body the client may already be sending cannot be skipped reliably: close.
+        self._answer(
+            head,
+            Problem(
                 407,
+                "auth",
                 "Proxy authentication required: send valid credentials "
                 "(for example http://user:password@proxy:port).",
-                "TCP_DENIED",
-                close=close,
-                extraHeaders=((b"Proxy-Authenticate", auth.challenge()),),
-                reason="auth",
-            )
-            return
-        self._dispatch(head, tokens, user)
+            ),
+            close=_hasBody(head) or not self.persistent or head.method == b"CONNECT",
+            extraFields=[(b"Proxy-Authenticate", self.rt.authenticator.challenge())],
+        )
 
     def _dispatch(self, head: RequestHead, tokens, user: str | None) -> None:
         rt = self.rt
+        tunnel = self.tunnel
         if head.method == b"CONNECT":
+            if tunnel is not None:
+                self._answer(
+                    head,
+                    Problem(
+                        405,
+                        "method",
+                        "A CONNECT inside an intercepted tunnel is refused: it would "
+                        "escape the inspection this proxy applies.",
+                    ),
+                    close=True,
+                    user=user,
+                )
+                return
+            # A CONNECT has no content (RFC 9110 §9.3.6): what follows its head is tunnel
+            # data, so a body the client frames would be read two ways. Refuse it.
             try:
-                # A CONNECT has no content (RFC 9110 §9.3.6): what follows its head is tunnel
-                # data, so a body the client frames would be read two ways. Refuse it.
-                if requestFraming(head).kind != NONE:
-                    raise HTTPError(400, "a CONNECT request has no content")
+                framing = requestFraming(head)
             except HTTPError as e:
-                self._reject(e, head)
+                self._reject(problemForStatus(e.status, e.reason), head)
                 return
-            self._state = _WAIT
-            startConnect(self, head, user)
+            if framing.kind != NONE:
+                self._reject(Problem(400, "bad_request", "A CONNECT request has no content."), head)
+                return
+            self._state = WAIT
+            self.exchange = Tunnel(rt, self, head, user)
+            self.exchange.begin()
             return
-        target = head.target
-        if self.mitm is not None:
-            self._dispatchMitm(head, tokens, user)
-            return
-        if target[:1] == b"/" or target == b"*":
+        if tunnel is None and (head.target[:1] == b"/" or head.target == b"*"):
             # A body it may carry is not read: close rather than parse it as a request.
-            hasBody = any(
-                n.lower() in (b"content-length", b"transfer-encoding") for n, _ in head.headers
-            )
             self._answer(
                 head,
-                400,
-                _INFO,
-                "TAG_NONE",
-                close=hasBody or not self.persistent,
-                reason="origin-form request",
+                Problem(400, "not_a_proxy_request", _INFO),
+                close=_hasBody(head) or not self.persistent,
+                user=user,
             )
             return
         try:
-            hosts = head.values(b"host")
-            if head.version == b"HTTP/1.1" and len(hosts) != 1:
-                raise HTTPError(400, "an HTTP/1.1 request needs exactly one Host field")
-            if len(hosts) > 1:
-                raise HTTPError(400, "more than one Host field")
-            _checkHost(hosts)
-            parsed = parseAbsoluteTarget(target)
-            if head.method == b"OPTIONS" and parsed.path == b"/" and target[-1:] != b"/":
-                parsed.path = b"*"  # RFC 9112 §3.2.4: no path and no query is the server
+            if tunnel is None:
+                target = forwardTarget(head)
+            else:
+                target = tunnelTarget(head, tunnel.host, tunnel.port)
             framing = requestFraming(head)
-            if self._maxForwardsZero(head, framing):
-                return
+            final = maxForwards(head)
         except HTTPError as e:
-            self._reject(e, head)
+            self._reject(problemForStatus(e.status, e.reason), head, user)
             return
-        decision = rt.destinations.checkName(parsed.host, parsed.port)
-        if not decision.allowed:
-            rt.metrics.denied.labels(decision.reason or "destination").inc()
+        if final is not None:
             self._answer(
                 head,
-                403,
-                f"Destination denied: {decision.detail}",
-                "TCP_DENIED",
+                Problem(final, "max_forwards", "Max-Forwards reached zero at proxygate."),
                 close=not self.persistent or framing.kind != NONE,
-                url=parsed.url(),
-                reason=decision.detail,
+                user=user,
             )
             return
-        self._forward(head, tokens, parsed, framing, user, "forward")
-
-    def _dispatchMitm(self, head: RequestHead, tokens, user: str | None) -> None:
-        """A request decrypted inside an intercepted tunnel: always to the CONNECT target."""
-        host, port, _ = self.mitm
-        authority = f"[{host}]" if ":" in host else host
-        if port != 443:
-            authority += f":{port}"
-        target = head.target
-        if target[:1] != b"/":
-            # Absolute form inside the tunnel is fine only for the tunnel's own origin.
-            expected = f"https://{authority}".encode()
-            if not (
-                target.lower() == expected
-                or target.lower().startswith(expected + b"/")
-                or target.lower().startswith(expected + b"?")
-            ):
-                self._reject(HTTPError(400, "a decrypted tunnel only reaches its own origin"), head)
+        if tunnel is None:
+            decision = rt.destinations.checkName(target.host, target.port)
+            if not decision.allowed:
+                self._answer(
+                    head,
+                    Problem(403, "destination", f"Destination denied: {decision.detail}"),
+                    close=not self.persistent or framing.kind != NONE,
+                    url=target.url(),
+                    user=user,
+                )
                 return
-            target = target[len(expected) :] or b"/"
-        try:
-            if head.version == b"HTTP/1.1" and len(head.values(b"host")) != 1:
-                raise HTTPError(400, "an HTTP/1.1 request needs exactly one Host field")
-            _checkHost(head.values(b"host"))
-            framing = requestFraming(head)
-            if self._maxForwardsZero(head, framing):
-                return
-        except HTTPError as e:
-            self._reject(e, head)
-            return
-        parsed = Target("https", host, port, target, authority.encode("ascii"))
-        self._forward(head, tokens, parsed, framing, user, "mitm")
-
-    def _maxForwardsZero(self, head: RequestHead, framing) -> bool:
-        """
-        Max-Forwards on TRACE and OPTIONS (RFC 9110 §7.6.2): exactly one 1*DIGIT value
-        (else 400), and at 0 the proxy is the final recipient and answers (returns True).
-        """
-        if head.method != b"TRACE" and head.method != b"OPTIONS":
-            return False
-        values = head.values(b"max-forwards")
-        if not values:
-            return False
-        if len(values) != 1 or not values[0].isdigit() or len(values[0]) > 10:
-            raise HTTPError(400, "invalid Max-Forwards")
-        if int(values[0]):
-            return False
-        self._answer(
-            head,
-            200 if head.method == b"OPTIONS" else 405,
-            "Max-Forwards reached zero at proxygate.",
-            "TAG_NONE",
-            close=not self.persistent or framing.kind != NONE,
-        )
-        return True
-
-    def _forward(self, head: RequestHead, tokens, parsed: Target, framing, user, mode) -> None:
         upgrade = None
         if b"upgrade" in tokens and framing.kind == NONE and head.version == b"HTTP/1.1":
             values = head.values(b"upgrade")
             if values:
                 upgrade = b", ".join(values)
-        exchange = ForwardExchange(
-            self, head, parsed, framing, upgrade=upgrade, user=user, mode=mode
-        )
+        request = requestFromHead(head, target, framing, tokens, upgrade)
+        exchange = Exchange(rt, self, request, mode=self.mode, user=user)
         self.exchange = exchange
         if framing.kind == NONE:
-            self._state = _WAIT
-            self._body = None
+            self._state = WAIT
         else:
-            self._state = _BODY
+            self._state = BODY
             self._body = framing.reader()
         exchange.begin()
-        if self._state == _BODY and self._buf:
+        if self._state == BODY and self._buf:
             rest, self._buf = self._buf, b""
             self._feedBody(rest)
-        elif self._state == _WAIT and len(self._buf) > _PIPELINE_LIMIT:
+        elif self._state == WAIT and len(self._buf) > _PIPELINE_LIMIT:
             self.pauser.pause(PIPELINE)
 
     def _feedBody(self, data: bytes) -> None:
@@ -447,177 +410,240 @@ class ClientConnection(Protocol):
         try:
             body, done, rest = self._body.feed(data)
         except HTTPError as e:
+            # Bad chunked framing: the rest cannot be read safely. The exchange fails with a
+            # cut request; the client gets the error if nothing was answered yet.
+            problem = problemForStatus(e.status, e.reason)
             exchange, self.exchange = self.exchange, None
-            self._state = _CLOSED
+            started = exchange is not None and exchange.code != 0
             if exchange is not None:
-                exchange.reason = e.reason
-                exchange.clientLost()
-            if exchange is None or not exchange.responseStarted:
-                self.transport.write(errorResponse(e.status, e.reason))
+                exchange.downstreamLost(problem)
+            self._state = CLOSED
+            if not started:
+                self._write(problem, close=True)
             self.transport.loseConnection()
             return
         exchange = self.exchange
         if body and exchange is not None:
-            exchange.requestBody(body)
+            exchange.requestData(body)
         if done:
             self._body = None
-            self._state = _WAIT
-            self._buf = rest + self._buf if rest else self._buf
+            self._state = WAIT
+            if rest:
+                self._buf = rest + self._buf
             if exchange is not None:
                 exchange.requestEnd()
             if len(self._buf) > _PIPELINE_LIMIT:
                 self.pauser.pause(PIPELINE)
 
-    # --- writing answers -----------------------------------------------------------------
+    # --- the downstream side of the exchange -------------------------------------------------
 
-    def exchangeDone(self, close: bool) -> None:
-        """The response is fully written: read the next request, or close."""
-        self.exchange = None
-        if self._state == _CLOSED:
+    @property
+    def producer(self) -> ReadPauser | None:
+        return self.pauser
+
+    def sendHead(self, response: Response) -> None:
+        if response.status < 200 and response.status != 101:
+            if self.version == b"HTTP/1.1":  # an HTTP/1.0 client knows no 1xx
+                writeNow(self.transport, responseHeadBytes(response, False, False))
             return
-        # Nothing produces into this connection between exchanges. One that failed after
-        # its origin was attached (a 502 when the origin closed without answering) left that
-        # origin registered: the next request's registerProducer (an origin, a CONNECT's
-        # splice) raised and the connection hung, and a paused one would keep a close from
-        # completing. Its pause reasons go with it.
+        chunked, closeDelimited = delivery(response, self.version)
+        # The origin answered before the request body ended (e.g. 413): the rest of that
+        # body cannot be told from a next request safely, so close after this.
+        close = closeDelimited or not self.persistent or self._state == BODY
+        self._chunked = chunked
+        self._closeAfter = close
+        # Held, so that it leaves with the body that usually came in the same read: one
+        # send instead of two (flush sends it alone).
+        self._held = responseHeadBytes(response, chunked, close)
+
+    def sendData(self, data: bytes) -> None:
+        # A response still flowing is not idle: push the idle deadline out.
+        self._deadline = self.rt.reactor.seconds() + self.rt.idleTimeout
+        if self._chunked:
+            data = encodeChunk(data)
+        held = self._held
+        if held:
+            self._held = b""
+            data = held + data
+        writeNow(self.transport, data)
+
+    def flush(self) -> None:
+        held = self._held
+        if held:
+            self._held = b""
+            writeNow(self.transport, held)
+
+    def end(self, trailers=None) -> None:
+        if self._chunked:
+            if trailers:
+                tail = b"0\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in trailers) + b"\r\n"
+            else:
+                tail = LAST_CHUNK
+            self._held += tail
+        self.flush()
+        self._requestDone(self._closeAfter)
+
+    def abort(self) -> None:
+        """Make a truncated response visible: the client sees the connection reset."""
+        self.exchange = None
+        self._state = CLOSED
+        self.transport.abortConnection()
+
+    def pause(self) -> None:
+        self.pauser.pause(CONNECTING)
+
+    def resume(self) -> None:
+        self.pauser.resume(CONNECTING)
+
+    def throttle(self, other) -> None:
+        if other is None:
+            self.transport.unregisterProducer()
+        else:
+            self.transport.registerProducer(other.producer, True)
+
+    def takeStream(self) -> Stream:
+        """Become a byte stream (a 101 relayed, a CONNECT established)."""
+        self._state = STREAM
+        self.exchange = None
+        self._arm("idle", self.rt.idleTimeout)
+        self.pauser.resume(PIPELINE)
+        rest, self._buf = self._buf, b""
+        stream = self.stream = Stream(self.transport, self.pauser, self.touch, rest, self)
+        if self._readClosed:
+            stream.readConnectionLost()
+        return stream
+
+    # --- after a request ---------------------------------------------------------------
+
+    def _requestDone(self, close: bool) -> None:
+        """The answer is fully written: read the next request, or close."""
+        self.exchange = None
+        self._chunked = False
+        self._closeAfter = False
+        if self._state == CLOSED:
+            return
+        # Nothing produces into this connection between requests. One that failed after its
+        # origin was attached left its pause reasons: they go with it.
         self.transport.unregisterProducer()
         self.pauser.resume(PEER | CONNECTING)
-        if self._state == _BODY:
+        if self._state == BODY:
             # The response ended before the request body: nothing more can be read safely.
             close = True
         if close or not self.persistent or self._readClosed or self._draining:
-            self._state = _CLOSED
+            self._state = CLOSED
             self.transport.loseConnection()
             return
-        self._state = _HEAD
+        self._state = HEAD
         self._arm("idle", self.rt.idleTimeout)
         self.pauser.resume(PIPELINE)
         if self._buf:
             self._arm("header", self.rt.headerTimeout)
             self._readHead()
 
-    def startSplice(self, splice) -> None:
-        """Become a blind pipe (CONNECT established, or 101 relayed)."""
-        self.splice = splice
-        self.exchange = None
-        self._state = _TUNNEL
-        self._arm("idle", self.rt.idleTimeout)
-        self.pauser.resume(PIPELINE)
-        rest, self._buf = self._buf, b""
-        if rest:
-            splice.fromClient(rest)
-        if self._readClosed:
-            splice.clientReadClosed()
+    def establish(self) -> Stream:
+        """A CONNECT succeeded: answer 200 and become the tunnel's byte stream."""
+        writeNow(self.transport, ESTABLISHED)
+        return self.takeStream()
 
-    def peekFirstByte(self, attempt) -> None:
+    def nested(self, tunnel: Tunnel) -> ClientConnection:
         """
-        An intercepted CONNECT has been answered 200: hold the tunnel's first bytes until
-        C{attempt.firstByte} has decided between decrypting and relaying blind.
+        The connection that serves the requests decrypted inside this one's intercepted
+        tunnel: it owns the timeouts from now on.
         """
-        self.exchange = attempt
-        self._state = _PEEK
-        self._arm("idle", self.rt.idleTimeout)
-        if self._buf:
-            self._peeked()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        inner = self.nestedConnection = ClientConnection(self.rt, tunnel)
+        return inner
 
-    def _peeked(self) -> None:
-        self._state = _WAIT
-        self.exchange.firstByte(self._buf[:1])
+    # --- the proxy's own answers -------------------------------------------------------
 
-    def startMitm(self, host: str, port: int, creator, user: str | None) -> None:
-        """
-        Speak TLS as the origin on this same connection (the CONNECT is answered) and read
-        the decrypted requests. Bytes that arrived behind the CONNECT head (the
-        ClientHello, usually) are handed to the TLS layer first.
-        """
-        self.exchange = None
-        self.mitm = (host, port, user)
-        self.persistent = True
-        self.version = b"HTTP/1.1"
-        tls = startTLS(self, creator)
-        self._state = _HEAD
-        # Like a new connection: idle until the first request byte (then the header timer);
-        # a tunnel set up ahead of use must not get a 408 after header_timeout.
-        self._arm("idle", self.rt.idleTimeout)
-        early, self._buf = self._buf, b""
-        if early:
-            tls.dataReceived(early)
+    def _write(self, problem: Problem, close: bool, extraFields=(), head: bool = False) -> int:
+        """Write the answer to C{problem}; return its body's size."""
+        response, body = answer(problem, head, extraFields)
+        writeNow(self.transport, responseHeadBytes(response, False, close) + body)
+        return len(body)
 
-    def _reject(self, e: HTTPError, head: RequestHead | None = None) -> None:
-        """A request the proxy refuses to parse further: answer and close."""
-        if e.status == 431:
-            self.rt.metrics.denied.labels("limit").inc()
-        self._state = _CLOSED
-        self.transport.write(errorResponse(e.status, e.reason[:1].upper() + e.reason[1:] + "."))
-        self.transport.loseConnection()
-        method = head.method if head is not None else b"-"
-        self._logLocal(method, "-", e.status, "TAG_NONE", e.reason)
+    def refuse(self, problem: Problem, close: bool, extraFields=(), head: bool = False) -> int:
+        """
+        Answer the current request with C{problem} (the caller logs), then read the next
+        one or close. Returns the body's size.
+        """
+        self._state = WAIT if self._state != CLOSED else CLOSED
+        size = self._write(problem, close, extraFields, head)
+        self._requestDone(close)
+        return size
 
     def _answer(
         self,
         head: RequestHead,
-        status: int,
-        message: str,
-        action: str,
+        problem: Problem,
         *,
         close: bool,
-        extraHeaders=(),
-        url: str = "-",
-        reason: str | None = None,
+        extraFields=(),
+        url: str | None = None,
+        user: str | None = None,
     ) -> None:
         """A complete local answer to a parsed request; the connection may live on."""
-        self.transport.write(
-            errorResponse(
-                status, message, close=close, extraHeaders=extraHeaders, head=head.method == b"HEAD"
-            )
-        )
-        self._logLocal(
-            head.method, url if url != "-" else _safeTarget(head), status, action, reason
-        )
-        self.rt.metrics.request("forward", head.method, status, 0.0)
-        self.exchangeDone(close)
+        size = self.refuse(problem, close, extraFields, head.method == b"HEAD")
+        self._localLog(head, problem, size, url=url, user=user)
 
-    def _logLocal(
-        self, method: bytes, url: str, status: int, action: str, reason: str | None
+    def _reject(
+        self, problem: Problem, head: RequestHead | None = None, user: str | None = None
     ) -> None:
-        log = self.rt.accessLog
-        if log is None:
-            return
-        log.record(
-            AccessRecord(
-                start=time.time(),
-                elapsed=0.0,
-                client=self.peerHost,
-                code=status,
-                size=0,
-                method=method.decode("ascii", "replace"),
-                url=url,
-                user=None,
-                action=action,
-                hierarchy="HIER_NONE/-",
-                contentType="text/plain",
-                mode="local",
-                reason=reason,
-            )
-        )
+        """A request the proxy refuses to parse further: answer and close."""
+        self._state = CLOSED
+        size = self._write(problem, close=True)
+        self.transport.loseConnection()
+        self._localLog(head, problem, size, counted=head is not None, user=user)
+
+    def _localLog(
+        self,
+        head: RequestHead | None,
+        problem: Problem,
+        size: int,
+        counted: bool = True,
+        url: str | None = None,
+        user: str | None = None,
+    ) -> None:
+        """Count and log an answer the proxy made itself."""
+        rt = self.rt
+        method = head.method if head is not None else b"-"
+        version = head.version if head is not None else b"HTTP/1.1"
+        t = Transaction(rt, self.client, method, self.mode, user, version)
+        t.logMode = "local"
+        t.problem = problem
+        t.code = problem.status
+        t.sent = size
+        t.answered = True
+        t.contentType = b"text/plain" if size else b""
+        t.url = url if url is not None else (_safeTarget(head) if head is not None else "-")
+        problem.count(rt.metrics)
+        t.record(counted=counted)
+
+    # --- shutdown ------------------------------------------------------------------------
 
     def drain(self) -> None:
         """Shutdown: close now if idle, else after the current exchange."""
         self._draining = True
         self.persistent = False
-        if self._state == _HEAD and not self._buf:
-            self._state = _CLOSED
+        if self.nestedConnection is not None:
+            self.nestedConnection.drain()
+        if self._state == HEAD and not self._buf:
+            self._state = CLOSED
             self.transport.loseConnection()
 
+    def shutdown(self) -> None:
+        """The end of the drain grace (or an idle stream): close now, a tunnel within seconds."""
+        stream = self.stream
+        if stream is not None and stream.idle is not None:
+            stream.idle()
+        else:
+            self.transport.abortConnection()
 
-def _checkHost(hosts: list[bytes]) -> None:
-    """A Host field with an invalid value is a 400 (RFC 9112 §3.2), even though the proxy
-    replaces it with the target's authority; an empty one is valid."""
-    if hosts and hosts[0]:
-        try:
-            parseAuthority(hosts[0], 80)
-        except HTTPError:
-            raise HTTPError(400, "invalid Host field")
+
+def _hasBody(head: RequestHead) -> bool:
+    return bool(head.values(b"content-length") or head.values(b"transfer-encoding"))
 
 
 def _peerHost(address) -> str:

@@ -1,222 +1,238 @@
 """
-CONNECT: check the target, dial it, answer 200, and splice.
+CONNECT: check the target, then either dial it and splice, or intercept it (TLS with
+proxygate's CA, and the requests inside served like any other).
 
 The 200 is written raw, with no Content-Length or Transfer-Encoding (RFC 9110 §9.3.6), and
 the bytes the client sent right behind the CONNECT head (an eager TLS ClientHello) are the
-first bytes relayed, never dropped.
+first bytes relayed or decrypted, never dropped.
+
+An intercepted tunnel is answered 200 at once; the client's first byte says what it carries:
+0x16 (a TLS handshake record) is decrypted, anything else (ws://, plain HTTP, SSH) is relayed
+blind as if the host were not intercepted. Decrypting means a TLS layer on the client's
+stream and a second client connection inside it (L{gateway.proxy.client.ClientConnection}
+with this tunnel as its C{tunnel}), whose requests go to the CONNECT target only.
 """
 
 from __future__ import annotations
 
-import time
-
-from ..accesslog import AccessRecord, hierarchy
-from ..http1.headers import parseAuthority
+from ..exchange.problems import Problem
+from ..exchange.transaction import Transaction
+from ..http1.headers import bracketed, parseAuthority
 from ..http1.parse import HTTPError, RequestHead
 from ..policy import portAllowed
-from .dial import DialFailure
-from .responses import errorResponse
-from .tunnel import Splice, TunnelOrigin
+from ..tls.layer import TLSLayer, describeFailure
+from .dial import problemFor
+from .flow import CONNECTING
+from .tunnel import Splice, Stream, TunnelOrigin
 
-__all__ = ["startConnect"]
+__all__ = ["Tunnel"]
 
-ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+#: tunnels_total{result} of each problem code; a code not listed is its own result.
+_RESULTS = {
+    "bad_request": "bad_request",
+    "port": "denied",
+    "destination": "denied",
+    "upstream_refused": "upstream_refused",
+    "incomplete": "reset",
+    "internal": "error",
+    "client_gone": "client_gone",
+    "client_tls": "client_tls_error",
+}
 
 
-class ConnectAttempt:
-    """A CONNECT from the moment its head is parsed to the end of its tunnel."""
+class Tunnel(Transaction):
+    """
+    A CONNECT from the moment its head is parsed to the end of its tunnel (or its refusal).
+    Counted as a request of the forward proxy, logged as a tunnel.
+    """
 
-    def __init__(self, client, head: RequestHead, user: str | None) -> None:
-        self.client = client
-        self.rt = client.rt
+    __slots__ = ("connection", "creator", "done", "head", "host", "port", "rt", "splice")
+
+    def __init__(self, rt, connection, head: RequestHead, user: str | None) -> None:
+        super().__init__(rt, connection.client, b"CONNECT", connection.mode, user, head.version)
+        self.logMode = "tunnel"
+        self.rt = rt
+        self.connection = connection
         self.head = head
-        self.user = user
         self.host = ""
         self.port = 0
-        self.ip = "-"
-        self.code = 0
-        self.finished = False
-        self.responseStarted = False
         self.splice: Splice | None = None
-        self.origin: TunnelOrigin | None = None
-        self.started = self.rt.reactor.seconds()
-        self.wallStart = time.time()
-        self.reason: str | None = None
-        self.route = None
-        self.established = False  # the 200 has been written
-        self._creator = None
+        self.creator = None
+        self.done = False  # logged: nothing more is counted
+
+    def logURL(self) -> str:
+        return f"{bracketed(self.host)}:{self.port}" if self.host else "-"
 
     def begin(self) -> None:
         rt = self.rt
         try:
             self.host, self.port = parseAuthority(self.head.target, None)
         except HTTPError as e:
-            self._fail(400, f"Bad CONNECT target: {e.reason}.", None)
+            self._refuse(Problem(400, "bad_request", f"Bad CONNECT target: {e.reason}."))
             return
         if not portAllowed(rt.connectPorts, self.port):
-            rt.metrics.denied.labels("port").inc()
-            self._fail(
-                403,
-                f"CONNECT to port {self.port} is not allowed by this proxy.",
-                None,
-                action="TCP_DENIED",
-                result="denied",
+            self._refuse(
+                Problem(403, "port", f"CONNECT to port {self.port} is not allowed by this proxy.")
             )
             return
         decision = rt.destinations.checkName(self.host, self.port)
         if not decision.allowed:
-            rt.metrics.denied.labels(decision.reason or "destination").inc()
-            self._fail(
-                403,
-                f"Destination denied: {decision.detail}",
-                None,
-                action="TCP_DENIED",
-                result="denied",
-            )
+            self._refuse(Problem(403, "destination", f"Destination denied: {decision.detail}"))
             return
         mitm = rt.interceptor
         if mitm is not None and mitm.intercepts(self.host):
             self._intercept(mitm)
-            return
-        self._dial()
+        else:
+            self._dial(None)
 
-    def _dial(self) -> None:
+    # --- a blind tunnel -------------------------------------------------------------------
+
+    def _dial(self, stream: Stream | None) -> None:
+        """
+        Dial the target, then splice. C{stream}: the client's, when the 200 is out already
+        (an intercepted tunnel found not to carry TLS); else the 200 waits for the dial and
+        the client's early bytes stay in its buffer, unread further.
+        """
         rt = self.rt
-        self.origin = TunnelOrigin()
-        # Until the tunnel is up, early bytes stay in the client's buffer, unread further.
-        self.route = rt.upstream.routeFor(self.host, self.port)
-        if self.route is None:
-            d = rt.dialer.connect(self.host, self.port, self.origin)
+        origin = TunnelOrigin()
+        route = rt.upstream.routeFor(self.host, self.port)
+        self.viaProxy = route is not None
+        if route is None:
+            d = rt.dialer.connect(self.host, self.port, origin)
         else:
             d = rt.upstream.dialThrough(
-                rt.dialer, self.host, self.port, self.origin, timeout=rt.dialer.connectTimeout
+                rt.dialer, self.host, self.port, origin, timeout=rt.dialer.connectTimeout
             )
-        d.addCallbacks(self._connected, self._dialFailed)
+        if stream is not None:
+            stream.pauser.pause(CONNECTING)
+        d.addCallbacks(self._connected, self._dialFailed, (origin, stream), None, (stream,))
 
-    def _connected(self, ip: str) -> None:
+    def _connected(self, ip: str, origin: TunnelOrigin, stream: Stream | None) -> None:
         self.ip = ip
-        if self.finished:
-            self.origin.transport.loseConnection()
+        if self.done:
+            origin.transport.loseConnection()  # the client left while this was dialled
             return
-        rt = self.rt
         self.code = 200
-        self.responseStarted = True
-        rt.metrics.live.tunnels += 1
-        if not self.established:
-            self.client.transport.write(ESTABLISHED)
+        self.rt.metrics.live.tunnels += 1
+        if stream is None:
+            stream = self.connection.establish()
+        else:
+            stream.pauser.resume(CONNECTING)
         self.splice = Splice(
-            self.client, self.origin.transport, self.origin.pauser, rt.metrics, self._ended
+            stream, origin.stream, self.rt.reactor, self.rt.idleTimeout, self._ended
         )
-        self.origin.attach(self.splice)
-        self.client.startSplice(self.splice)
+
+    def _dialFailed(self, failure, stream: Stream | None) -> None:
+        if self.done:
+            return
+        problem = problemFor(failure.value)
+        if problem.code == "internal":
+            self.rt.log.failure("dialling {host}", failure, host=self.host)
+        if stream is not None:
+            # The 200 is out: the tunnel can only end (HTTP bytes here would be tunnel data).
+            self.problem = problem
+            problem.count(self.rt.metrics)
+            self._end(problem.status)
+            stream.transport.loseConnection()
+            return
+        self._refuse(problem)
+
+    def _ended(self, fromClient: int, fromOrigin: int) -> None:
+        self.rt.metrics.live.tunnels -= 1
+        self.received = self.sentUpstream = fromClient
+        self.sent = fromOrigin
+        self._end(200, "ok", "TCP_TUNNEL")
+
+    # --- interception ---------------------------------------------------------------------
 
     def _intercept(self, mitm) -> None:
-        """
-        Decrypt this tunnel: answer 200, switch the client connection to TLS with a
-        certificate for the SNI name (or the CONNECT host), and serve the requests inside
-        it on the forward path. The origin is dialled per request, over verified TLS.
-        """
         try:
-            self._creator = mitm.serverCreator(self.host)
+            self.creator = mitm.serverCreator(self.host)
         except ValueError as e:
-            self._fail(400, f"Bad CONNECT target: {e}.", None)
+            self._refuse(Problem(400, "bad_request", f"Bad CONNECT target: {e}."))
             return
-        # Only TLS can be decrypted. The first byte the client sends says which it is
-        # (0x16: a TLS handshake record); anything else (ws://, plain HTTP, SSH...) becomes
-        # a blind tunnel, as if the host were not intercepted.
-        self.established = True
-        self.client.transport.write(ESTABLISHED)
-        self.client.peekFirstByte(self)
+        _Peek(self, self.connection.establish())
 
-    def firstByte(self, byte: bytes) -> None:
-        """The client's first byte inside the tunnel arrived: decrypt, or relay blind."""
-        if byte == b"\x16":
-            self.code = 200
-            self.finished = True
-            self.rt.metrics.live.tunnelEnded("intercepted")
-            self._log("TCP_TUNNEL")
-            self.client.startMitm(self.host, self.port, self._creator, self.user)
-        else:
-            self._dial()
+    def decrypt(self, stream: Stream) -> None:
+        """The client speaks TLS: be the origin to it, and serve what it asks inside."""
+        inner = self.connection.nested(self)
+        layer = TLSLayer(self.creator, inner)
+        layer.makeConnection(stream.transport)
+        stream.setReceiver(layer)
 
-    def _dialFailed(self, failure) -> None:
-        if self.finished:
+    def handshakeDone(self) -> None:
+        """The client accepted proxygate's certificate: the tunnel is intercepted."""
+        self.code = 200
+        self._end(200, "intercepted", "TCP_TUNNEL")
+
+    def handshakeFailed(self, reason) -> None:
+        """
+        The client's TLS handshake with proxygate failed (most often: it does not trust the
+        CA, and said so with an alert): the one thing an admin rolling out MITM must see.
+        """
+        if self.done:
             return
-        why = DialFailure(failure.value)
-        why.count(self.rt.metrics)
-        action = "TCP_DENIED" if why.action == "TCP_DENIED" else "TCP_TUNNEL"
-        self._fail(why.status, why.message, why.proxyStatus, action=action, result=why.result)
+        why = describeFailure(reason) or "the client closed the connection"
+        self.problem = Problem(0, "client_tls", f"The client's TLS handshake failed: {why}")
+        self._end(200, action="TCP_TUNNEL")
 
-    def _fail(
-        self,
-        status: int,
-        message: str,
-        proxyStatus: str | None,
-        *,
-        action: str = "TCP_TUNNEL",
-        result: str = "error",
-    ) -> None:
+    # --- endings --------------------------------------------------------------------------
+
+    def _refuse(self, problem: Problem) -> None:
         """No tunnel: answer and close (early tunnel bytes may follow the head)."""
-        self.code = status
-        self.reason = message
-        self.finished = True
-        self.rt.metrics.live.tunnelEnded(result if status != 400 else "bad_request")
-        if self.established:
-            # The 200 is out: the tunnel can only end (HTTP bytes here would be tunnel data).
-            self.client.transport.loseConnection()
-        else:
-            self.client.transport.write(errorResponse(status, message, proxyStatus=proxyStatus))
-        self.client.exchangeDone(True)
-        self._log(action)
+        self.problem = problem
+        problem.count(self.rt.metrics)
+        self.code = problem.status
+        self.sent = self.connection.refuse(problem, close=True)
+        self._end(problem.status)
 
-    def _ended(self) -> None:
-        self.finished = True
-        rt = self.rt
-        rt.metrics.live.tunnels -= 1
-        rt.metrics.live.tunnelEnded("ok")
-        self._log("TCP_TUNNEL")
+    def timedOut(self) -> None:
+        """The client's idle deadline passed while the target was being dialled."""
+        self.downstreamLost()
+        self.connection.abort()
 
-    def clientLost(self) -> None:
+    def downstreamLost(self) -> None:
         """Client gone before the tunnel was up."""
-        if self.finished:
+        if self.done:
             return
-        self.finished = True
-        self.reason = "client closed the connection"
-        self.rt.metrics.live.tunnelEnded("client_gone")
-        if self.origin is not None and self.origin.transport is not None:
-            self.origin.transport.loseConnection()
-        self._log("TCP_TUNNEL_ABORTED")
+        self.problem = Problem(0, "client_gone", "The client closed the connection.")
+        self._end(self.code, action="TCP_TUNNEL_ABORTED")
 
-    def _log(self, action: str) -> None:
-        rt = self.rt
-        elapsed = rt.reactor.seconds() - self.started
-        rt.metrics.request("forward", b"CONNECT", self.code, elapsed)
-        if rt.accessLog is None:
+    def _end(self, code: int, result: str | None = None, action: str | None = None) -> None:
+        if self.done:
             return
-        sent = self.splice.fromOriginBytes if self.splice is not None else 0
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        rt.accessLog.record(
-            AccessRecord(
-                start=self.wallStart,
-                elapsed=elapsed,
-                client=self.client.peerHost,
-                code=self.code,
-                size=sent,
-                method="CONNECT",
-                url=f"{host}:{self.port}" if self.host else "-",
-                user=self.user,
-                action=action,
-                hierarchy=hierarchy(self.ip, self.route is not None),
-                contentType="-",
-                mode="tunnel",
-                reason=self.reason,
-                version=self.head.version.decode("ascii"),
-            )
-        )
+        self.done = True
+        self.code = code
+        if result is None:
+            why = self.problem.code if self.problem is not None else "internal"
+            result = _RESULTS.get(why, why)
+        self.rt.metrics.live.tunnelEnded(result)
+        self.record(action)
 
 
-def startConnect(client, head: RequestHead, user: str | None) -> ConnectAttempt:
-    attempt = ConnectAttempt(client, head, user)
-    client.exchange = attempt
-    attempt.begin()
-    return attempt
+class _Peek:
+    """
+    The receiver of an intercepted tunnel's stream until its first byte says what it
+    carries. A client that closes before sending anything is closed at once (its socket
+    would otherwise sit in CLOSE-WAIT until the idle timeout, holding a connection slot).
+    """
+
+    def __init__(self, tunnel: Tunnel, stream: Stream) -> None:
+        self.tunnel = tunnel
+        self.stream = stream
+        stream.setReceiver(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        stream = self.stream
+        stream.unread(data)
+        if data[:1] == b"\x16":
+            self.tunnel.decrypt(stream)
+        else:
+            stream.receiver = None  # hold what follows until the splice takes it
+            self.tunnel._dial(stream)
+
+    def readConnectionLost(self) -> None:
+        self.stream.transport.loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        self.tunnel.downstreamLost()

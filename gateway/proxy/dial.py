@@ -18,13 +18,15 @@ from twisted.internet.interfaces import IResolutionReceiver
 from twisted.internet.protocol import Factory
 from zope.interface import implementer
 
+from ..exchange.problems import Problem
 from ..policy import DestinationPolicy, parseIP
 
 __all__ = [
     "DestinationDenied",
     "DialError",
-    "DialFailure",
     "Dialer",
+    "UpstreamRefused",
+    "problemFor",
 ]
 
 
@@ -41,47 +43,42 @@ class DialError(Exception):
         self.message = message
 
 
-_PROXY_STATUS = {
-    "dns": "dns_error",
-    "refused": "connection_refused",
-    "timeout": "connection_timeout",
-    "tls": "tls_certificate_error",
-}
+class UpstreamRefused(Exception):
+    """The upstream proxy answered our CONNECT with something other than 2xx."""
+
+    def __init__(self, label: str, status: int, reason: str) -> None:
+        self.status = status
+        # A CONNECT is answered by the proxy itself, so a 401 is its own authentication
+        # failure too (tinyproxy 1.11 answers 401 where RFC 9110 says 407).
+        self.message = (
+            f"The upstream proxy {label} refused the tunnel: {status} {reason}".rstrip()
+            + (
+                " (its credentials in [upstream] proxy are missing or wrong)."
+                if status in (401, 407)
+                else "."
+            )
+        )
+        super().__init__(self.message)
 
 
-class DialFailure:
+#: DialError reasons as problem codes (a connection that ended during an upstream CONNECT
+#: is an incomplete answer).
+_CODES = {"dns": "dns", "refused": "refused", "timeout": "timeout", "tls": "tls"}
+
+
+def problemFor(error: Exception) -> Problem:
     """
-    What the client is told about a failed dial, and how it is counted: one mapping for
-    the forward path and CONNECT alike. C{result} is the tunnels_total label; C{metric}
-    is (counter name on Metrics, label) to increment.
+    What the client is told about a failed dial, and how it is counted: one mapping for the
+    forward path and CONNECT alike. An error this module does not know (a bug) is a 502
+    "internal" problem, which the caller logs with its traceback.
     """
-
-    __slots__ = ("action", "message", "metric", "proxyStatus", "result", "status")
-
-    def __init__(self, error: Exception) -> None:
-        from .chain import UpstreamRefused
-
-        self.action = "TCP_MISS"
-        if isinstance(error, DestinationDenied):
-            self.status, self.message = 403, f"Destination denied: {error.detail}"
-            self.proxyStatus, self.action = "destination_ip_prohibited", "TCP_DENIED"
-            self.result, self.metric = "denied", ("denied", "destination")
-        elif isinstance(error, UpstreamRefused):
-            self.status, self.message = 502, error.message
-            self.proxyStatus, self.result = "connection_refused", "upstream_refused"
-            self.metric = ("upstreamErrors", "refused")
-        elif isinstance(error, DialError):
-            self.status, self.message = error.status, error.message
-            self.proxyStatus = _PROXY_STATUS.get(error.reason, "proxy_internal_error")
-            self.result, self.metric = error.reason, ("upstreamErrors", error.reason)
-        else:
-            self.status, self.message = 502, "Cannot reach the origin."
-            self.proxyStatus, self.result, self.metric = "proxy_internal_error", "error", None
-
-    def count(self, metrics) -> None:
-        if self.metric is not None:
-            name, label = self.metric
-            getattr(metrics, name).labels(label).inc()
+    if isinstance(error, DestinationDenied):
+        return Problem(403, "destination", f"Destination denied: {error.detail}")
+    if isinstance(error, UpstreamRefused):
+        return Problem(502, "upstream_refused", error.message)
+    if isinstance(error, DialError):
+        return Problem(error.status, _CODES.get(error.reason, "incomplete"), error.message)
+    return Problem(502, "internal", "Cannot reach the origin.")
 
 
 class DestinationDenied(Exception):

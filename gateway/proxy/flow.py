@@ -7,17 +7,16 @@ Registering a peer's raw transport as the producer (what twisted.protocols.portf
 does) cannot express several reasons at once, and leaves a pooled connection paused after
 the relay that paused it is gone. This class can.
 
-L{writeNow} is the write every relay uses: it sends at once when nothing is queued; and
-L{widenReads} makes bulk relays read 256 KB at a time.
+The writes every relay uses (L{gateway.seam.writeNow}, sent at once when nothing is queued)
+and its wide reads live in L{gateway.seam}, with Twisted's other internals.
 """
 
 from __future__ import annotations
 
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.tcp import Connection
 from zope.interface import implementer
 
-__all__ = ["CONNECTING", "PEER", "PIPELINE", "ReadPauser", "widenReads", "writeNow"]
+__all__ = ["CONNECTING", "PEER", "PIPELINE", "ReadPauser", "noDelay"]
 
 PEER = 1  # the other side's send buffer is full
 PIPELINE = 2  # a complete request is buffered behind the one being served
@@ -60,49 +59,13 @@ class ReadPauser:
         pass
 
 
-def writeNow(transport, data: bytes) -> None:
+def noDelay(transport) -> None:
     """
-    C{transport.write(data)}, but sent before returning when the transport has nothing
-    queued.
-
-    Why: a Twisted TCP transport only queues a write and asks the reactor to watch for
-    writability, so every write costs two C{epoll_ctl} calls and a pass of the reactor
-    loop before its C{send}; on a keep-alive GET that bookkeeping was a sixth of the
-    proxy's CPU. When nothing is queued, sending now keeps the order and the
-    backpressure (whatever the kernel does not take is queued the usual way and the
-    producer is paused by it). Anything but a plain, open TCP transport (a TLS layer, a
-    transport closing) takes the ordinary path.
+    Send small writes at once (TCP_NODELAY): a proxy's writes are whole heads and bodies,
+    and Nagle's wait behind a delayed ACK would add 40 ms to a request. Transports without
+    the option (a TLS layer passes it down; a test's) are left as they are.
     """
-    if (
-        not isinstance(transport, Connection)
-        or transport.TLS
-        or transport._tempDataLen
-        or transport.offset != len(transport.dataBuffer)
-        or transport.disconnecting
-        or not transport.connected
-        or transport._writeDisconnecting
-    ):
-        transport.write(data)
-        return
     try:
-        sent = transport.socket.send(data)
-    except (BlockingIOError, InterruptedError):
-        sent = 0
-    except OSError:
-        transport.write(data)  # let the transport notice the error on its own path
-        return
-    if sent < len(data):
-        transport.write(data[sent:])
-
-
-#: Socket reads on relays that move bulk (tunnels, TLS layers). Twisted reads 64 KB at a
-#: time; a 170 KB upload is then one read, one pass through the relay (and one decryption)
-#: and one send instead of three of each. It is also the transport's write-buffer mark for
-#: pausing its producer, so it stays modest: memory stays bounded per connection.
-BULK_READ = 262144
-
-
-def widenReads(transport) -> None:
-    """Read up to L{BULK_READ} bytes per socket read on C{transport} (a plain TCP one)."""
-    if isinstance(transport, Connection):
-        transport.bufferSize = BULK_READ
+        transport.setTcpNoDelay(True)
+    except Exception:
+        pass

@@ -1,10 +1,11 @@
 """
-Connections to origins: the protocol that reads responses, and the pool that keeps them.
+HTTP/1.1 connections to origins (or to an upstream proxy, in absolute form): the upstream
+side of one exchange at a time, and the pool that keeps them between exchanges.
 
-An origin connection serves one exchange at a time. It parses the response head and frames
-the body with the same strict rules as requests; the exchange it serves decides what the
-client sees. A connection goes back to the pool only when its response ended exactly where
-its framing said, with nothing after it, and the origin did not ask to close.
+An origin connection parses the response head and frames the body with the same strict
+rules as requests; the exchange it serves decides what the client sees. It goes back to the
+pool only when its response ended exactly where its framing said, with nothing after it,
+the request was complete, and the origin did not ask to close.
 """
 
 from __future__ import annotations
@@ -15,126 +16,215 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
-from ..http1.framing import UNTIL_CLOSE, responseFraming
-from ..http1.parse import HTTPError, parseResponseHead, splitTokens
-from .flow import ReadPauser
+from ..exchange.problems import Problem
+from ..http1.framing import LAST_CHUNK, NONE, Framing, encodeChunk, responseFraming
+from ..http1.parse import HTTPError, parseResponseHead
+from ..http1.rewrite import (
+    requestHeadBytes,
+    responseFromHead,
+    reusable,
+    splitResponseHead,
+)
+from ..message import UNKNOWN, Request
+from ..seam import writeNow
+from ..tls.layer import describeFailure
+from .flow import CONNECTING, ReadPauser, noDelay
+from .tunnel import Stream
 
 __all__ = ["OriginConnection", "OriginPool"]
 
 MAX_RESPONSE_HEAD = 65536
-_HEAD, _BODY, _IDLE, _UPGRADED = range(4)
+
+IDLE = "idle"  # no exchange: in the pool, or being set up
+HEAD = "head"  # reading a response head (informational ones included)
+BODY = "body"  # reading a response body
+STREAM = "stream"  # handed over after a 101
 
 
 @implementer(IHalfCloseableProtocol)
 class OriginConnection(Protocol):
     """
-    One connection to an origin (or to an upstream proxy), speaking HTTP/1.1.
+    One connection to an origin, or to an upstream proxy (C{absolute}: requests go in
+    absolute form with the proxy's own credentials).
 
-    Events go to C{self.exchange}: C{informational(head)}, C{responseHead(head, framing)},
-    C{responseBody(data)}, C{responseEnd()}, C{upgraded(head, rest)},
-    C{originFailed(error)} and C{originLost()}.
+    @ivar key: the pool key (scheme, host, port, route).
+    @ivar peer: how failures name the other end ("the origin example.com").
     """
 
-    def __init__(self, key: tuple, reactor) -> None:
+    def __init__(
+        self,
+        key: tuple,
+        peer: str,
+        *,
+        absolute: bool = False,
+        authorization: bytes | None = None,
+        viaProxy: bool = False,
+    ) -> None:
         self.key = key
-        self.reactor = reactor
+        self.peer = peer
+        self.absolute = absolute
+        self.authorization = authorization
+        self.viaProxy = viaProxy
         self.exchange = None
         self.pool: OriginPool | None = None
-        self.ip = ""
-        self.requestMethod = b"GET"
+        self.ip = "-"
+        self.method = b"GET"
         self.reusable = False
-        self._state = _IDLE
-        self._buf = b""
-        self._reader = None
         self.idleSince = 0.0
         self.pauser: ReadPauser | None = None
-        self.splice = None  # set once the connection is upgraded into a blind pipe
+        self._state = IDLE
+        self._buf = b""
+        self._reader = None
+        self._held = b""  # the request head, joining the first body bytes in one write
+        self._chunked = False
+        self._stream: Stream | None = None
+
+    @property
+    def producer(self) -> ReadPauser | None:
+        return self.pauser
 
     def connectionMade(self) -> None:
-        try:
-            self.transport.setTcpNoDelay(True)
-        except Exception:
-            pass
+        noDelay(self.transport)
         self.pauser = ReadPauser(self.transport)
 
-    def start(self, exchange, method: bytes) -> None:
-        """Serve C{exchange}: its request head is about to be written."""
+    # --- the upstream side of an exchange ---------------------------------------------
+
+    def attach(self, exchange) -> None:
+        """Serve C{exchange}: its request head is about to be sent."""
         self.exchange = exchange
-        self.requestMethod = method
-        self._state = _HEAD
+        self._state = HEAD
         self._buf = b""
         self.reusable = False
+
+    def sendHead(self, request: Request) -> None:
+        self.method = request.method
+        self._chunked = request.length is UNKNOWN
+        self._held = requestHeadBytes(request, self.absolute, self.authorization)
+
+    def sendData(self, data: bytes) -> None:
+        self._write(encodeChunk(data) if self._chunked else data)
+
+    def end(self, trailers=None) -> None:
+        if self._chunked:
+            self._write(LAST_CHUNK)
+
+    def flush(self) -> None:
+        if self._held:
+            self._write(b"")
+
+    def _write(self, data: bytes) -> None:
+        held = self._held
+        if held:
+            self._held = b""
+            data = held + data
+        writeNow(self.transport, data)
+
+    def abort(self) -> None:
+        """The exchange no longer wants this connection: closed, never pooled."""
+        self.exchange = None
+        self._state = IDLE
+        self.transport.abortConnection()
+
+    def pause(self) -> None:
+        self.pauser.pause(CONNECTING)
+
+    def resume(self) -> None:
+        self.pauser.resume(CONNECTING)
+
+    def throttle(self, other) -> None:
+        if other is None:
+            self.transport.unregisterProducer()
+        else:
+            self.transport.registerProducer(other.producer, True)
+
+    def release(self, reuse: bool) -> None:
+        self.exchange = None
+        if reuse and self.pool is not None:
+            self.pool.put(self)
+        else:
+            self.transport.loseConnection()
+
+    def takeStream(self) -> Stream:
+        """After a 101: the connection becomes a byte stream (what followed the head first)."""
+        self._state = STREAM
+        self.exchange = None
+        rest, self._buf = self._buf, b""
+        self._stream = Stream(self.transport, self.pauser, early=rest, owner=self)
+        return self._stream
+
+    # --- reading the response ------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         state = self._state
-        if state == _BODY:
+        if state == BODY:
             self._feedBody(data)
-        elif state == _HEAD:
+        elif state == HEAD:
             self._buf += data
-            exchange = self.exchange
-            self._parseHead()
-            exchange.flushHead()
-        elif state == _UPGRADED:
-            self.splice.fromOrigin(data)
+            self._readHead()
+        elif state == STREAM:
+            self._stream.dataReceived(data)
+            return
         else:
             # Bytes on an idle connection answer no request: the connection is unusable.
             self.transport.abortConnection()
+            return
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.responseFlush()
 
-    def _parseHead(self) -> None:
-        while self._state == _HEAD:
-            buf = self._buf
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > MAX_RESPONSE_HEAD:
-                    self._fail(HTTPError(502, "the origin's response head is too large"))
-                elif buf.count(b"\n") != buf.count(b"\r\n"):
-                    # Bare LF line ends would never complete the head: 502 now, not at the
-                    # idle timeout (RFC 9112 §2.2).
-                    self._fail(HTTPError(502, "bare LF in the origin's response head"))
-                return
-            if end > MAX_RESPONSE_HEAD:
-                # (checked here too: a head may complete in the read that crosses the limit)
-                self._fail(HTTPError(502, "the origin's response head is too large"))
-                return
+    def _readHead(self) -> None:
+        while self._state == HEAD:
             try:
-                head = parseResponseHead(buf[:end])
+                block, rest = splitResponseHead(self._buf, MAX_RESPONSE_HEAD)
+                if block is None:
+                    return
+                head = parseResponseHead(block)
             except HTTPError as e:
                 self._fail(e)
                 return
-            rest = buf[end + 4 :]
-            self._buf = b""
-            if head.status == 101:
-                self._state = _UPGRADED
-                self.exchange.upgraded(head, rest)
+            self._buf = rest
+            status = head.status
+            if status == 101:
+                self._state = STREAM
+                # The exchange relays the 101 and takes the stream (rest first), or fails.
+                self.exchange.responseHead(responseFromHead(head, _NO_FRAMING, self.method))
                 return
-            if head.status < 200:
-                self.exchange.informational(head)
-                self._buf = rest
-                continue
             try:
-                framing = responseFraming(head, self.requestMethod)
+                framing = responseFraming(head, self.method)
             except HTTPError as e:
                 self._fail(e)
                 return
-            self.reusable = (
-                framing.kind != UNTIL_CLOSE
-                and b"close" not in splitTokens(head.values(b"connection"))
-                and head.version == b"HTTP/1.1"
-                and not (
-                    # CL with TE: framed by TE, but an origin that sends both is confused about
-                    # framing; its next response is not trusted (RFC 9112 §6.3).
-                    head.values(b"transfer-encoding") and head.values(b"content-length")
-                )
-            )
             exchange = self.exchange
-            exchange.responseHead(head, framing)
+            if status < 200:
+                exchange.responseHead(responseFromHead(head, framing, self.method))
+                if self.exchange is not exchange:
+                    return
+                continue
+            if status == 407 and self.absolute:
+                # The client cannot fix our upstream credentials: say whose they are.
+                self.reusable = False
+                self.exchange = None
+                self._state = IDLE
+                exchange.upstreamFailed(
+                    Problem(
+                        502,
+                        "upstream_refused",
+                        f"{self.peer[:1].upper()}{self.peer[1:]} answered 407 Proxy "
+                        "Authentication Required: its credentials in [upstream] proxy are "
+                        "missing or wrong.",
+                    )
+                )
+                return
+            self.reusable = reusable(head, framing)
+            self._buf = b""
+            exchange.responseHead(responseFromHead(head, framing, self.method))
             if self.exchange is not exchange:
                 return  # the exchange gave up (client gone)
             self._reader = framing.reader()
             if self._reader is None:
                 self._end(rest)
             else:
-                self._state = _BODY
+                self._state = BODY
                 if rest:
                     self._feedBody(rest)
 
@@ -146,7 +236,7 @@ class OriginConnection(Protocol):
             self._fail(e)
             return
         if body:
-            self.exchange.responseBody(body)
+            self.exchange.responseData(body)
         if done:
             self._end(rest)
 
@@ -155,51 +245,55 @@ class OriginConnection(Protocol):
             # RFC 9112 §6.3: extra data after a complete response is discarded, never
             # forwarded as another response, and the connection is not reused.
             self.reusable = False
-        self._state = _IDLE
+        self._state = IDLE
         self._reader = None
-        exchange, self.exchange = self.exchange, None
+        exchange = self.exchange
         exchange.responseEnd()
 
     def _fail(self, e: HTTPError) -> None:
         self.reusable = False
         exchange, self.exchange = self.exchange, None
-        self._state = _IDLE
+        self._state = IDLE
         self.transport.abortConnection()
         if exchange is not None:
-            exchange.originFailed(e)
+            exchange.upstreamFailed(
+                Problem(e.status, "protocol", f"Bad response from the origin: {e.reason}.")
+            )
 
-    def detach(self) -> None:
-        """The exchange no longer wants this connection: it is closed, not pooled."""
-        self.exchange = None
-        self._state = _IDLE
-        self.transport.abortConnection()
+    # --- the connection's end --------------------------------------------------------------
 
     def readConnectionLost(self) -> None:
-        if self.splice is not None:
-            self.splice.originReadClosed()
+        if self._state == STREAM:
+            self._stream.readConnectionLost()
         else:
-            # Outside a splice a half-close is a close (it may end a close-delimited body).
+            # Outside a stream a half-close is a close (it may end a close-delimited body).
             self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
         pass
 
     def connectionLost(self, reason) -> None:
-        if self.splice is not None:
-            self.splice.originLost()
+        if self._state == STREAM:
+            if self._stream is not None:
+                self._stream.connectionLost(reason)
             return
         if self.pool is not None:
             self.pool.discard(self)
         exchange, self.exchange = self.exchange, None
         if exchange is None:
             return
-        if self._state == _BODY and self._reader.eof():
+        if self._state == BODY and self._reader.eof():
+            self._state = IDLE
             exchange.responseEnd()
-        else:
-            exchange.originLost(reason)
-        self._state = _IDLE
+            return
+        self._state = IDLE
+        tls = describeFailure(reason)
+        exchange.upstreamLost(
+            None if tls is None else Problem(502, "tls", f"TLS to {self.peer} failed: {tls}")
+        )
 
-    # pool support
+
+_NO_FRAMING = Framing(NONE)  # a 101 has no body
 
 
 class OriginPool:
@@ -222,24 +316,29 @@ class OriginPool:
         while conns:
             conn = conns.pop()
             self._count -= 1
-            conn.pool = None
+            conn.pool = self
             if conn.transport is not None and conn.transport.connected:
                 return conn
         return None
 
+    def adopt(self, conn: OriginConnection) -> None:
+        """A new connection this pool may keep after its exchange."""
+        conn.pool = self
+
     def put(self, conn: OriginConnection) -> None:
         if not conn.reusable or self._count >= self.maxTotal:
+            conn.pool = None
             conn.transport.loseConnection()
             return
         conns = self._idle.setdefault(conn.key, deque())
         if len(conns) >= self.maxPerKey:
+            conn.pool = None
             conn.transport.loseConnection()
             return
         if conn.pauser is not None and conn.pauser.reasons:
             conn.pauser.resume(conn.pauser.reasons)
         conns.append(conn)
         self._count += 1
-        conn.pool = self
         # No timer per release (that was a callLater and a cancel per request): one sweep
         # closes what has been idle too long.
         conn.idleSince = self.reactor.seconds()

@@ -12,18 +12,28 @@ from twisted.logger import Logger
 
 from ..accesslog import AccessLog
 from ..config import Config, ConfigError
+from ..exchange.answers import answer
 from ..metrics import Metrics
 from ..policy import DestinationPolicy
 from ..tls.contexts import CAError
 from .chain import Upstream
+from .connector import OriginConnector
 from .dial import Dialer
 from .origin import OriginPool
+from .tunnel import Splice
 
 __all__ = ["Runtime"]
 
 
 class Runtime:
+    """
+    Also the environment of every exchange (L{gateway.exchange.exchange.Exchange}): its
+    clock (C{now}), metrics, access log, connector, the proxy's own fields, the proxy's own
+    answers (C{answer}) and the splice of two streams (C{splice}).
+    """
+
     log = Logger(namespace="proxygate")
+    answer = staticmethod(answer)
 
     def __init__(
         self,
@@ -64,18 +74,25 @@ class Runtime:
         self.idleTimeout = p.idle_timeout
         self.forwardedFor = p.forwarded_for
         self.connections: set = set()
+        self.now = reactor.seconds
         self.pool = OriginPool(reactor)
         self.dialer = Dialer(reactor, self.destinations, p.connect_timeout)
+        self.connector = OriginConnector(self)
         via = p.via.encode("ascii") if p.via else b""
+        #: The Via field per protocol version of the message it goes on (RFC 9110 §7.6.3),
+        #: as shared lists, never mutated.
+        self.viaRequest: dict[bytes, list] = {}
         if via:
             self.viaRequest = {
-                b"HTTP/1.1": b"Via: 1.1 " + via + b"\r\n",
-                b"HTTP/1.0": b"Via: 1.0 " + via + b"\r\n",
+                b"HTTP/1.1": [(b"Via", b"1.1 " + via)],
+                b"HTTP/1.0": [(b"Via", b"1.0 " + via)],
+                b"HTTP/2": [(b"Via", b"2 " + via)],
             }
-            self.viaResponse = self.viaRequest
-        else:
-            self.viaRequest = {}
-            self.viaResponse = {}
+        self.viaResponse = self.viaRequest
+
+    def splice(self, client, origin, onEnd) -> Splice:
+        """Relay two streams (a 101's two sides) until both are gone."""
+        return Splice(client, origin, self.reactor, self.idleTimeout, onEnd)
 
     def setSelfAddresses(self, addresses) -> None:
         """The listeners' real addresses, known only once they listen: never dial them."""

@@ -1,42 +1,142 @@
 """
-The byte pipe behind CONNECT and behind a 101 Switching Protocols.
+Connections handed over to raw bytes, and the pipe between two of them.
+
+A connection stops speaking HTTP in one way only: its protocol hands its transport over as a
+L{Stream} (a CONNECT established, a 101 relayed, an intercepted tunnel's TLS) and from then
+on delivers its socket events to the stream's receiver. The receiver is a L{Splice} end, a
+TLS layer, or the first-byte peek of an intercepted CONNECT. Nobody rewires anybody else's
+protocol.
 
 Once a tunnel is up the proxy relays bytes, nothing else: no HTTP is ever written into the
 stream (Squid injects an error page into upgraded WebSockets; this must not). Each side's
 full send buffer pauses the other side's reading, a half-close on one side is passed on as a
 half-close on the other (RFC 9110 §9.3.6: send what is outstanding, then close), and an idle
-tunnel is closed after [proxy] idle_timeout.
+tunnel is closed after [proxy] idle_timeout by the connection that owns the timer.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
-from .flow import ReadPauser, widenReads, writeNow
+from ..seam import widenReads, writeNow
+from .flow import ReadPauser, noDelay
 
-__all__ = ["ABORT_GRACE", "Splice", "TunnelOrigin"]
+__all__ = ["ABORT_GRACE", "Splice", "Stream", "TunnelOrigin"]
 
 ABORT_GRACE = 2.0  # seconds an aborted tunnel may spend flushing before it is cut off
 
 
+def _nothing() -> None:
+    pass
+
+
+class Stream:
+    """
+    A connection handed over to raw bytes.
+
+    Its owner (the protocol of the connection) calls L{dataReceived},
+    L{readConnectionLost} and L{connectionLost}; they reach the receiver set with
+    L{setReceiver}, after the bytes the owner had read past the handover (early bytes: an
+    eager ClientHello behind a CONNECT, a server's first bytes behind a 101).
+
+    @ivar transport: the transport to write to (TCP, or a TLS layer).
+    @ivar pauser: pauses the transport's reading (see L{gateway.proxy.flow.ReadPauser}).
+    @ivar touch: pushes the owner's idle deadline out (no-op if it has none).
+    @ivar owner: the protocol that handed over.
+    @ivar idle: what ends the stream when the owner's idle deadline passes or the service
+        shuts down (the receiver sets it: a splice aborts both sides); None: close it.
+    """
+
+    __slots__ = ("_early", "_ended", "idle", "owner", "pauser", "receiver", "touch", "transport")
+
+    def __init__(self, transport, pauser: ReadPauser, touch=_nothing, early=b"", owner=None):
+        self.transport = transport
+        self.pauser = pauser
+        self.touch = touch
+        self.owner = owner
+        self.receiver = None
+        self.idle = None
+        self._early = [early] if early else []
+        self._ended: list = []  # readConnectionLost / connectionLost before a receiver
+
+    def setReceiver(self, receiver) -> None:
+        """Deliver everything to C{receiver} from now on, what was held back first."""
+        self.receiver = receiver
+        early, self._early = self._early, []
+        for data in early:
+            receiver.dataReceived(data)
+        ended, self._ended = self._ended, []
+        for event, args in ended:
+            getattr(receiver, event)(*args)
+
+    def unread(self, data: bytes) -> None:
+        """Give C{data} back: the next receiver gets it first."""
+        self._early.insert(0, data)
+
+    def dataReceived(self, data: bytes) -> None:
+        receiver = self.receiver
+        if receiver is not None:
+            receiver.dataReceived(data)
+        else:
+            self._early.append(data)
+
+    def readConnectionLost(self) -> None:
+        if self.receiver is not None:
+            self.receiver.readConnectionLost()
+        else:
+            self._ended.append(("readConnectionLost", ()))
+
+    def connectionLost(self, reason) -> None:
+        if self.receiver is not None:
+            self.receiver.connectionLost(reason)
+        else:
+            self._ended.append(("connectionLost", (reason,)))
+
+
+class _End:
+    """One end of a splice, as its stream's receiver."""
+
+    __slots__ = ("_lost", "_readClosed", "_received")
+
+    def __init__(self, received, readClosed, lost) -> None:
+        self._received = received
+        self._readClosed = readClosed
+        self._lost = lost
+
+    def dataReceived(self, data: bytes) -> None:
+        self._received(data)
+
+    def readConnectionLost(self) -> None:
+        self._readClosed()
+
+    def connectionLost(self, reason) -> None:
+        self._lost()
+
+
 class Splice:
     """
-    Relays between a client connection and an origin transport.
-
-    The client side calls C{fromClient}, C{clientReadClosed}, C{clientLost}; the origin
-    side calls C{fromOrigin}, C{originReadClosed}, C{originLost}. C{onEnd(result)} runs
-    once, when both sides are gone.
+    Relays between a client stream and an origin stream until both are gone, then calls
+    C{onEnd(bytes from the client, bytes from the origin)} once.
     """
 
-    def __init__(self, client, originTransport, originPauser: ReadPauser, metrics, onEnd):
+    def __init__(
+        self,
+        client: Stream,
+        origin: Stream,
+        reactor,
+        flushGrace: float,
+        onEnd: Callable[[int, int], None],
+    ) -> None:
         self.client = client
+        self.origin = origin
         self.clientTransport = client.transport
-        self.originTransport = originTransport
+        self.originTransport = origin.transport
         widenReads(self.clientTransport)
-        widenReads(originTransport)
-        self.metrics = metrics
+        widenReads(self.originTransport)
         self.onEnd = onEnd
         self.fromClientBytes = 0
         self.fromOriginBytes = 0
@@ -45,25 +145,24 @@ class Splice:
         self._clientWriteClosed = False
         self._originWriteClosed = False
         self._cutTimer = None
-        rt = getattr(client, "rt", None)
-        if rt is not None:
-            self._reactor, self._flushGrace = rt.reactor, rt.idleTimeout
-        else:
-            from twisted.internet import reactor
-
-            self._reactor, self._flushGrace = reactor, 300.0
+        self._reactor = reactor
+        self._flushGrace = flushGrace
+        self._touch = client.touch
         # Cross-register: a full buffer on one side pauses reading on the other.
-        self.clientTransport.registerProducer(originPauser, True)
-        originTransport.registerProducer(client.pauser, True)
+        self.clientTransport.registerProducer(origin.pauser, True)
+        self.originTransport.registerProducer(client.pauser, True)
+        client.idle = self.abort
+        client.setReceiver(_End(self.fromClient, self.clientReadClosed, self.clientLost))
+        origin.setReceiver(_End(self.fromOrigin, self.originReadClosed, self.originLost))
 
     def fromClient(self, data: bytes) -> None:
         self.fromClientBytes += len(data)
-        self.client.touch()
+        self._touch()
         writeNow(self.originTransport, data)
 
     def fromOrigin(self, data: bytes) -> None:
         self.fromOriginBytes += len(data)
-        self.client.touch()
+        self._touch()
         writeNow(self.clientTransport, data)
 
     def clientReadClosed(self) -> None:
@@ -85,10 +184,8 @@ class Splice:
         # Nothing more will be written to it: stop consuming from the peer (see _close).
         transport.unregisterProducer()
         if _isTLS(transport):
-            # Twisted's TLS has no half-close: loseWriteConnection would reach the TCP
-            # transport under the TLS layer and end the stream with no close_notify (a
-            # truncation, to the peer). close_notify is how TLS ends one direction; the
-            # peer may go on sending until it answers with its own.
+            # TLS has no half-close here: close_notify is how TLS ends one direction, and
+            # the peer may go on sending until it answers with its own.
             transport.loseConnection()
             return
         try:
@@ -151,14 +248,7 @@ class Splice:
                 self._cutTimer.cancel()
             self._cutTimer = None
             onEnd, self.onEnd = self.onEnd, None
-            m = self.metrics
-            m.moved(
-                self.fromClientBytes,
-                self.fromClientBytes,
-                self.fromOriginBytes,
-                self.fromOriginBytes,
-            )
-            onEnd()
+            onEnd(self.fromClientBytes, self.fromOriginBytes)
 
 
 def _isTLS(transport) -> bool:
@@ -168,42 +258,27 @@ def _isTLS(transport) -> bool:
 
 @implementer(IHalfCloseableProtocol)
 class TunnelOrigin(Protocol):
-    """The origin side of a CONNECT tunnel: hands everything to the splice."""
-
-    splice: Splice | None = None
+    """
+    The origin side of a CONNECT tunnel: a connection that is a L{Stream} from the start.
+    Bytes a server sends before the splice exists (a banner) are held for it.
+    """
 
     def __init__(self) -> None:
-        self.pauser: ReadPauser | None = None
-        self._early: list[bytes] = []
+        self.stream: Stream | None = None
 
     def connectionMade(self) -> None:
-        try:
-            self.transport.setTcpNoDelay(True)
-        except Exception:
-            pass
-        self.pauser = ReadPauser(self.transport)
+        noDelay(self.transport)
+        self.stream = Stream(self.transport, ReadPauser(self.transport), owner=self)
 
     def dataReceived(self, data: bytes) -> None:
-        if self.splice is not None:
-            self.splice.fromOrigin(data)
-        else:
-            self._early.append(data)  # server-speaks-first protocols, before the 200 is out
-
-    def attach(self, splice: Splice) -> None:
-        self.splice = splice
-        early, self._early = self._early, []
-        for data in early:
-            splice.fromOrigin(data)
+        self.stream.dataReceived(data)
 
     def readConnectionLost(self) -> None:
-        if self.splice is not None:
-            self.splice.originReadClosed()
-        else:
-            self.transport.loseConnection()
+        self.stream.readConnectionLost()
 
     def writeConnectionLost(self) -> None:
         pass
 
     def connectionLost(self, reason) -> None:
-        if self.splice is not None:
-            self.splice.originLost()
+        if self.stream is not None:
+            self.stream.connectionLost(reason)

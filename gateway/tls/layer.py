@@ -37,7 +37,7 @@ from twisted.internet.interfaces import IProtocol, IPushProducer, ITransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..proxy.flow import widenReads, writeNow
+from ..seam import replaceProtocol, widenReads, writeNow
 
 __all__ = [
     "TLSCreator",
@@ -110,6 +110,13 @@ class TLSLayer:
                 return
         self._readRecords()
 
+    def readConnectionLost(self) -> None:
+        """
+        The peer ended its half of the TCP connection: TLS has no use for the other half
+        (close_notify, not FIN, ends a TLS direction), so close.
+        """
+        self.transport.loseConnection()
+
     def connectionLost(self, reason: Failure) -> None:
         if self._lost:
             return
@@ -138,6 +145,9 @@ class TLSLayer:
             return
         self._handshakeDone = True
         self._flush()
+        listener = getattr(self.wrappedProtocol, "handshakeCompleted", None)
+        if listener is not None:
+            listener()  # IHandshakeListener, as Twisted's TLS transports call it
         if self._pending:
             pending, self._pending = self._pending, []
             self.write(b"".join(pending))
@@ -281,10 +291,7 @@ def startTLS(protocol, creator: TLSCreator) -> TLSLayer:
     """
     below = protocol.transport
     layer = TLSLayer(creator, protocol)
-    if hasattr(below, "wrappedProtocol") and below.wrappedProtocol is protocol:
-        below.wrappedProtocol = layer  # a TLS layer below (an ssl: listener's)
-    else:
-        below.protocol = layer  # a TCP connection delivers to its .protocol
+    replaceProtocol(below, layer)
     layer.transport = below
     layer.connected = True
     widenReads(below)

@@ -83,7 +83,7 @@ class ProxygateServiceMaker:
             _reloadOnHangup(service)
         from twisted.internet import reactor
 
-        from gateway.eventloop import dispatchDirectly
+        from gateway.seam import dispatchDirectly
 
         dispatchDirectly(reactor)
         return service

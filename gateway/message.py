@@ -12,13 +12,18 @@ Plain slotted classes, not attrs: one of each is made per request on the hot pat
 
 from __future__ import annotations
 
-__all__ = ["Fields", "Request", "Response", "UNKNOWN"]
+__all__ = ["NO_BODY", "REASONS", "UNKNOWN", "Fields", "Request", "Response"]
 
 Fields = list[tuple[bytes, bytes]]
 
 #: A body length nobody stated: the body ends when its side says so (HTTP/1.1 chunked or
 #: close-delimited, an HTTP/2 stream without content-length).
 UNKNOWN = None
+#: No body, and no length said about one (a GET without Content-Length; a response that has
+#: no body by rule: 1xx, 204, 304, to HEAD). Distinct from a stated length of 0, which the
+#: next hop is told.
+NO_BODY = -1
+_NONE: Fields = []
 
 
 class Request:
@@ -34,8 +39,11 @@ class Request:
     @ivar version: the protocol the client spoke (C{b"HTTP/1.1"}, C{b"HTTP/1.0"},
         C{b"HTTP/2"}): Via names it.
     @ivar fields: the end-to-end fields, in order, names as received (HTTP/2: lower case).
-    @ivar length: body bytes that follow: 0 for none, C{UNKNOWN} when unstated.
+    @ivar length: body bytes that follow (a stated Content-Length, 0 included), C{NO_BODY},
+        or C{UNKNOWN} (they end when the side says so).
     @ivar upgrade: the protocols a client asked to switch to (HTTP/1.1 only), else None.
+    @ivar proxyFields: the fields this proxy adds (Via, X-Forwarded-For), written after the
+        framing; shared lists, never mutated.
     """
 
     __slots__ = (
@@ -46,6 +54,7 @@ class Request:
         "method",
         "path",
         "port",
+        "proxyFields",
         "scheme",
         "upgrade",
         "version",
@@ -74,6 +83,7 @@ class Request:
         self.fields = fields
         self.length = length
         self.upgrade = upgrade
+        self.proxyFields = _NONE
 
     def url(self) -> str:
         """The URL for logs: no query (Squid's strip_query_terms), never userinfo."""
@@ -92,12 +102,24 @@ class Response:
     @ivar reason: the reason phrase (HTTP/1.1 only; empty from HTTP/2).
     @ivar version: the protocol the origin spoke: Via names it.
     @ivar fields: the end-to-end fields (hop-by-hop and framing removed).
-    @ivar length: body bytes that follow: 0 for none, C{UNKNOWN} when unstated.
+    @ivar length: body bytes that follow (a stated length, 0 included), C{NO_BODY} or
+        C{UNKNOWN}.
     @ivar statedLength: for a response that has no body by rule (to HEAD, a 304), the
         Content-Length it states, which describes the body a GET would get; else None.
+    @ivar contentType: its media type, for the access log (b"" when none).
+    @ivar proxyFields: the fields this proxy adds (Via), written after the framing.
     """
 
-    __slots__ = ("fields", "length", "reason", "statedLength", "status", "version")
+    __slots__ = (
+        "contentType",
+        "fields",
+        "length",
+        "proxyFields",
+        "reason",
+        "statedLength",
+        "status",
+        "version",
+    )
 
     def __init__(
         self,
@@ -107,6 +129,7 @@ class Response:
         fields: Fields,
         length: int | None = 0,
         statedLength: bytes | None = None,
+        contentType: bytes = b"",
     ) -> None:
         self.status = status
         self.reason = reason
@@ -114,6 +137,31 @@ class Response:
         self.fields = fields
         self.length = length
         self.statedLength = statedLength
+        self.contentType = contentType
+        self.proxyFields = _NONE
 
     def __repr__(self) -> str:
         return f"<Response {self.status} length={self.length}>"
+
+
+#: Reason phrases of the statuses the proxy itself answers with (RFC 9110 §15).
+REASONS = {
+    200: b"OK",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    407: b"Proxy Authentication Required",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    417: b"Expectation Failed",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
+}

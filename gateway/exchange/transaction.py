@@ -1,0 +1,129 @@
+"""
+One request or tunnel as the access log and the metrics record it: built in one place, for
+forwarded requests, CONNECT tunnels and the proxy's own answers alike.
+
+The environment (C{env}) is whatever owns the process-wide objects: C{metrics}, an
+C{accessLog} (or None) and C{now()}, a monotonic clock. The service's runtime is one; tests
+pass their own.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..accesslog import AccessRecord, hierarchy
+from ..metrics import normaliseAPI
+from .problems import Problem
+
+__all__ = ["Transaction"]
+
+
+class Transaction:
+    """
+    The figures of one request (or tunnel) from its head to its end.
+
+    @ivar mode: the metrics mode (forward, mitm, reverse, ftp).
+    @ivar logMode: the access log's mode: the same, or tunnel (CONNECT), local (the
+        proxy's own answer to a request it did not forward).
+    @ivar code: the status the client got (0 when none was sent).
+    @ivar sent: body bytes sent to the client; C{received}: body bytes from the client;
+        C{sentUpstream}: of those, the bytes that reached the next hop.
+    @ivar problem: why it was refused or failed, if it was.
+    @ivar answered: the proxy answered itself: what was sent came from no upstream.
+    """
+
+    __slots__ = (
+        "answered",
+        "client",
+        "code",
+        "contentType",
+        "env",
+        "ip",
+        "logMode",
+        "method",
+        "mode",
+        "problem",
+        "received",
+        "sent",
+        "sentUpstream",
+        "started",
+        "url",
+        "user",
+        "version",
+        "viaProxy",
+        "wallStart",
+    )
+
+    def __init__(
+        self, env, client: str, method: bytes, mode: str, user: str | None, version: bytes
+    ) -> None:
+        self.env = env
+        self.client = client
+        self.method = method
+        self.mode = mode
+        self.logMode = mode
+        self.user = user
+        self.version = version
+        self.started = env.now()
+        self.wallStart = time.time()
+        self.code = 0
+        self.sent = 0
+        self.received = 0
+        self.sentUpstream = 0
+        self.ip = "-"
+        self.viaProxy = False
+        self.contentType = b""
+        self.problem: Problem | None = None
+        self.url = "-"
+        self.answered = False
+
+    def logURL(self) -> str:
+        """The URL of the access line (no query, no credentials)."""
+        return self.url
+
+    def apiKey(self) -> tuple[str, bytes] | None:
+        """For decrypted traffic: the (host, path) whose per-API figures it adds to."""
+        return None
+
+    def record(self, action: str | None = None, counted: bool = True) -> None:
+        """
+        Count the request and write its access line.
+
+        @param action: the Squid result code; by default the problem's, else TCP_MISS.
+        @param counted: False for what never was a request (a head that did not parse, a
+            connection refused before one): logged, not in proxygate_requests_total.
+        """
+        env = self.env
+        elapsed = env.now() - self.started
+        metrics = env.metrics
+        problem = self.problem
+        if action is None:
+            action = problem.action if problem is not None else "TCP_MISS"
+        if counted:
+            metrics.request(self.mode, self.method, self.code, elapsed)
+            api = self.apiKey()
+            if api is not None:
+                metrics.api(api[0], normaliseAPI(api[1]), self.code, elapsed, self.received)
+            fromUpstream = 0 if self.answered else self.sent
+            metrics.moved(self.received, self.sentUpstream, fromUpstream, self.sent)
+        log = env.accessLog
+        if log is not None:
+            log.record(
+                AccessRecord(
+                    start=self.wallStart,
+                    elapsed=elapsed,
+                    client=self.client,
+                    code=self.code,
+                    size=self.sent,
+                    method=self.method.decode("ascii", "replace"),
+                    url=self.logURL(),
+                    user=self.user,
+                    action=action,
+                    hierarchy=hierarchy(self.ip, self.viaProxy),
+                    contentType=self.contentType.decode("latin-1"),
+                    mode=self.logMode,
+                    reason=problem.code if problem is not None else None,
+                    detail=problem.detail if problem is not None else None,
+                    version=self.version.decode("ascii", "replace"),
+                )
+            )
