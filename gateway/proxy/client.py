@@ -35,7 +35,7 @@ from ..http1.parse import (
 )
 from ..http1.rewrite import delivery, keepAlive, requestFromHead, responseHeadBytes
 from ..message import Response
-from ..policy import clientAllowed
+from ..policy import checkClient
 from ..seam import writeNow
 from .connect import Tunnel
 from .flow import CONNECTING, PEER, PIPELINE, ReadPauser, noDelay
@@ -109,9 +109,14 @@ class ClientConnection(Protocol):
         live = rt.metrics.live
         live.clientConnections += 1
         live.clientConnectionsTotal += 1
-        if not clientAllowed(rt.clientCIDRs, self.client):
+        decision = checkClient(rt.clientCIDRs, self.client)
+        if not decision.allowed:
             self._refuseConnection(
-                Problem(403, "client", "Your address is not allowed to use this proxy.")
+                Problem(
+                    403,
+                    "client",
+                    f"Your address is not allowed to use this proxy ({decision.detail}).",
+                )
             )
             return
         if len(rt.connections) > rt.maxConnections:

@@ -19,7 +19,7 @@ from ..exchange.problems import Problem
 from ..exchange.transaction import Transaction
 from ..http1.headers import bracketed, parseAuthority
 from ..http1.parse import HTTPError, RequestHead
-from ..policy import portAllowed
+from ..policy import checkPort
 from ..tls.layer import TLSLayer, describeFailure
 from .dial import problemFor
 from .flow import CONNECTING
@@ -70,9 +70,15 @@ class Tunnel(Transaction):
         except HTTPError as e:
             self._refuse(Problem(400, "bad_request", f"Bad CONNECT target: {e.reason}."))
             return
-        if not portAllowed(rt.connectPorts, self.port):
+        decision = checkPort(rt.connectPorts, self.port)
+        if not decision.allowed:
             self._refuse(
-                Problem(403, "port", f"CONNECT to port {self.port} is not allowed by this proxy.")
+                Problem(
+                    403,
+                    "port",
+                    f"CONNECT to port {self.port} is not allowed by this proxy "
+                    f"({decision.detail}).",
+                )
             )
             return
         decision = rt.destinations.checkName(self.host, self.port)
