@@ -244,6 +244,8 @@ class RequestRewriter:
         if edgeAuth:
             drop.add(b"authorization")
         self._drop = frozenset(drop)
+        # The forwarding fields a request_headers line sets instead of the gateway.
+        self._overridden = frozenset(_normalName(t.name) for t in self.templates)
         self._verdicts: dict[bytes, bool] = {}  # field spelling -> dropped
 
     def fields(
@@ -272,12 +274,17 @@ class RequestRewriter:
         """
         out = [field for field in fields if not self._dropped(field[0])]
         schemeBytes = scheme.encode("ascii")
-        out.append((b"X-Forwarded-For", client.encode("ascii", "replace")))
-        out.append((b"X-Forwarded-Proto", schemeBytes))
-        out.append((b"X-Forwarded-Host", authority))
-        out.append((b"X-Forwarded-Port", forwardedPort(authority, scheme)))
+        forwarding = [
+            (b"X-Forwarded-For", client.encode("ascii", "replace")),
+            (b"X-Forwarded-Proto", schemeBytes),
+            (b"X-Forwarded-Host", authority),
+            (b"X-Forwarded-Port", forwardedPort(authority, scheme)),
+        ]
         if stripped is not None:
-            out.append((b"X-Forwarded-Prefix", stripped))
+            forwarding.append((b"X-Forwarded-Prefix", stripped))
+        if self._overridden:
+            forwarding = [f for f in forwarding if f[0].lower() not in self._overridden]
+        out += forwarding
         if user is not None and self.userHeader:
             value = user.encode("utf-8")
             # htpasswd names cannot hold these, but a field value must never be able to.
