@@ -235,6 +235,10 @@ class Pool:
         """It is done with it (its response ended, or it failed)."""
         backend.inflight -= 1
 
+    def upStates(self) -> dict[str, Callable[[], bool]]:
+        """For L{gateway.metrics.Metrics.watchBackends}: each backend's URL and its state."""
+        return {b.url.url: (lambda b=b: self.available(b)) for b in self.backends}
+
     def retryAfter(self) -> int:
         """
         Seconds for the C{Retry-After} of a 503 when every backend is down: the next passive
