@@ -35,13 +35,13 @@ sys.path.insert(0, HERE)
 import loadgen  # noqa: E402  (this folder's load generator: its client and helpers)
 
 ROWS = ("direct", "nginx", "proxygate")
-PATH = "/bytes/1024"  # what loadgen's "get" scenario asks for
 
-ORIGIN_CONF = """worker_processes 1;
+# One nginx process, no access log, everything it writes in the run's folder.
+NGINX_HEAD = """worker_processes 1;
 master_process off;
 daemon off;
-pid {d}/origin.pid;
-error_log {d}/origin-error.log warn;
+pid {d}/{name}.pid;
+error_log {d}/{name}-error.log warn;
 events {{ worker_connections 16384; }}
 http {{
   access_log off;
@@ -52,7 +52,9 @@ http {{
   scgi_temp_path {d}/tmp;
   keepalive_requests 10000000;
   keepalive_timeout 60s;
-  sendfile on;
+"""
+
+ORIGIN_CONF = """  sendfile on;
   default_type application/octet-stream;
   server {{
     listen 127.0.0.1:{port} backlog=4096;
@@ -63,22 +65,7 @@ http {{
 
 # nginx doing what a [route] does: Host kept, X-Forwarded-* set, keep-alive to the backend,
 # bodies streamed both ways, no size limit (proxygate's max_body_size = 0).
-NGINX_REVERSE_CONF = """worker_processes 1;
-master_process off;
-daemon off;
-pid {d}/reverse.pid;
-error_log {d}/reverse-error.log warn;
-events {{ worker_connections 16384; }}
-http {{
-  access_log off;
-  client_body_temp_path {d}/tmp;
-  proxy_temp_path {d}/tmp;
-  fastcgi_temp_path {d}/tmp;
-  uwsgi_temp_path {d}/tmp;
-  scgi_temp_path {d}/tmp;
-  keepalive_requests 10000000;
-  keepalive_timeout 60s;
-  upstream bench {{
+NGINX_REVERSE_CONF = """  upstream bench {{
     server 127.0.0.1:{origin};
     keepalive 64;
   }}
@@ -135,7 +122,7 @@ def start_origin(d, pin):
     port = loadgen.free_port()
     conf = os.path.join(d, "origin.conf")
     with open(conf, "w") as f:
-        f.write(ORIGIN_CONF.format(d=d, port=port))
+        f.write(NGINX_HEAD.format(d=d, name="origin") + ORIGIN_CONF.format(d=d, port=port))
     proc = loadgen._launch("origin", [nginx(), "-c", conf, "-p", d], port, d, False, None)
     if pin:
         os.sched_setaffinity(proc.pid, {1})
@@ -148,7 +135,8 @@ def start_row(row, d, origin, pin, twistd):
     if row == "nginx":
         conf = os.path.join(d, "reverse.conf")
         with open(conf, "w") as f:
-            f.write(NGINX_REVERSE_CONF.format(d=d, port=port, origin=origin))
+            f.write(NGINX_HEAD.format(d=d, name="reverse"))
+            f.write(NGINX_REVERSE_CONF.format(port=port, origin=origin))
         cmd, env = [nginx(), "-c", conf, "-p", d], None
     else:
         ini = os.path.join(d, "reverse.ini")

@@ -12,14 +12,13 @@ stripped prefix as it is.
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-from conftest import freePort
+from conftest import freePort, stopProcess
 
 __all__ = ["APP", "ShinyApp"]
 
@@ -73,12 +72,6 @@ class ShinyApp:
     def stop(self) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        stopProcess(self.proc, timeout=10)
         self._log.close()
         return self.proc.returncode

@@ -18,13 +18,13 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
-import signal
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 import websocket
+from conftest import stopProcess
 
 __all__ = ["CHROMIUM", "Chromium", "Page", "PageError"]
 
@@ -113,13 +113,7 @@ class Chromium:
             page.close()
         self._pages.clear()
         if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout=5)
+            stopProcess(self.proc, timeout=10)
             self._log.close()
             self.proc = None
         shutil.rmtree(self.profile, ignore_errors=True)
