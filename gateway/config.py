@@ -26,7 +26,7 @@ import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from attrs import frozen
+from attrs import field, frozen
 
 from gateway import policy, upstream
 from gateway.inbound import balance, rewrite, routes
@@ -121,7 +121,7 @@ class ReverseConfig:
     listen: tuple[str, ...]
     allowed_client_cidrs: tuple[policy.IPNetwork, ...]
     http2: bool
-    sticky_secret: str | None
+    sticky_secret: str | None = field(repr=False)  # a key: never in a log line
 
 
 @frozen

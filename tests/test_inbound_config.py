@@ -280,3 +280,9 @@ def test_unreadableCABundleNamesTheRoute(tmp_path: Path) -> None:
 def test_setOverridesRouteKeys() -> None:
     c = parseConfig(ROUTE, FILE, overrides={("route app", "balance"): "sticky"})
     assert c.routes[0].balance == "sticky"
+
+
+def test_stickySecretNotInRepr() -> None:
+    c = parse("[reverse]\nsticky_secret = Pa55-key\n")
+    assert c.reverse.sticky_secret == "Pa55-key"
+    assert "Pa55-key" not in repr(c)
