@@ -776,10 +776,16 @@ def _checkReverse(config: Config, path: str, parser: configparser.ConfigParser) 
                 f"tcp:, tcp6: or ssl: listeners, and {description!r} is not one"
             )
     for route in config.routes:
+        section = next(s for s in parser.sections() if _routeName(s) == route.name)
         if route.auth and config.auth.htpasswd is None:
-            section = next(s for s in parser.sections() if _routeName(s) == route.name)
             raise ConfigError(
                 f"{path}: [{section}] auth: edge authentication needs [auth] htpasswd"
+            )
+        user = (route.user_header or "").lower().replace("_", "-")
+        if any(t.name.decode().lower().replace("_", "-") == user for t in route.request_headers):
+            raise ConfigError(
+                f"{path}: [{section}] request_headers: {route.user_header!r} is the route's "
+                "user_header, which only the logged-in user's name may fill"
             )
 
 

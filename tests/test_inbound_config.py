@@ -235,6 +235,8 @@ ERRORS: list[tuple[str, str]] = [
     (ROUTE + "request_headers = X-A: caf\u00e9\n",
      "[route app] request_headers: header 'X-A': the value must be printable ASCII"),
     (ROUTE + "strip_prefix = maybe\n", "[route app] strip_prefix: invalid boolean 'maybe'"),
+    (ROUTE + "request_headers = X-Forwarded-User: nobody\n",
+     "[route app] request_headers: 'X-Forwarded-User' is the route's user_header"),
     # across routes
     (ROUTE + "[route b]\nmatch = /app\nbackends = http://b\n",
      "[route b] match: '/app' matches the same requests as [route app]"),
