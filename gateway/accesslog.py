@@ -14,7 +14,7 @@ from typing import IO
 
 from attrs import frozen
 
-__all__ = ["AccessLog", "AccessRecord", "fileObserver", "hierarchy"]
+__all__ = ["AccessLog", "AccessRecord", "fileObserver", "hierarchy", "routeHierarchy"]
 
 
 @frozen
@@ -36,6 +36,8 @@ class AccessRecord:
     reason: str | None = None  # why it was refused or failed: a code (exchange/problems.py)
     detail: str | None = None  # the same in a sentence
     version: str = "HTTP/1.1"
+    route: str | None = None  # the inbound gateway's route (mode reverse)
+    backend: str | None = None  # its backend's URL as in the INI, if one was chosen
 
 
 def hierarchy(ip: str, viaUpstream: bool) -> str:
@@ -43,6 +45,19 @@ def hierarchy(ip: str, viaUpstream: bool) -> str:
     if ip == "-":
         return "HIER_NONE/-"
     return f"{'FIRSTUP_PARENT' if viaUpstream else 'HIER_DIRECT'}/{ip}"
+
+
+def routeHierarchy(route: str, backend: str | None) -> str:
+    """
+    Squid's hierarchy field of a routed request: C{ROUTE/backend-host:port}, where Squid
+    writes C{CODE/peer} (its accelerator logs the cache_peer there), so tools that split the
+    field at its first '/' get the route and the backend; C{ROUTE/-} when no backend was
+    chosen (every backend down, a redirect, a refusal).
+    """
+    if backend is None:
+        return f"{route}/-"
+    authority = backend.partition("://")[2].rstrip("/")
+    return f"{route}/{authority or backend}"
 
 
 def squidLine(r: AccessRecord) -> str:
@@ -54,32 +69,37 @@ def squidLine(r: AccessRecord) -> str:
 
 def combinedLine(r: AccessRecord) -> str:
     stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(r.start))
-    return (
+    line = (
         f'{r.client} - {r.user or "-"} [{stamp}] "{r.method} {r.url} {r.version}" '
         f'{r.code} {r.size} "-" "-"'
     )
+    if r.route is not None:
+        # nginx users append $upstream_addr the same way; combined parsers stop before it.
+        line += f" route={r.route} backend={r.backend or '-'}"
+    return line
 
 
 def jsonLine(r: AccessRecord) -> str:
-    return json.dumps(
-        {
-            "time": round(r.start, 3),
-            "elapsed_ms": round(r.elapsed * 1000, 3),
-            "client": r.client,
-            "action": r.action,
-            "code": r.code,
-            "bytes": r.size,
-            "method": r.method,
-            "url": r.url,
-            "user": r.user,
-            "hierarchy": r.hierarchy,
-            "content_type": r.contentType or None,
-            "mode": r.mode,
-            "reason": r.reason,
-            "detail": r.detail,
-        },
-        separators=(",", ":"),
-    )
+    fields = {
+        "time": round(r.start, 3),
+        "elapsed_ms": round(r.elapsed * 1000, 3),
+        "client": r.client,
+        "action": r.action,
+        "code": r.code,
+        "bytes": r.size,
+        "method": r.method,
+        "url": r.url,
+        "user": r.user,
+        "hierarchy": r.hierarchy,
+        "content_type": r.contentType or None,
+        "mode": r.mode,
+        "reason": r.reason,
+        "detail": r.detail,
+    }
+    if r.route is not None:
+        fields["route"] = r.route
+        fields["backend"] = r.backend
+    return json.dumps(fields, separators=(",", ":"))
 
 
 _FORMATS = {"squid": squidLine, "combined": combinedLine, "json": jsonLine}

@@ -26,11 +26,13 @@ import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from attrs import frozen
+from attrs import field, frozen
 
 from gateway import policy, upstream
+from gateway.inbound import balance, rewrite, routes
 
 __all__ = [
+    "ROUTE_SCHEMA",
     "SCHEMA",
     "AuthConfig",
     "Config",
@@ -39,6 +41,8 @@ __all__ = [
     "MetricsConfig",
     "MitmConfig",
     "ProxyConfig",
+    "ReverseConfig",
+    "RouteConfig",
     "UpstreamConfig",
     "cpuCount",
     "defaultConfig",
@@ -113,6 +117,34 @@ class LogConfig:
 
 
 @frozen
+class ReverseConfig:
+    listen: tuple[str, ...]
+    allowed_client_cidrs: tuple[policy.IPNetwork, ...]
+    http2: bool
+    sticky_secret: str | None = field(repr=False)  # a key: never in a log line
+
+
+@frozen
+class RouteConfig:
+    """One C{[route NAME]} section; C{name} is its metrics and log label."""
+
+    name: str
+    match: routes.Match
+    backends: tuple[balance.BackendURL, ...]
+    strip_prefix: bool
+    balance: str
+    health_check: str | None
+    health_interval: float
+    max_body_size: int  # 0: unlimited
+    timeout: float
+    auth: bool
+    user_header: str | None
+    request_headers: tuple[rewrite.HeaderTemplate, ...]
+    rewrite_location: bool
+    ca_bundle: str | None
+
+
+@frozen
 class Config:
     proxy: ProxyConfig
     auth: AuthConfig
@@ -120,6 +152,8 @@ class Config:
     mitm: MitmConfig
     metrics: MetricsConfig
     log: LogConfig
+    reverse: ReverseConfig
+    routes: tuple[RouteConfig, ...]
     path: str | None
 
     def selfAddresses(self) -> frozenset[SelfAddress]:
@@ -413,6 +447,64 @@ def _noProxy(value: str, baseDir: str) -> upstream.NoProxy:
     return upstream.parseNoProxy(_items(value))
 
 
+def _optionalText(value: str, baseDir: str) -> str | None:
+    return value or None
+
+
+def _match(value: str, baseDir: str) -> routes.Match:
+    return routes.parseMatch(value)
+
+
+def _backends(value: str, baseDir: str) -> tuple[balance.BackendURL, ...]:
+    items = _items(value)
+    if not items:
+        raise ValueError("at least one backend URL is required (e.g. http://127.0.0.1:8787)")
+    backends = tuple(balance.parseBackendURL(item) for item in items)
+    seen: set[tuple[str, str, int]] = set()
+    for backend in backends:
+        key = (backend.scheme, backend.host, backend.port)
+        if key in seen:
+            raise ValueError(f"backend {backend.url!r} is listed twice")
+        seen.add(key)
+    return backends
+
+
+def _balance(value: str, baseDir: str) -> str:
+    if value.lower() not in balance.BALANCE_METHODS:
+        methods = " | ".join(balance.BALANCE_METHODS)
+        raise ValueError(f"unknown balance method {value!r} (use {methods})")
+    return value.lower()
+
+
+def _healthCheck(value: str, baseDir: str) -> str | None:
+    if not value:
+        return None
+    if not re.fullmatch(r"/[!-~]*", value) or "#" in value:
+        raise ValueError(f"invalid health check path {value!r}: a path starting with '/'")
+    return value
+
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _size(value: str, baseDir: str) -> int:
+    m = re.fullmatch(r"([0-9]+)\s*([kmgt]?)b?", value.strip().lower())
+    if m is None:
+        raise ValueError(f"invalid size {value!r}: bytes, or a number with K, M, G or T")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+
+
+def _headerName(value: str, baseDir: str) -> str | None:
+    if not value:
+        return None
+    rewrite.checkFieldName(value, "header name")
+    return value
+
+
+def _requestHeaders(value: str, baseDir: str) -> tuple[rewrite.HeaderTemplate, ...]:
+    return rewrite.parseRequestHeaders(value)
+
+
 # section -> key -> (default as written in the INI, parser)
 SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
     "proxy": {
@@ -460,7 +552,40 @@ SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
         "access_log": ("-", _accessLog),
         "format": ("squid", _logFormat),
     },
+    "reverse": {
+        "listen": ("", _endpoints),
+        "allowed_client_cidrs": ("0.0.0.0/0 ::/0", _cidrs),
+        "http2": ("off", _boolean),
+        "sticky_secret": ("", _optionalText),
+    },
 }
+
+# The keys of every [route NAME] section (DESIGN.md, the inbound gateway); match and
+# backends have no default: their parsers refuse the empty value.
+ROUTE_SCHEMA: dict[str, tuple[str, Parser]] = {
+    "match": ("", _match),
+    "backends": ("", _backends),
+    "strip_prefix": ("on", _boolean),
+    "balance": ("round_robin", _balance),
+    "health_check": ("", _healthCheck),
+    "health_interval": ("5", _seconds),
+    "max_body_size": ("0", _size),
+    "timeout": ("300", _seconds),
+    "auth": ("off", _boolean),
+    "user_header": ("X-Forwarded-User", _headerName),
+    "request_headers": ("", _requestHeaders),
+    "rewrite_location": ("on", _boolean),
+    "ca_bundle": ("", _optionalPath),
+}
+
+_ROUTE_SECTION = re.compile(r"route(?:\s+(.*))?")
+_ROUTE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _routeName(section: str) -> str | None:
+    """The NAME of a [route NAME] section, None for any other section."""
+    m = _ROUTE_SECTION.fullmatch(section)
+    return None if m is None else (m.group(1) or "").strip()
 
 
 # -- reading -----------------------------------------------------------------------------------
@@ -472,10 +597,13 @@ def _suggest(word: str, choices: Iterable[str]) -> str:
 
 
 def _unknownKeyProblem(section: str, key: str) -> str:
-    homes = [name for name, keys in SCHEMA.items() if key in keys and name != section]
+    isRoute = _routeName(section) is not None
+    homes = [f"[{name}]" for name, keys in SCHEMA.items() if key in keys and name != section]
+    if key in ROUTE_SCHEMA and not isRoute:
+        homes.append("[route NAME]")
     if homes:
-        return f"unknown key {key!r} (it belongs in " + " or ".join(f"[{h}]" for h in homes) + ")"
-    return f"unknown key {key!r}" + _suggest(key, SCHEMA[section])
+        return f"unknown key {key!r} (it belongs in " + " or ".join(homes) + ")"
+    return f"unknown key {key!r}" + _suggest(key, ROUTE_SCHEMA if isRoute else SCHEMA[section])
 
 
 def _read(text: str, path: str) -> configparser.ConfigParser:
@@ -505,13 +633,22 @@ def _read(text: str, path: str) -> configparser.ConfigParser:
 def _values(parser: configparser.ConfigParser, path: str, baseDir: str) -> dict[str, Any]:
     """Every key of every section: the file's value or the default, parsed."""
     for section in parser.sections():
-        if section not in SCHEMA:
+        routeName = _routeName(section)
+        if section not in SCHEMA and routeName is None:
+            routeHint = ""
+            if section.lower().startswith("rout"):
+                routeHint = " (did you mean [route NAME]?)"
             raise ConfigError(
                 f"{path}: [{section}]: unknown section {section!r}"
-                + (_suggest(section, SCHEMA) or f" (sections: {', '.join(SCHEMA)})")
+                + (
+                    routeHint
+                    or _suggest(section, SCHEMA)
+                    or f" (sections: {', '.join(SCHEMA)}, route NAME)"
+                )
             )
+        keys = SCHEMA[section] if routeName is None else ROUTE_SCHEMA
         for key in parser[section]:
-            if key not in SCHEMA[section]:
+            if key not in keys:
                 raise ConfigError(f"{path}: [{section}] {key}: {_unknownKeyProblem(section, key)}")
     values: dict[str, Any] = {}
     for section, keys in SCHEMA.items():
@@ -524,6 +661,46 @@ def _values(parser: configparser.ConfigParser, path: str, baseDir: str) -> dict[
             except ValueError as e:
                 raise ConfigError(f"{path}: [{section}] {key}: {e}") from None
     return values
+
+
+def _routes(parser: configparser.ConfigParser, path: str, baseDir: str) -> tuple[RouteConfig, ...]:
+    """Every [route NAME] section, in file order, checked one by one and against each other."""
+    found: list[RouteConfig] = []
+    names: dict[str, str] = {}
+    matched: dict[tuple[str | None, bytes], str] = {}
+    for section in parser.sections():
+        name = _routeName(section)
+        if name is None:
+            continue
+        if not _ROUTE_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{path}: [{section}]: "
+                + (
+                    f"invalid route name {name!r}: letters, digits, '_', '.' and '-', "
+                    "at most 64 (it becomes a metrics label and a cookie name)"
+                    if name
+                    else "a route needs a name: [route NAME]"
+                )
+            )
+        if name in names:
+            raise ConfigError(f"{path}: [{section}]: route {name!r} is defined twice")
+        names[name] = section
+        v: dict[str, Any] = {}
+        for key, (default, parse) in ROUTE_SCHEMA.items():
+            raw = parser.get(section, key, fallback=default)
+            try:
+                v[key] = parse(raw.strip(), baseDir)
+            except ValueError as e:
+                raise ConfigError(f"{path}: [{section}] {key}: {e}") from None
+        match: routes.Match = v["match"]
+        if match.key in matched:
+            raise ConfigError(
+                f"{path}: [{section}] match: {str(match)!r} matches the same requests as "
+                f"[{matched[match.key]}]"
+            )
+        matched[match.key] = section
+        found.append(RouteConfig(name=name, **v))
+    return tuple(found)
 
 
 def _coversEverything(networks: Iterable[policy.IPNetwork]) -> bool:
@@ -572,6 +749,43 @@ def _checkWorkers(config: Config, path: str) -> None:
                 f"{path}: [proxy] workers: {config.proxy.workers} worker processes need "
                 f"tcp:, tcp6: or ssl: listeners, and listen {description!r} is not one "
                 "(use workers = 1 with it)"
+            )
+
+
+def _sharesPort(a: str, b: str) -> bool:
+    """Would these two server endpoints bind the same TCP port (on a common interface)?"""
+    first, second = endpointAddress(a), endpointAddress(b)
+    if first is None or second is None or first[1] != second[1] or first[1] == 0:
+        return False
+    return first[0] is None or second[0] is None or first[0] == second[0]
+
+
+def _checkReverse(config: Config, path: str, parser: configparser.ConfigParser) -> None:
+    """What no single [reverse] or [route NAME] key can check on its own."""
+    for description in config.reverse.listen:
+        for section, others in (("proxy", config.proxy.listen), ("metrics", config.metrics.listen)):
+            for other in others:
+                if _sharesPort(description, other):
+                    raise ConfigError(
+                        f"{path}: [reverse] listen: {description!r} takes the port of "
+                        f"[{section}] listen {other!r} (the gateway needs listeners of its own)"
+                    )
+        if config.proxy.workers > 1 and endpointParts(description)[0] not in WORKER_ENDPOINTS:
+            raise ConfigError(
+                f"{path}: [reverse] listen: {config.proxy.workers} worker processes need "
+                f"tcp:, tcp6: or ssl: listeners, and {description!r} is not one"
+            )
+    for route in config.routes:
+        section = next(s for s in parser.sections() if _routeName(s) == route.name)
+        if route.auth and config.auth.htpasswd is None:
+            raise ConfigError(
+                f"{path}: [{section}] auth: edge authentication needs [auth] htpasswd"
+            )
+        user = (route.user_header or "").lower().replace("_", "-")
+        if any(t.name.decode().lower().replace("_", "-") == user for t in route.request_headers):
+            raise ConfigError(
+                f"{path}: [{section}] request_headers: {route.user_header!r} is the route's "
+                "user_header, which only the logged-in user's name may fill"
             )
 
 
@@ -630,9 +844,17 @@ def parseConfig(
         ),
         metrics=MetricsConfig(listen=v["metrics.listen"], path=v["metrics.path"]),
         log=LogConfig(access_log=v["log.access_log"], format=v["log.format"]),
+        reverse=ReverseConfig(
+            listen=v["reverse.listen"],
+            allowed_client_cidrs=v["reverse.allowed_client_cidrs"],
+            http2=v["reverse.http2"],
+            sticky_secret=v["reverse.sticky_secret"],
+        ),
+        routes=_routes(parser, path, baseDir),
         path=None if path == "<config>" else os.path.abspath(path),
     )
     _checkWorkers(config, path)
+    _checkReverse(config, path, parser)
     if not allowOpenProxy:
         _refuseOpenProxy(config, path)
     return config
@@ -649,6 +871,7 @@ def _checkReadable(config: Config, path: str) -> None:
         ("auth", "htpasswd", config.auth.htpasswd),
         ("upstream", "ca_certificate", config.upstream.ca_certificate),
         ("mitm", "upstream_ca_bundle", config.mitm.upstream_ca_bundle),
+        *((f"route {r.name}", "ca_bundle", r.ca_bundle) for r in config.routes),
     ):
         if filename is None:
             continue

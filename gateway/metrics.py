@@ -95,6 +95,38 @@ class Metrics:
         self.fromUpstream.value += fromUpstream
         self.toClient.value += toClient
 
+    def routed(self, route: str, method: bytes, code: int, seconds: float) -> None:
+        """
+        One answered request of the inbound gateway's route C{route}: counted in
+        C{proxygate_requests_total{mode="reverse"}} and in the route's own series. A request
+        no route matched (404) is counted with L{request} alone: route names come from the
+        INI, never from a request.
+        """
+        self.request("reverse", method, code, seconds)
+        live = self.live
+        key = (route, code)
+        live.routeRequests[key] = live.routeRequests.get(key, 0) + 1
+        hist = live.routeDurations.get(route)
+        if hist is None:
+            hist = live.routeDurations[route] = _Histogram()
+        hist.observe(seconds)
+
+    def watchBackends(self, route: str, backends: dict[str, Callable[[], bool]]) -> None:
+        """
+        Export C{proxygate_backend_up{route,backend}} for a route's backends (URL as in the
+        INI -> whether it is up now, asked at scrape time), replacing what the route had
+        (a reload may change the list).
+        """
+        states = self.live.backendUp
+        for key in [k for k in states if k[0] == route]:
+            del states[key]
+        for url, isUp in backends.items():
+            states[(route, url)] = isUp
+
+    def forgetRoute(self, route: str) -> None:
+        """A route is gone (a reload removed it): its backends' gauges go with it."""
+        self.watchBackends(route, {})
+
     def api(self, host: str, api: str, code: int, seconds: float, requestBytes: int) -> None:
         """
         Per-API figures of decrypted traffic. The number of (host, api) pairs is capped:
@@ -180,6 +212,9 @@ class _LiveCollector:
         self.requests: dict[tuple[str, bytes, int], int] = {}
         self.durations: dict[str, _Histogram] = {}
         self.apis: dict[tuple[str, str], _API] = {}
+        self.routeRequests: dict[tuple[str, int], int] = {}
+        self.routeDurations: dict[str, _Histogram] = {}
+        self.backendUp: dict[tuple[str, str], Callable[[], bool]] = {}
         self.transferred = {
             d: _Count() for d in ("from_client", "to_client", "from_upstream", "to_upstream")
         }
@@ -244,12 +279,38 @@ class _LiveCollector:
             (([host, api], figures.latency) for (host, api), figures in apis),
         )
         yield apiBytes
+        yield from self._routes()
         transferred = CounterMetricFamily(
             "proxygate_transferred_bytes", "Bytes moved, by direction.", labels=["direction"]
         )
         for direction, count in self.transferred.items():
             transferred.add_metric([direction], count.value)
         yield transferred
+
+    def _routes(self):
+        """The inbound gateway's families (present, possibly empty, in every scrape)."""
+        requests = CounterMetricFamily(
+            "proxygate_route_requests",
+            "Requests answered by the inbound gateway, by route and status code.",
+            labels=["route", "code"],
+        )
+        for (route, code), count in sorted(self.routeRequests.items()):
+            requests.add_metric([route, str(code)], count)
+        yield requests
+        yield _histogram(
+            "proxygate_route_request_duration_seconds",
+            "Time from a complete request head to the end of the response, by route.",
+            ["route"],
+            (([route], hist) for route, hist in sorted(self.routeDurations.items())),
+        )
+        up = GaugeMetricFamily(
+            "proxygate_backend_up",
+            "1 when a route's backend is taken for requests, 0 while it is marked down.",
+            labels=["route", "backend"],
+        )
+        for (route, url), isUp in sorted(self.backendUp.items()):
+            up.add_metric([route, url], 1 if isUp() else 0)
+        yield up
 
 
 def encoderFor(head: RequestHead) -> tuple[Callable[[Any], bytes], bytes]:

@@ -167,6 +167,18 @@ def payloadDigest(n: int) -> str:
     return h.hexdigest()
 
 
+def stopProcess(proc: subprocess.Popen, timeout: float = 15.0) -> int:
+    """Stop a process this test run started, by its PID: SIGTERM, then SIGKILL if it lingers."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+    return proc.returncode
+
+
 def rss(pid: int) -> int:
     """Resident set size of a process, in bytes."""
     with open(f"/proc/{pid}/status") as f:
@@ -301,13 +313,7 @@ class ProxyProcess:
     def stop(self) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        stopProcess(self.proc)
         self._log.close()
         return self.proc.returncode
 

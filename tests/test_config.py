@@ -262,14 +262,15 @@ ERRORS: list[tuple[str, str]] = [
     # structure
     ("[proxyy]\n", "[proxyy]: unknown section 'proxyy' (did you mean 'proxy'?)"),
     ("[zzz]\n",
-     "[zzz]: unknown section 'zzz' (sections: proxy, auth, upstream, mitm, metrics, log)"),
+     "[zzz]: unknown section 'zzz' (sections: proxy, auth, upstream, mitm, metrics, log, "
+     "reverse, route NAME)"),
     ("[DEFAULT]\nvia = x\n", "[DEFAULT]: unknown section 'DEFAULT'"),
     ("[proxy]\nconect_timeout = 3\n",
      "[proxy] conect_timeout: unknown key 'conect_timeout' (did you mean 'connect_timeout'?)"),
     ("[proxy]\nqqq = 3\n", "[proxy] qqq: unknown key 'qqq'"),
     ("[proxy]\nhtpasswd = x\n", "[proxy] htpasswd: unknown key 'htpasswd' (it belongs in [auth])"),
     ("[auth]\nlisten = tcp:1\n",
-     "[auth] listen: unknown key 'listen' (it belongs in [proxy] or [metrics])"),
+     "[auth] listen: unknown key 'listen' (it belongs in [proxy] or [metrics] or [reverse])"),
     ("[proxy]\nvia = a\n[proxy]\nvia = b\n", "[proxy]: duplicate section (line 3)"),
     ("[proxy]\nvia = a\nvia = b\n", "[proxy] via: duplicate key (line 3)"),
     ("via = a\n", "line 1: a key before any [section] header"),
