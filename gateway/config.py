@@ -267,10 +267,11 @@ def serverEndpoint(reactor, description: str):
 
 
 def _checkEndpoint(description: str) -> None:
-    from twisted.internet import reactor
-
     try:
-        serverEndpoint(reactor, description)
+        # Parsing needs no reactor (it is only used to listen): importing the global one
+        # here would install it, as a side effect of reading a file, before an embedding
+        # application chose its own.
+        serverEndpoint(None, description)
     except Exception as e:  # Twisted raises ValueError, TypeError, OSError, KeyError...
         problem = " ".join(str(e).split()) or type(e).__name__
         if re.search(r"interface=(?:[0-9a-fA-F]{0,4}:){2}", description):

@@ -1,6 +1,6 @@
 """
-Tests for gateway.seam.dispatchDirectly: a private epoll reactor (not the one the other tests run on),
-driven by hand with iterate(), over real loopback sockets.
+Tests for gateway.seam.dispatchDirectly: a private epoll reactor (not the one the other tests
+run on), driven by hand with iterate(), over real loopback sockets.
 """
 
 from __future__ import annotations

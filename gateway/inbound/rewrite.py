@@ -37,8 +37,8 @@ from collections.abc import Sequence
 
 from attrs import frozen
 
-from ..message import Fields
 from ..http1.headers import HOP_BY_HOP
+from ..message import Fields
 from .balance import BackendURL
 
 __all__ = [
