@@ -42,12 +42,11 @@ def test_aGetGoesUpAndItsResponseComesBack() -> None:
     up = RecordingUpstream(env.actions)
     exchange.upstreamReady(up, False)
     assert up.exchange is exchange
+    # A GET has no body to brake: only the response direction is throttled.
     assert env.take() == [
         ("down.throttle", "up"),
-        ("up.throttle", "down"),
         ("up.sendHead", b"GET", b"/x", VIA),
         ("up.flush",),
-        ("down.resume",),
     ]
 
     exchange.responseHead(response())
@@ -59,7 +58,6 @@ def test_aGetGoesUpAndItsResponseComesBack() -> None:
         ("down.sendData", b"ok"),
         ("down.flush",),
         ("down.throttle", None),
-        ("up.throttle", None),
         ("up.release", True),
         ("down.end", None),
     ]
@@ -114,6 +112,25 @@ def test_bodyWhileDiallingIsHeldThenSentInOrder() -> None:
         ("down.resume",),
     ]
     assert (exchange.received, exchange.sentUpstream) == (2, 2)
+
+
+def test_aBodyBrakesBothWaysUntilTheEnd() -> None:
+    env = PlaybookEnv()
+    down = RecordingDownstream(env.actions)
+    exchange = Exchange(env, down, request(b"PUT", length=3), mode="forward")
+    exchange.begin()
+    exchange.upstreamReady(RecordingUpstream(env.actions), False)
+    assert env.take()[1:3] == [("down.throttle", "up"), ("up.throttle", "down")]
+    exchange.requestData(b"abc")
+    exchange.requestEnd()
+    exchange.responseHead(response(201, length=0))
+    exchange.responseEnd()
+    assert env.take()[-4:] == [
+        ("down.throttle", None),
+        ("up.throttle", None),
+        ("up.release", True),
+        ("down.end", None),
+    ]
 
 
 def test_bodyAfterConnectingGoesStraightUp() -> None:
@@ -236,7 +253,7 @@ def test_theClientLeavingMidExchangeAbortsTheUpstream() -> None:
     env = PlaybookEnv()
     exchange, _down, _up = started(env)
     exchange.downstreamLost()
-    assert env.take() == [("down.throttle", None), ("up.throttle", None), ("up.abort",)]
+    assert env.take() == [("down.throttle", None), ("up.abort",)]
     exchange.responseHead(response())  # late events are ignored
     assert env.take() == []
 
@@ -246,7 +263,7 @@ def test_timeoutBeforeTheResponseIs504AndAfterIsACut() -> None:
     exchange, _down, _up = started(env)
     exchange.timedOut()
     actions = env.take()
-    assert ("up.abort",) in actions and actions[3][:2] == ("down.sendHead", 504)
+    assert ("up.abort",) in actions and actions[2][:2] == ("down.sendHead", 504)
     assert env.metrics.upstreamErrors.labels("timeout")._value.get() == 1
 
     env = PlaybookEnv()
@@ -274,7 +291,6 @@ def test_anUpgradeSplicesBothSides() -> None:
     exchange.responseHead(upgraded)
     assert env.take() == [
         ("down.throttle", None),
-        ("up.throttle", None),
         ("down.sendHead", 101, [(b"Upgrade", b"websocket")], VIA),
         ("down.flush",),
         ("down.takeStream",),

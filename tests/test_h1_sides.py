@@ -491,3 +491,30 @@ def test_theDialerFakeIsADialer() -> None:
     assert list(inspect.signature(Dialer.connect).parameters) == list(
         inspect.signature(FakeDialer.connect).parameters
     )
+
+
+def test_aLocalAnswerLeavesTheConnectionIdleNotOnTheHeaderClock() -> None:
+    """After an answer made in the same read, the idle timeout applies, not a 408."""
+    rt = runtime()
+    client, down = connectClient(rt)
+    client.dataReceived(b"GET / HTTP/1.1\r\nHost: proxy\r\n\r\n")  # answered 400 at once
+    down.take()
+    rt.reactor.advance(HEADER_TIMEOUT + 1)
+    assert down.value() == b"" and not down.disconnecting
+    rt.reactor.advance(IDLE_TIMEOUT)
+    assert down.disconnecting and down.value() == b""
+
+
+def test_aHeadInPiecesIsOnTheHeaderClockFromItsFirstByte() -> None:
+    rt = runtime()
+    client, down = connectClient(rt)
+    client.dataReceived(get())
+    origin, _up = rt.connector.connect()
+    origin.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+    down.take()
+    rt.reactor.advance(10)
+    client.dataReceived(b"GET http://o.test/ HTTP/1.1\r\n")
+    rt.reactor.advance(HEADER_TIMEOUT - 1)
+    client.dataReceived(b"Host: o.test\r\n")
+    rt.reactor.advance(1)
+    assert down.value().startswith(b"HTTP/1.1 408 ")

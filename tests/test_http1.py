@@ -994,3 +994,53 @@ def test_splitRequestHeadRefusesBareLFAtOnce():
     with pytest.raises(HTTPError) as info:
         splitRequestHead(b"GET / HTTP/1.1\nHost: a\n", 100, "big")
     assert (info.value.status, info.value.reason) == (400, "bare LF in the request head")
+
+
+# -- the memo of field blocks -----------------------------------------------------------------
+
+
+def test_aKnownFieldBlockParsesLikeANewOne() -> None:
+    from gateway.http1 import parse
+
+    block = b"GET http://a/one HTTP/1.1\r\nHost: a\r\nAccept: */*\r\nX-Y:  z "
+    parse._blocks.clear()
+    first = parseRequestHead(block)
+    assert parse._blocks, "remembered"
+    second = parseRequestHead(block.replace(b"/one", b"/two"))
+    assert second.target == b"http://a/two"
+    assert (second.headers, second.values(b"x-y")) == (first.headers, [b"z"])
+    second.headers.append((b"Mine", b"1"))  # a copy: the next head is not affected
+    assert parseRequestHead(block).headers == first.headers
+
+
+def test_aKnownFieldBlockStillHasItsStartLineChecked() -> None:
+    from gateway.http1 import parse
+
+    fields = b"\r\nHost: a\r\nAccept: */*"
+    parse._blocks.clear()
+    parseRequestHead(b"GET http://a/ HTTP/1.1" + fields)
+    for line in (b"GET http://a/ HTTP/1.2", b"GET http://a/\x00 HTTP/1.1", b"G(T / HTTP/1.1"):
+        with pytest.raises(HTTPError):
+            parseRequestHead(line + fields)
+    parseResponseHead(b"HTTP/1.1 200 OK" + fields)
+    with pytest.raises(HTTPError):
+        parseResponseHead(b"HTTP/1.1 200 O\x01K" + fields)
+
+
+def test_aKnownFieldBlockStillCountsAgainstTheLimit() -> None:
+    from gateway.http1 import parse
+
+    block = b"GET http://a/ HTTP/1.1\r\n" + b"\r\n".join(b"X-%d: v" % i for i in range(10))
+    parse._blocks.clear()
+    parseRequestHead(block, maxHeaders=10)
+    with pytest.raises(HTTPError) as caught:
+        parseRequestHead(block, maxHeaders=5)
+    assert caught.value.status == 431
+
+
+def test_foldedOrRepairedBlocksAreNotRemembered() -> None:
+    from gateway.http1 import parse
+
+    parse._blocks.clear()
+    parseResponseHead(b"HTTP/1.1 200 OK\r\nX-A: 1\r\n  2\r\nServer : o")
+    assert parse._blocks == {}

@@ -107,18 +107,25 @@ class Exchange(Transaction):
         side.attach(self)
         downstream = self.downstream
         downstream.throttle(side)
-        side.throttle(downstream)
-        side.sendHead(self.request)
-        pending, self.pending = self.pending, []
-        for data in pending:
-            side.sendData(data)
-        # Everything received so far was pending.
-        self.sentUpstream = self.received
-        length = self.request.length
-        if self.requestDone and length != NO_BODY and length != 0:
+        request = self.request
+        length = request.length
+        bodyless = length == NO_BODY or length == 0
+        if not bodyless:
+            # Only a body flows up: a request without one needs no brake on its client.
+            side.throttle(downstream)
+        side.sendHead(request)
+        pending = self.pending
+        if pending:
+            self.pending = []
+            for data in pending:
+                side.sendData(data)
+            # Everything received so far was pending.
+            self.sentUpstream = self.received
+        if self.requestDone and not bodyless:
             side.end(self.trailers)
         side.flush()
-        downstream.resume()
+        if pending:
+            downstream.resume()
 
     def upstreamUnavailable(self, problem: Problem) -> None:
         if self.phase != CONNECTING:
@@ -186,10 +193,9 @@ class Exchange(Transaction):
             return
         self.phase = DONE
         upstream, self.upstream = self.upstream, None
-        self.downstream.throttle(None)
-        upstream.throttle(None)
+        self._unthrottle(upstream)
         upstream.release(self.requestDone)
-        self._log()
+        self.record()
         self.downstream.end(trailers)
 
     def upstreamFailed(self, problem: Problem) -> None:
@@ -256,7 +262,7 @@ class Exchange(Transaction):
         if problem is None:
             problem = Problem(0, "client_gone", "The client closed the connection.")
         self.problem = problem
-        self._log()
+        self.record()
 
     def timedOut(self) -> None:
         """The client's idle deadline passed: 504 if the origin never answered, else a cut."""
@@ -291,8 +297,7 @@ class Exchange(Transaction):
         self.env.metrics.upgrades.labels("ok").inc()
         downstream, upstream = self.downstream, self.upstream
         self.upstream = None
-        downstream.throttle(None)
-        upstream.throttle(None)
+        self._unthrottle(upstream)
         downstream.sendHead(response)
         downstream.flush()
         self.env.splice(downstream.takeStream(), upstream.takeStream(), self._spliceEnded)
@@ -302,16 +307,22 @@ class Exchange(Transaction):
         self.sentUpstream += fromClient
         self.sent += fromOrigin
         self.phase = DONE
-        self._log()
+        self.record()
 
     # --- endings ----------------------------------------------------------------------------
 
     def _dropUpstream(self) -> None:
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
-            self.downstream.throttle(None)
-            upstream.throttle(None)
+            self._unthrottle(upstream)
             upstream.abort()
+
+    def _unthrottle(self, upstream) -> None:
+        """End the backpressure arrangement upstreamReady made."""
+        self.downstream.throttle(None)
+        length = self.request.length
+        if length != NO_BODY and length != 0:
+            upstream.throttle(None)
 
     def _answer(self, problem: Problem) -> None:
         """The proxy's own answer, in place of a response that will not come."""
@@ -325,7 +336,7 @@ class Exchange(Transaction):
         self.contentType = response.contentType
         self.sent = len(body)
         self.answered = True
-        self._log()
+        self.record()
         downstream = self.downstream
         downstream.sendHead(response)
         if body:
@@ -336,11 +347,8 @@ class Exchange(Transaction):
         """Make a truncated response visible: the client sees it aborted, never complete."""
         self.problem = problem
         self.phase = DONE
-        self._log()
-        self.downstream.abort()
-
-    def _log(self) -> None:
         self.record()
+        self.downstream.abort()
 
     def logURL(self) -> str:
         return self.request.url()

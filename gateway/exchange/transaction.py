@@ -51,7 +51,6 @@ class Transaction:
         "user",
         "version",
         "viaProxy",
-        "wallStart",
     )
 
     def __init__(
@@ -65,7 +64,6 @@ class Transaction:
         self.user = user
         self.version = version
         self.started = env.now()
-        self.wallStart = time.time()
         self.code = 0
         self.sent = 0
         self.received = 0
@@ -110,7 +108,7 @@ class Transaction:
         if log is not None:
             log.record(
                 AccessRecord(
-                    start=self.wallStart,
+                    start=time.time() - elapsed,
                     elapsed=elapsed,
                     client=self.client,
                     code=self.code,

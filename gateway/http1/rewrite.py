@@ -18,6 +18,7 @@ from .headers import Target, httpDate, stripHopByHop
 from .parse import HTTPError, RequestHead, ResponseHead, splitTokens
 
 __all__ = [
+    "connectionOptions",
     "delivery",
     "keepAlive",
     "requestFromHead",
@@ -51,18 +52,20 @@ def keepAlive(version: bytes, tokens: list[bytes], proxy: bool = True) -> bool:
     return not proxy and b"keep-alive" in tokens
 
 
-def reusable(head: ResponseHead, framing: Framing) -> bool:
+def reusable(head: ResponseHead, framing: Framing, tokens: list[bytes]) -> bool:
     """
     Whether an origin connection may carry another request after this response.
 
     Not after a close-delimited body, a `Connection: close`, an HTTP/1.0 origin, or a
     response with both Content-Length and Transfer-Encoding: framed by TE, but an origin that
     sends both is confused about framing and its next response is not trusted (RFC 9112 §6.3).
+
+    @param tokens: the response's Connection options (L{connectionOptions}).
     """
     return (
         framing.kind != UNTIL_CLOSE
         and head.version == b"HTTP/1.1"
-        and b"close" not in splitTokens(head.values(b"connection"))
+        and b"close" not in tokens
         and not (head.values(b"transfer-encoding") and head.values(b"content-length"))
     )
 
@@ -176,15 +179,23 @@ def requestHeadBytes(
     return b"".join(lines)
 
 
-def responseFromHead(head: ResponseHead, framing: Framing, requestMethod: bytes) -> Response:
+def connectionOptions(head: RequestHead | ResponseHead) -> list[bytes]:
+    """The options of a message's Connection fields, lower case (read once per message)."""
+    return splitTokens(head.values(b"connection"))
+
+
+def responseFromHead(
+    head: ResponseHead, framing: Framing, requestMethod: bytes, tokens: list[bytes]
+) -> Response:
     """
     The neutral response of a parsed head, with the body length its framing gives.
 
     A final response without Date gets one (RFC 9110 §6.6.1: a recipient with a clock
     adds it when forwarding). A 101 keeps Upgrade and Connection for its own hop.
+
+    @param tokens: its Connection options (L{connectionOptions}).
     """
     status = head.status
-    tokens = splitTokens(head.values(b"connection"))
     fields = stripHopByHop(head.headers, _UPGRADE_KEEP if status == 101 else _NOTHING, tokens)
     values = head.values
     contentType = values(b"content-type")
@@ -265,5 +276,8 @@ def splitResponseHead(buffer: bytes, limit: int) -> tuple[bytes | None, bytes]:
 
 def _appendFields(lines: list[bytes], fields: Fields) -> None:
     """Add C{fields} to a head being built, as field lines (joined in C)."""
-    if fields:
+    if len(fields) == 1:
+        name, value = fields[0]  # the proxy's own Via, most often
+        lines += (name, b": ", value, b"\r\n")
+    elif fields:
         lines += (b"\r\n".join([b": ".join(field) for field in fields]), b"\r\n")

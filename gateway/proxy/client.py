@@ -31,9 +31,14 @@ from ..http1.parse import (
     RequestHead,
     parseRequestHead,
     splitRequestHead,
-    splitTokens,
 )
-from ..http1.rewrite import delivery, keepAlive, requestFromHead, responseHeadBytes
+from ..http1.rewrite import (
+    connectionOptions,
+    delivery,
+    keepAlive,
+    requestFromHead,
+    responseHeadBytes,
+)
 from ..message import Response
 from ..policy import checkClient
 from ..seam import writeNow
@@ -78,12 +83,14 @@ class ClientConnection(Protocol):
         self.persistent = True
         self.version = b"HTTP/1.1"
         self.pauser: ReadPauser | None = None
+        self.producer: ReadPauser | None = None
         self.requests = 0
         self._state = HEAD
         self._buf = b""
         self._body = None  # body reader of the request being read
         self._deadline = 0.0
-        self._timer = None
+        self._timer = None  # None whenever it is not pending (fired or cancelled)
+        self._timerAt = 0.0  # when it fires
         self._timeoutKind = "idle"
         self._readClosed = False
         self._draining = False
@@ -97,7 +104,8 @@ class ClientConnection(Protocol):
 
     def connectionMade(self) -> None:
         rt = self.rt
-        self.pauser = ReadPauser(self.transport)
+        # What pauses this connection's reading when a peer cannot take more (throttle).
+        self.pauser = self.producer = ReadPauser(self.transport)
         if self.tunnel is not None:
             # Inside an intercepted tunnel: the outer connection was counted and checked.
             # Idle until the first request byte (then the header timer): a tunnel set up
@@ -145,9 +153,7 @@ class ClientConnection(Protocol):
         elif not self._handshook:
             self.tunnel.handshakeFailed(reason)
         self._state = CLOSED
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._cancelTimer()
         if self.stream is not None:
             self.stream.connectionLost(reason)
         elif self.exchange is not None:
@@ -183,14 +189,18 @@ class ClientConnection(Protocol):
     # --- timers --------------------------------------------------------------------------
 
     def _arm(self, kind: str, seconds: float) -> None:
-        """One timer per connection; moving the deadline later costs no reactor call."""
+        """
+        One timer per connection; moving the deadline later costs no reactor call (the
+        timer, when it fires early, sleeps again until the deadline).
+        """
         self._timeoutKind = kind
-        self._deadline = self.rt.reactor.seconds() + seconds
-        timer = self._timer
-        if timer is None or not timer.active():
+        deadline = self._deadline = self.rt.reactor.seconds() + seconds
+        if self._timer is None:
             self._timer = self.rt.reactor.callLater(seconds, self._timerFired)
-        elif timer.getTime() > self._deadline:
-            timer.reset(seconds)
+            self._timerAt = deadline
+        elif self._timerAt > deadline:
+            self._timer.reset(seconds)
+            self._timerAt = deadline
 
     def touch(self) -> None:
         """Activity on a body or tunnel: push the idle deadline out."""
@@ -201,8 +211,14 @@ class ClientConnection(Protocol):
         now = self.rt.reactor.seconds()
         if now < self._deadline:
             self._timer = self.rt.reactor.callLater(self._deadline - now, self._timerFired)
+            self._timerAt = self._deadline
             return
         self._timedOut()
+
+    def _cancelTimer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _timedOut(self) -> None:
         state = self._state
@@ -247,18 +263,21 @@ class ClientConnection(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         state = self._state
-        if state == STREAM:
-            self.stream.dataReceived(data)
-        elif state == BODY:
-            self._feedBody(data)
-        elif state == HEAD:
-            if self._timeoutKind != "header":
-                # Armed once per head: empty lines before a request line (stripped from the
-                # buffer) must not restart the clock, or CRLFs would keep a slowloris alive.
-                self._arm("header", self.rt.headerTimeout)
+        if state is HEAD:
             self._buf += data
+            requests = self.requests
             self._readHead()
-        elif state == WAIT:
+            if requests == self.requests and self._timeoutKind != "header":
+                # Bytes that did not complete a head start its clock, once per head: empty
+                # lines before a request line (stripped from the buffer) must not restart it,
+                # or CRLFs would keep a slowloris alive. (A head complete in one read needs
+                # no clock.)
+                self._arm("header", self.rt.headerTimeout)
+        elif state is STREAM:
+            self.stream.dataReceived(data)
+        elif state is BODY:
+            self._feedBody(data)
+        elif state is WAIT:
             self._buf += data
             if len(self._buf) > _PIPELINE_LIMIT:
                 self.pauser.pause(PIPELINE)
@@ -276,7 +295,7 @@ class ClientConnection(Protocol):
         self.requests += 1
         self._arm("idle", rt.idleTimeout)
         self.version = head.version
-        tokens = splitTokens(head.values(b"connection"))
+        tokens = connectionOptions(head)
         self.persistent = keepAlive(head.version, tokens) and not self._draining
         auth = rt.authenticator
         if self.tunnel is not None:
@@ -442,10 +461,6 @@ class ClientConnection(Protocol):
 
     # --- the downstream side of the exchange -------------------------------------------------
 
-    @property
-    def producer(self) -> ReadPauser | None:
-        return self.pauser
-
     def sendHead(self, response: Response) -> None:
         if response.status < 200 and response.status != 101:
             if self.version == b"HTTP/1.1":  # an HTTP/1.0 client knows no 1xx
@@ -527,10 +542,10 @@ class ClientConnection(Protocol):
         self._closeAfter = False
         if self._state == CLOSED:
             return
-        # Nothing produces into this connection between requests. One that failed after its
-        # origin was attached left its pause reasons: they go with it.
-        self.transport.unregisterProducer()
-        self.pauser.resume(PEER | CONNECTING)
+        # The exchange unregistered what produced into this connection; the pause reasons
+        # it may have left go with it.
+        if self.pauser.reasons & (PEER | CONNECTING):
+            self.pauser.resume(PEER | CONNECTING)
         if self._state == BODY:
             # The response ended before the request body: nothing more can be read safely.
             close = True
@@ -555,9 +570,7 @@ class ClientConnection(Protocol):
         The connection that serves the requests decrypted inside this one's intercepted
         tunnel: it owns the timeouts from now on.
         """
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._cancelTimer()
         inner = self.nestedConnection = ClientConnection(self.rt, tunnel)
         return inner
 

@@ -20,6 +20,7 @@ from ..exchange.problems import Problem
 from ..http1.framing import LAST_CHUNK, NONE, Framing, encodeChunk, responseFraming
 from ..http1.parse import HTTPError, parseResponseHead
 from ..http1.rewrite import (
+    connectionOptions,
     requestHeadBytes,
     responseFromHead,
     reusable,
@@ -72,6 +73,7 @@ class OriginConnection(Protocol):
         self.reusable = False
         self.idleSince = 0.0
         self.pauser: ReadPauser | None = None
+        self.producer: ReadPauser | None = None
         self._state = IDLE
         self._buf = b""
         self._reader = None
@@ -79,13 +81,10 @@ class OriginConnection(Protocol):
         self._chunked = False
         self._stream: Stream | None = None
 
-    @property
-    def producer(self) -> ReadPauser | None:
-        return self.pauser
-
     def connectionMade(self) -> None:
         noDelay(self.transport)
-        self.pauser = ReadPauser(self.transport)
+        # What pauses this connection's reading when a peer cannot take more (throttle).
+        self.pauser = self.producer = ReadPauser(self.transport)
 
     # --- the upstream side of an exchange ---------------------------------------------
 
@@ -187,7 +186,9 @@ class OriginConnection(Protocol):
             if status == 101:
                 self._state = STREAM
                 # The exchange relays the 101 and takes the stream (rest first), or fails.
-                self.exchange.responseHead(responseFromHead(head, _NO_FRAMING, self.method))
+                self.exchange.responseHead(
+                    responseFromHead(head, _NO_FRAMING, self.method, connectionOptions(head))
+                )
                 return
             try:
                 framing = responseFraming(head, self.method)
@@ -195,8 +196,9 @@ class OriginConnection(Protocol):
                 self._fail(e)
                 return
             exchange = self.exchange
+            tokens = connectionOptions(head)
             if status < 200:
-                exchange.responseHead(responseFromHead(head, framing, self.method))
+                exchange.responseHead(responseFromHead(head, framing, self.method, tokens))
                 if self.exchange is not exchange:
                     return
                 continue
@@ -215,9 +217,9 @@ class OriginConnection(Protocol):
                     )
                 )
                 return
-            self.reusable = reusable(head, framing)
+            self.reusable = reusable(head, framing, tokens)
             self._buf = b""
-            exchange.responseHead(responseFromHead(head, framing, self.method))
+            exchange.responseHead(responseFromHead(head, framing, self.method, tokens))
             if self.exchange is not exchange:
                 return  # the exchange gave up (client gone)
             self._reader = framing.reader()
