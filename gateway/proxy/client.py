@@ -40,6 +40,8 @@ __all__ = ["ClientConnection", "ClientFactory"]
 _HEAD, _BODY, _WAIT, _TUNNEL, _CLOSED, _PEEK = range(6)
 _PIPELINE_LIMIT = 65536
 _TOO_LARGE = "The request head is larger than the proxy accepts."
+#: RFC 9209's type for a policy refusal, as CONNECT's 403s carry it (proxygate-doctor reads it).
+_DENIED = ((b"Proxy-Status", b"proxygate; error=http_request_denied"),)
 _INFO = (
     "This is proxygate, an HTTP forward proxy. Configure it as your proxy "
     "(http_proxy / https_proxy) instead of requesting it directly."
@@ -359,6 +361,7 @@ class ClientConnection(Protocol):
                 f"Destination denied: {decision.detail}",
                 "TCP_DENIED",
                 close=not self.persistent or framing.kind != NONE,
+                extraHeaders=_DENIED,
                 url=parsed.url(),
                 reason=decision.detail,
             )

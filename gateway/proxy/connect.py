@@ -58,7 +58,7 @@ class ConnectAttempt:
             self._fail(
                 403,
                 f"CONNECT to port {self.port} is not allowed by this proxy.",
-                None,
+                "http_request_denied",  # RFC 9209: proxygate-doctor reads it
                 action="TCP_DENIED",
                 result="denied",
             )
@@ -69,7 +69,7 @@ class ConnectAttempt:
             self._fail(
                 403,
                 f"Destination denied: {decision.detail}",
-                None,
+                "http_request_denied",
                 action="TCP_DENIED",
                 result="denied",
             )
