@@ -141,7 +141,9 @@ def _installed(environ: dict[str, str]) -> tuple[str, ...]:
         ("system-rhel", ("update-ca-trust",)),
     ]
     for tool, programs in checks:
-        if any(shutil.which(p, path=path) for p in programs) or (
+        # The trust-store tools live in sbin, which a user's PATH often lacks.
+        where = f"{path}:/usr/sbin:/sbin" if tool.startswith("system-") else path
+        if any(shutil.which(p, path=where) for p in programs) or (
             tool == "conda" and environ.get("CONDA_EXE")
         ):
             found.append(tool)
