@@ -503,3 +503,21 @@ def test_startsFastWithoutTwisted():
     seconds, modules = done.stdout.split(" ", 1)
     assert modules.strip() == "[]"
     assert float(seconds) < 0.5 and time.monotonic() - start < 5
+
+
+def test_everyProxySettingIsCheckedForEncoding():
+    """A raw @ in any proxy setting is found, also one this URL does not use; each value once."""
+    raw = f"http://alice:{PASSWORD}@proxy:3128"
+    env = {"http_proxy": raw, "HTTP_PROXY": raw, "https_proxy": "http://proxy:3128"}
+    texts = [("/etc/pip.conf", f"[install]\nproxy = {raw}x\n")]
+    facts = _facts(env, pip=pipSettings({}, texts))
+    found = [f for f in diagnose(facts) if f.id == "credentials-unencoded"]
+    assert [f.title.split(" are ")[0] for f in found] == [
+        "The credentials in http_proxy",
+        "The credentials in /etc/pip.conf [install] proxy",
+    ]
+    assert found[0].fix.startswith('export http_proxy="http://alice:$(python3')
+    assert found[0].fix.endswith('&& export HTTP_PROXY="$http_proxy"')
+    differs = _ids(diagnose(facts))["pip-proxy-differs"]
+    assert differs.fix == "pip config --global unset install.proxy"
+    assert PASSWORD not in _text(diagnose(facts))

@@ -102,6 +102,8 @@ def topTable(title: str, expr: str, unit: str, description: str, **kw) -> Panel:
     return Panel(title, "table", (query,), description, unit, **kw)
 
 
+# The dashboard, row by row. Positional fields of a Panel: title, kind, queries, description,
+# unit, width (of 24 columns), height; a panel with needs=(...) waits for LANDED.
 ROWS: tuple[Row, ...] = (
     Row(
         "Overview",

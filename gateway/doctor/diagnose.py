@@ -98,7 +98,8 @@ def encodeCommand(variable: str, proxy: ProxyURL | None, user: str | None) -> st
         "')"
     )
     url = f"{scheme}://{quote(name, safe='')}:{ask}@{host}"
-    return f'export {variable}="{url}" && export {variable.upper()}="${variable}"'
+    lower, upper = variable.lower(), variable.upper()
+    return f'export {lower}="{url}" && export {upper}="${lower}"'
 
 
 def _exportCommand(variable: str, value: str) -> str:
@@ -117,31 +118,39 @@ def diagnose(facts: Facts) -> list[Finding]:
 # -- settings, before any packet --------------------------------------------------------------
 
 
+_PROXY_VARIABLES = ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY")
+_PROXY_VARIABLES += ("all_proxy", "ALL_PROXY")
+
+
+def _proxyURLs(facts: Facts) -> list[ProxyURL]:
+    """Every proxy URL in the settings, each value once (the first place it was found)."""
+    found = [(facts.environ[n], n) for n in _PROXY_VARIABLES if facts.environ.get(n)]
+    if facts.pip.proxy is not None:
+        found.append(facts.pip.proxy)
+    urls, seen = [], set()
+    for value, source in found:
+        if value.strip() not in seen:
+            seen.add(value.strip())
+            urls.append(parseProxyURL(value, source))
+    return urls + [p for p in (facts.gitProxy, facts.condaProxy) if p is not None]
+
+
 def _settingFindings(facts: Facts) -> list[Finding]:
     out = []
-    proxies = [p for p in (facts.python.proxy, facts.gitProxy, facts.condaProxy) if p]
-    if facts.pip.proxy is not None:
-        proxies.append(parseProxyURL(*facts.pip.proxy))
-    seen = set()
-    for proxy in proxies:
-        if proxy.source in seen:
-            continue
-        seen.add(proxy.source)
+    for proxy in _proxyURLs(facts):
         out += _urlFindings(facts, proxy)
-    for case in facts.cases:
-        out.append(_caseFinding(case))
+    out += [_caseFinding(case) for case in facts.cases]
     out += _routeDifference(facts)
     out += _pipFindings(facts)
-    git = facts.gitProxy
-    mine = facts.python.proxy
+    git, mine = facts.gitProxy, facts.python.proxy
     if git is not None and (mine is None or git.hostPort != mine.hostPort):
+        others = f"not {mine.display()} ({facts.python.variable})" if mine else "not direct"
         out.append(
             Finding(
                 "git-proxy-differs",
                 "warning",
-                f"git uses its own http.proxy setting, {git.display()}, "
-                + (f"not {mine.display()} from {facts.python.variable}" if mine else "")
-                + ("while your other tools go direct" if mine is None else ""),
+                f"git uses its own http.proxy setting, {git.display()}, {others} as your "
+                "other tools do for this URL.",
                 "git's http.proxy wins over the environment for git commands.",
                 "git config --global --unset http.proxy",
             )
@@ -252,13 +261,16 @@ def _routeDifference(facts: Facts) -> list[Finding]:
     def where(route: Route) -> str:
         return f"through {route.proxy.display()} ({route.variable})" if route.proxy else "direct"
 
-    why = ""
+    why, fix = "", None
     if curl.proxy is None and curl.bypass is None and python.variable == "HTTP_PROXY":
-        why = " curl never reads HTTP_PROXY: set http_proxy too."
+        why, fix = (
+            "curl never reads HTTP_PROXY: set http_proxy too.",
+            'export http_proxy="$HTTP_PROXY"',
+        )
     elif (python.bypass is None) != (curl.bypass is None):
         entry = python.bypass or curl.bypass
         why = (
-            f" The no_proxy entry {entry!r} matches for one and not the other: requests "
+            f"The no_proxy entry {entry!r} matches for one and not the other: requests "
             "matches any ending of the name (and IPv4 CIDRs), curl whole labels only."
         )
     return [
@@ -266,8 +278,8 @@ def _routeDifference(facts: Facts) -> list[Finding]:
             "route-differs",
             "warning",
             f"curl and git would go {where(curl)}, while pip and requests go {where(python)}.",
-            why.strip(),
-            'export http_proxy="$HTTP_PROXY"' if "HTTP_PROXY" in why else None,
+            why,
+            fix,
         )
     ]
 
@@ -298,7 +310,7 @@ def _pipFindings(facts: Facts) -> list[Finding]:
                     f"pip uses its own proxy setting ({pip.proxy[1]}: {theirs.display()}), "
                     "not the one from the environment.",
                     "pip's --proxy, PIP_PROXY and pip.conf's proxy win over https_proxy.",
-                    "pip config unset global.proxy" if "pip.conf" in pip.proxy[1] else None,
+                    _pipUnset(pip.proxy[1], "proxy"),
                 )
             )
     host = facts.target.host
@@ -313,6 +325,15 @@ def _pipFindings(facts: Facts) -> list[Finding]:
             )
         )
     return out
+
+
+def _pipUnset(source: str, key: str) -> str | None:
+    """The pip config command that removes a setting found in a config file."""
+    if source.startswith("PIP_"):
+        return f"unset {source}"
+    section = "install" if "[install]" in source else "global"
+    where = "--global " if source.startswith("/etc/") else ""
+    return f"pip config {where}unset {section}.{key}"
 
 
 # -- what the fetch saw -----------------------------------------------------------------------
@@ -340,8 +361,7 @@ def _fetchFindings(facts: Facts, fetch: Fetch) -> list[Finding]:
                 "error",
                 f"The proxy {proxy.display()} (from {route.variable}) is unreachable: {why}",
                 failed.detail,
-                f"export {_variable(target)}=http://PROXY-HOST:PORT {_variable(target).upper()}"
-                "=http://PROXY-HOST:PORT",
+                _exportCommand(_variable(target), "http://PROXY-HOST:PORT"),
             ),
         ]
     elif failed is not None and failed.name == "proxy-tls":
@@ -367,6 +387,7 @@ def _fetchFindings(facts: Facts, fetch: Fetch) -> list[Finding]:
 def _directFindings(facts: Facts, fetch: Fetch) -> list[Finding]:
     target, route = facts.target, facts.python
     works = fetch.failed is None
+    why = "" if works else f" ({fetch.failed.detail})"
     if route.bypass is not None:
         return [
             Finding(
@@ -377,7 +398,7 @@ def _directFindings(facts: Facts, fetch: Fetch) -> list[Finding]:
                 "this URL.",
                 "Going direct works from here."
                 if works
-                else "Going direct fails from here: take the entry out of no_proxy.",
+                else f"Going direct fails from here{why}: take the entry out of no_proxy.",
                 None if works else _noProxyFix(facts, route),
             )
         ]
@@ -396,7 +417,7 @@ def _directFindings(facts: Facts, fetch: Fetch) -> list[Finding]:
             "error",
             f"No proxy is set for {target.scheme}:// URLs ({_variable(target)}), and "
             f"{target.host} cannot be reached directly.",
-            "Behind a proxy, tell your tools where it is.",
+            f"Going direct fails{why}. Behind a proxy, tell your tools where it is.",
             _exportCommand(_variable(target), "http://PROXY-HOST:PORT"),
         )
     ]
