@@ -7,6 +7,7 @@ The live cases against a real proxygate are in test_doctor_live.py.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -21,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from gateway.doctor import cli
 from gateway.doctor.diagnose import CAOffer, Facts, diagnose, encodeCommand
 from gateway.doctor.probe import Answer, Fetch, Step, Target, TLSInfo
+from gateway.doctor.probe import fetch as probeFetch
 from gateway.doctor.settings import (
     PipSettings,
     Trust,
@@ -521,3 +523,63 @@ def test_everyProxySettingIsCheckedForEncoding():
     differs = _ids(diagnose(facts))["pip-proxy-differs"]
     assert differs.fix == "pip config --global unset install.proxy"
     assert PASSWORD not in _text(diagnose(facts))
+
+
+# -- the probe over real loopback sockets (scripted proxies, no proxygate) ----------------------
+
+_ANY = Trust("test")
+
+
+def _scripted(reply: bytes):
+    """A fake proxy's handler: reads a request head (recorded), then answers C{reply}."""
+
+    def handle(server, conn):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(4096)
+            if not chunk:
+                return
+            data += chunk
+        server.seen.append(data)
+        conn.sendall(reply)
+
+    return handle
+
+
+def _proxyAt(port: int, user: str | None = None) -> object:
+    auth = f"{user}:{PASSWORD.replace('@', '%40').replace('/', '%2F')}@" if user else ""
+    return parseProxyURL(f"http://{auth}127.0.0.1:{port}", "https_proxy")
+
+
+def test_probeTimesOutOnASilentProxy(server):
+    proxy = server(None)  # accepts, never reads nor answers
+    start = time.monotonic()
+    result = probeFetch(_TLS_TARGET, _proxyAt(proxy.port), _ANY, timeout=0.3)
+    assert time.monotonic() - start < 2
+    assert [(s.name, s.ok, s.error) for s in result.steps] == [
+        ("proxy-tcp", True, None),
+        ("connect", False, "timeout"),
+    ]
+    assert "no answer within 0.3 s" in result.steps[-1].detail
+
+
+def test_probeReadsTheProxysRefusal(server):
+    body = b"Proxy authentication required: send valid credentials.\n"
+    reply = (
+        b'HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm="x"\r\n'
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    proxy = server(_scripted(reply))
+    result = probeFetch(_TLS_TARGET, _proxyAt(proxy.port, "alice"), _ANY, timeout=5)
+    assert result.failed.name == "connect" and result.failed.error == "status"
+    assert result.connectAnswer.status == 407 and result.connectAnswer.body == body.decode()
+    sent = proxy.seen[0].decode()
+    assert sent.startswith("CONNECT pypi.org:443 HTTP/1.1\r\nHost: pypi.org:443\r\n")
+    token = base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
+    assert f"Proxy-Authorization: Basic {token}\r\n" in sent  # the decoded password, sent
+
+
+def test_probeSaysWhenTheAnswerIsNotHTTP(server):
+    proxy = server(_scripted(b"SSH-2.0-OpenSSH_9.2\r\n\r\n"))
+    result = probeFetch(_TLS_TARGET, _proxyAt(proxy.port), _ANY, timeout=5)
+    assert result.failed.error == "protocol" and "not an HTTP answer" in result.failed.detail

@@ -23,6 +23,7 @@ import bcrypt
 import pytest
 from conftest import LOOPBACK_INI, REPO, ProxyProcess, freePort
 from mitmorigin import HTTPSOrigin, OriginPKI
+from tlsorigin import makeCA
 
 DOCTOR = Path(sys.executable).parent / "proxygate-doctor"
 PASSWORD = "p@ss:w/rd#1"
@@ -256,5 +257,26 @@ def test_allowListRefusalNamesThe403(tmp_path, httpsOrigin, origin):
         done = doctor(origin.url("/echo"), env=env)
         assert done.returncode == 1 and "403 Forbidden" in done.flat
         assert "Destination denied" in done.flat
+    finally:
+        proxy.stop()
+
+
+def test_httpsProxyTLSInsideTLS(tmp_path, httpsOrigin, pki):
+    """An https:// proxy (an ssl: listener): TLS to the proxy, CONNECT, TLS inside it."""
+    files = makeCA(tmp_path / "listener")
+    proxy = ProxyProcess(tmp_path, LOOPBACK_INI, sslFiles=files).start()
+    try:
+        url = f"https://localhost:{proxy.port}"
+        bundle = tmp_path / "both.pem"
+        bundle.write_bytes(files.caCert.read_bytes() + pki.caCert.read_bytes())
+        target = f"https://localhost:{httpsOrigin.port}/echo"
+        done = doctor(target, env=both(url, SSL_CERT_FILE=str(bundle)))
+        assert done.returncode == 0, done.stdout
+        assert "[ok]   TLS with the proxy: TLS with the proxy localhost" in done.stdout
+        assert "[ok]   HTTP answer: GET /echo: 200 OK" in done.stdout
+        # The proxy's own certificate from a CA nobody here trusts.
+        done = doctor(target, env=both(url, SSL_CERT_FILE=str(pki.caCert)))
+        assert done.returncode == 1
+        assert f"TLS with the https:// proxy localhost:{proxy.port} failed" in done.flat
     finally:
         proxy.stop()

@@ -195,10 +195,11 @@ def gather(args, environ: dict[str, str]) -> Facts:
             if args.ca_bundle
             else primaryTrust(environ, system)
         ),
-        systemBundle=os.path.realpath(system.cafile) if system.cafile else "/etc/ssl/cert.pem",
         environ=environ,
         installed=_installed(environ),
     )
+    if system.cafile:
+        facts.systemBundle = os.path.realpath(system.cafile)
     proxy = facts.python.proxy
     if proxy is not None and proxy.problem:
         return facts
@@ -210,7 +211,15 @@ def gather(args, environ: dict[str, str]) -> Facts:
             facts.ca = _offerCA(args, target, proxy)
     tlsReached = facts.fetch.tls is not None or (failed is not None and failed.name == "tls")
     if scheme == "https" and tlsReached and not args.ca_bundle:
-        facts.toolChecks = _toolChecks(facts, args, gitCAInfo, conda.get("ssl_verify"))
+        trusts = toolTrusts(
+            environ,
+            pip,
+            system,
+            gitCAInfo=gitCAInfo,
+            condaVerify=conda.get("ssl_verify"),
+            certifi=_certifi(),
+        )
+        facts.toolChecks = _toolChecks(facts, trusts, args.timeout)
     return facts
 
 
@@ -237,16 +246,8 @@ def _offerCA(args, target: probe.Target, proxy: ProxyURL | None) -> CAOffer:
     return CAOffer(url, names.subject, fingerprint(ders[0]), bool(ok), None, saved, saveError)
 
 
-def _toolChecks(facts: Facts, args, gitCAInfo, condaVerify) -> dict:
+def _toolChecks(facts: Facts, trusts: dict[str, Trust], timeout: float) -> dict:
     """Does each installed tool's CA bundle verify the server? One handshake per bundle."""
-    trusts = toolTrusts(
-        facts.environ,
-        facts.pip,
-        _systemTrust(),
-        gitCAInfo=gitCAInfo,
-        condaVerify=condaVerify,
-        certifi=_certifi(),
-    )
     primaryOK = facts.fetch.tls is not None and facts.fetch.tls.verified
     results: dict[tuple, bool | None] = {facts.trust.key: primaryOK}
     checks = {}
@@ -254,7 +255,7 @@ def _toolChecks(facts: Facts, args, gitCAInfo, condaVerify) -> dict:
         if tool not in facts.installed:
             continue
         if trust.key not in results:
-            ok, _ = probe.verifies(facts.target, facts.python.proxy, trust, args.timeout)
+            ok, _ = probe.verifies(facts.target, facts.python.proxy, trust, timeout)
             results[trust.key] = ok
         checks[tool] = (results[trust.key], trust)
     return checks
