@@ -16,7 +16,7 @@ import time
 from datetime import UTC, datetime
 
 import pytest
-from conftest import REPO
+from conftest import REPO, freePort
 from cryptography.hazmat.primitives import serialization
 
 from gateway.doctor import cli
@@ -482,6 +482,19 @@ def _doctor(*args: str, env: dict[str, str] | None = None, timeout: float = 30):
         env={**base, **(env or {})},
         cwd=REPO,
     )
+
+
+def test_proxyOptionStandsForTheVariables():
+    """--proxy URL: as if all four variables were set to it (here a port nothing listens on)."""
+    port = freePort()
+    done = _doctor(
+        "--json", "--proxy", f"http://alice:{PASSWORD.replace('@', '%40')}@127.0.0.1:{port}"
+    )
+    report = json.loads(done.stdout)
+    assert done.returncode == 1 and report["route"]["python"]["variable"] == "https_proxy"
+    ids = [f["id"] for f in report["findings"]]
+    assert ids == ["credentials-unencoded", "proxy-unreachable"]  # the raw "/" in it
+    assert PASSWORD.replace("@", "%40") not in done.stdout and "s3cr" not in done.stdout
 
 
 def test_badURLIsAUsageError():

@@ -72,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=10.0, help="seconds for each step (default 10)"
     )
     parser.add_argument(
+        "--proxy",
+        metavar="URL",
+        help="check this proxy, as if http_proxy, https_proxy and their upper-case forms were "
+        "set to it (to try a setting before exporting it)",
+    )
+    parser.add_argument(
         "--metrics-url",
         help="proxygate's metrics listener, where its CA is served at /ca.pem "
         f"(default: http://PROXY-HOST:{METRICS_PORT})",
@@ -423,6 +429,9 @@ def toJSON(facts: Facts, findings: list[Finding]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     environ = dict(os.environ)
+    if args.proxy:
+        for name in ("http_proxy", "https_proxy"):
+            environ[name] = environ[name.upper()] = args.proxy
     facts = None
     try:
         try:

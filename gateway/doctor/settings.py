@@ -41,15 +41,20 @@ __all__ = [
     "Route",
     "Trust",
     "caseProblems",
+    "condaSettings",
     "curlBypass",
     "curlRoute",
+    "opensslTrust",
     "parseProxyURL",
     "pipConfigFiles",
     "pipSettings",
+    "pipTrust",
+    "primaryTrust",
     "pythonBypass",
     "pythonProxies",
     "pythonRoute",
     "splitTarget",
+    "toolTrusts",
 ]
 
 #: Characters that end or split the user-info part of a URL when written as they are.
@@ -294,10 +299,6 @@ class Route:
     #: The no_proxy entry that sends the host direct, and the variable it is in.
     bypass: str | None = None
     noProxyVariable: str | None = None
-
-    @property
-    def direct(self) -> bool:
-        return self.proxy is None
 
 
 def _noProxy(environ: Mapping[str, str]) -> tuple[str | None, str | None]:
