@@ -218,16 +218,21 @@ def test_stopDrainsAnExchangeInFlight(startProxy, origin) -> None:
 
 
 def test_embedTacServesThroughTwistdNy(tmp_path, origin) -> None:
-    """The README's .tac, verbatim: an Application that attaches makeService(path)."""
+    """
+    The README's .tac, verbatim: an Application that attaches makeService(path), started
+    from another folder (its INI path is built from the .tac's own folder).
+    """
     port, metricsPort = freePort(), freePort()
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc" / "proxygate.ini").write_text(iniText(port, metricsPort))
     tac = tmp_path / "app.tac"
     shutil.copy(TAC, tac)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
     log = open(tmp_path / "twistd.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [*TWISTD, "--pidfile=", "-ny", str(tac)],
-        cwd=tmp_path,
+        cwd=elsewhere,
         env=env(),
         stdout=log,
         stderr=subprocess.STDOUT,
