@@ -169,7 +169,7 @@ def test_refusalsAreLoggedWithTheirReason(defaultPolicyProxy, origin) -> None:
         time.sleep(0.05)
     found = records()
     assert [(r["method"], r["code"]) for r in found] == [("GET", 403), ("CONNECT", 403)]
-    assert [r["reason"] for r in found] == ["destination", "destination"]
+    assert [r["reason"] for r in found] == ["destination", "destination_ip"]
     assert "0x7f.1 (127.0.0.1)" in found[0]["detail"]
     assert "deny_destinations" in found[0]["detail"]
     assert "localhost (127.0.0.1)" in found[1]["detail"]

@@ -185,7 +185,7 @@ def test_refusalsAllSayWhyInProxyStatus() -> None:
     client.dataReceived(get(b"http://denied.test/"))
     status, fields, body = head(down.take())
     assert status.startswith(b"HTTP/1.1 403 ")
-    assert fields[b"proxy-status"] == b"proxygate; error=destination_ip_prohibited"
+    assert fields[b"proxy-status"] == b"proxygate; error=http_request_denied"
     assert b"Destination denied" in body
     (record,) = rt.accessLog.records
     assert (record.reason, record.size, record.mode) == ("destination", len(body), "local")
@@ -379,7 +379,7 @@ def test_anIdleTunnelIsAbortedAndLogged() -> None:
     [
         (b"o.test:25", b"403", b"http_request_denied"),
         (b"o.test", b"400", b"http_request_error"),
-        (b"169.254.1.1:443", b"403", b"destination_ip_prohibited"),
+        (b"169.254.1.1:443", b"403", b"http_request_denied"),
     ],
 )
 def test_aRefusedConnectSaysWhy(target, status, proxyStatus) -> None:

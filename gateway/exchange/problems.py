@@ -21,7 +21,9 @@ CODES: dict[str, tuple[str, str, tuple[str, str] | None]] = {
     "client": ("http_request_denied", "TCP_DENIED", ("denied", "client")),
     "auth": ("http_request_denied", "TCP_DENIED", ("denied", "auth")),
     "port": ("http_request_denied", "TCP_DENIED", ("denied", "port")),
-    "destination": ("destination_ip_prohibited", "TCP_DENIED", ("denied", "destination")),
+    "destination": ("http_request_denied", "TCP_DENIED", ("denied", "destination")),
+    # the same, found on the address resolved for dialling (the name passed)
+    "destination_ip": ("destination_ip_prohibited", "TCP_DENIED", ("denied", "destination")),
     "limit": ("connection_limit_reached", "TCP_DENIED", ("denied", "limit")),
     "header_too_large": ("http_request_error", "TAG_NONE", ("denied", "limit")),
     "header_timeout": ("http_request_error", "TAG_NONE", ("denied", "limit")),

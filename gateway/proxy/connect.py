@@ -32,6 +32,7 @@ _RESULTS = {
     "bad_request": "bad_request",
     "port": "denied",
     "destination": "denied",
+    "destination_ip": "denied",
     "upstream_refused": "upstream_refused",
     "incomplete": "reset",
     "internal": "error",

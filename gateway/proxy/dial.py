@@ -73,7 +73,7 @@ def problemFor(error: Exception) -> Problem:
     "internal" problem, which the caller logs with its traceback.
     """
     if isinstance(error, DestinationDenied):
-        return Problem(403, "destination", f"Destination denied: {error.detail}")
+        return Problem(403, "destination_ip", f"Destination denied: {error.detail}")
     if isinstance(error, UpstreamRefused):
         return Problem(502, "upstream_refused", error.message)
     if isinstance(error, DialError):
