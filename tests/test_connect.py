@@ -19,28 +19,12 @@ import time
 
 import pytest
 import requests
-from conftest import LOOPBACK_INI, ProxyProcess, payloadChunks, rss, waitFor
-from tlsorigin import (
-    HELLO,
-    HTTPSOrigin,
-    TCPServer,
-    echoHandler,
-    makeCA,
-    openTunnel,
-    readHead,
-    recvAll,
-    recvExactly,
-)
+
+from tests.support import LOOPBACK_INI, ProxyProcess, payloadChunks, payloadDigest, rss, waitFor
+from tests.support.tlsorigin import HELLO, HTTPSOrigin, makeCA
+from tests.support.tunnel import TCPServer, echoHandler, openTunnel, readHead, recvAll, recvExactly
 
 MB = 1 << 20
-
-
-def digestOf(n: int) -> str:
-    """sha256 of the first n bytes of the conftest payload (64 KiB chunks: exact)."""
-    h = hashlib.sha256()
-    for chunk in payloadChunks(n):
-        h.update(chunk)
-    return h.hexdigest()
 
 
 def sourceHandler(n: int):
@@ -134,7 +118,7 @@ def test_curl_large_https_body(proxy, https, tls):
         timeout=30,
     )
     assert out.returncode == 0, out.stderr
-    assert hashlib.sha256(out.stdout).hexdigest() == digestOf(n)
+    assert hashlib.sha256(out.stdout).hexdigest() == payloadDigest(n)
 
 
 def test_requests_https_through_connect(proxy, https, tls):
@@ -152,7 +136,7 @@ def test_requests_https_through_connect(proxy, https, tls):
             verify=str(tls.caCert),
             timeout=10,
         )
-        assert hashlib.sha256(r.content).hexdigest() == digestOf(MB)
+        assert hashlib.sha256(r.content).hexdigest() == payloadDigest(MB)
 
 
 def test_openssl_s_client_handshake(proxy, https, tls):
@@ -586,7 +570,7 @@ def test_origin_close_after_fast_burst_reaches_slow_client(proxy, server):
             h.update(data)
             total += len(data)
         assert total == n
-        assert h.hexdigest() == digestOf(n)
+        assert h.hexdigest() == payloadDigest(n)
 
 
 def test_tunnel_end_over_https_proxy_is_a_tls_close(tmp_path, tls, server):
@@ -756,7 +740,7 @@ def test_slow_reader_keeps_memory_flat(startProxy, server, echo):
         f"(+{(peak - idle) / MB:.1f} MB) for a {n // MB} MB tunnel"
     )
     assert total == n
-    assert h.hexdigest() == digestOf(n)
+    assert h.hexdigest() == payloadDigest(n)
     assert peak - idle < 30 * MB
 
 
@@ -804,7 +788,7 @@ def test_slow_origin_keeps_memory_flat(startProxy, server, echo):
         f"\nslow origin: proxy RSS idle {idle / MB:.1f} MB, peak {peak / MB:.1f} MB "
         f"(+{(peak - idle) / MB:.1f} MB) for a {n // MB} MB upload"
     )
-    assert reply == b"%d %s" % (n, digestOf(n).encode())
+    assert reply == b"%d %s" % (n, payloadDigest(n).encode())
     assert peak - idle < 30 * MB
 
 
@@ -814,7 +798,7 @@ def test_one_gigabyte_tunnel(startProxy, server, echo):
     s = server(sourceHandler(n))
     p = startProxy()
     idle = _warmIdle(p, echo)
-    expected = digestOf(n)
+    expected = payloadDigest(n)
     sock, status, _, rest = openTunnel(p.port, s.authority, timeout=60)
     peak = idle
     with sock:

@@ -14,16 +14,11 @@ import time
 
 import pytest
 import websocket
-from conftest import payloadChunks, waitFor
-from tlsorigin import (
-    FrameReader,
-    WebSocketEcho,
-    openTunnel,
-    readHead,
-    recvAll,
-    recvExactly,
-    upgradeRequest,
-)
+
+from tests.support import payloadChunks, waitFor
+from tests.support.tlsorigin import WebSocketEcho
+from tests.support.tunnel import openTunnel, readHead, recvAll, recvExactly
+from tests.support.wsframes import FrameReader, upgradeRequest
 
 GRACE = 10.0  # GatewayService(drainGrace=...) default, what twistd proxygate runs with
 

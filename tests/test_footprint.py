@@ -1,7 +1,7 @@
 """
 What an idle proxygate process weighs (issue 8: idle RSS under 40 MB per process).
 
-Run as a README install runs it (no pyOpenSSL, see conftest.TWISTD_WITHOUT_PYOPENSSL), on
+Run as a README install runs it (no pyOpenSSL, see tests.support.TWISTD_WITHOUT_PYOPENSSL), on
 the defaults plus loopback destinations, after it has served a request and a scrape. The
 budget is what the process must not load to stay under it: pyOpenSSL and cryptography's
 OpenSSL (13 MB; cryptography only with [mitm] on) and twisted.web (5 MB).
@@ -16,7 +16,7 @@ import os
 import subprocess
 import urllib.request
 
-from conftest import LOOPBACK_INI, REPO, TWISTD, TWISTD_WITHOUT_PYOPENSSL, ProxyProcess, rss
+from tests.support import LOOPBACK_INI, REPO, TWISTD, TWISTD_WITHOUT_PYOPENSSL, ProxyProcess, rss
 
 MB = 1024 * 1024
 

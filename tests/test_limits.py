@@ -26,7 +26,8 @@ import threading
 import time
 
 import pytest
-from conftest import LOOPBACK_INI, ProxyProcess, readResponse
+
+from tests.support import LOOPBACK_INI, ProxyProcess, readResponse
 
 HEADER_TIMEOUT = 2.0
 IDLE_TIMEOUT = 3.0

@@ -1,7 +1,7 @@
 """
 TLS interception (MITM) end to end: the real ``twistd proxygate`` with ``[mitm] enabled = on``,
 real clients (curl, openssl s_client, requests, websockets) and loopback HTTPS/WSS origins
-whose certificates come from a throwaway CA (tests/mitmorigin.py).
+whose certificates come from a throwaway CA (tests/support/mitmorigin.py).
 
 What is checked: the CA's life cycle (created on first start with a 0600 key, relative paths,
 served at /ca.pem and /ca.der, a mismatched or unreadable pair stops start-up with one line),
@@ -29,7 +29,11 @@ from pathlib import Path
 import pytest
 import requests
 import websocket
-from conftest import (
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from gateway.tls.ca import createCA
+from tests.support import (
     LOOPBACK_INI,
     REPO,
     TWISTD,
@@ -39,13 +43,8 @@ from conftest import (
     payloadDigest,
     rss,
     waitFor,
-    waitForPort,
 )
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from mitmorigin import HTTPSOrigin, OriginPKI, WSSEcho
-
-from gateway.tls.ca import createCA
+from tests.support.mitmorigin import HTTPSOrigin, OriginPKI, WSSEcho
 
 # Subprocesses (curl, openssl) must not pick up the box's proxy or CA settings.
 CLEAN_ENV = {
@@ -65,8 +64,6 @@ def mitmIni(extra: str = "", bundle: Path | str | None = None) -> str:
 
 def fetchCA(proxy: ProxyProcess, folder: Path, name: str = "proxy-ca.pem") -> Path:
     """The proxy's CA as users get it: from /ca.pem on the metrics listener."""
-    # start() waited for the proxy port only; the metrics port opens right after it.
-    waitForPort("127.0.0.1", proxy.metricsPort, proc=proxy.proc)
     url = f"http://127.0.0.1:{proxy.metricsPort}/ca.pem"
     with urllib.request.urlopen(url, timeout=5) as r:
         data = r.read()
@@ -255,7 +252,6 @@ def test_caCreatedOnFirstStartAndServed(startProxy, tmp_path, pki):
     onDisk = x509.load_pem_x509_certificate(certFile.read_bytes())
     assert onDisk.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
 
-    waitForPort("127.0.0.1", proxy.metricsPort, proc=proxy.proc)
     base = f"http://127.0.0.1:{proxy.metricsPort}"
     with urllib.request.urlopen(base + "/ca.pem", timeout=5) as r:
         assert r.headers["Content-Type"] == "application/x-pem-file"

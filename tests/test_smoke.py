@@ -2,7 +2,7 @@
 
 import subprocess
 
-from conftest import payloadDigest
+from tests.support import payloadDigest
 
 
 def test_curl_fetches_through_proxy(proxy, origin):

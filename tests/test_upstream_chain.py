@@ -32,7 +32,9 @@ from urllib.parse import quote
 
 import pytest
 import requests
-from conftest import (
+
+from gateway.auth import md5Crypt
+from tests.support import (
     LOOPBACK_INI,
     Origin,
     ProxyProcess,
@@ -42,9 +44,8 @@ from conftest import (
     sslListen,
     waitForPort,
 )
-from tlsorigin import HELLO, HTTPSOrigin, TCPServer, TLSFiles, makeCA
-
-from gateway.auth import md5Crypt
+from tests.support.tlsorigin import HELLO, HTTPSOrigin, TLSFiles, makeCA
+from tests.support.tunnel import TCPServer
 
 DATA = Path(__file__).parent / "data" / "upstream"
 
@@ -134,6 +135,8 @@ class _Daemon:
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix=f"proxygate-{self.name}-"))
         os.chmod(self.dir, 0o755)
+        # Squid and tinyproxy are told their port and cannot report one they picked, so
+        # they get a free one (which another process could take first: a rare failed start).
         self.port = freePort()
         self.proc: subprocess.Popen | None = None
         self.output = self.dir / "output.txt"
@@ -317,13 +320,8 @@ def proxies(tmp_path):
     """Start proxygate processes with any listener (tcp or ssl, v4 or v6)."""
     started: list[ProxyProcess] = []
 
-    def start(
-        ini: str, *, listen: str | None = None, port: int | None = None, host: str = "127.0.0.1"
-    ) -> ProxyProcess:
+    def start(ini: str, *, listen: str | None = None) -> ProxyProcess:
         p = ProxyProcess(tmp_path, ini, listen=listen)
-        if port is not None:
-            p.port = port
-        p.host = host
         started.append(p)
         return p.start()
 
@@ -563,8 +561,8 @@ def test_squid_403_to_absolute_form_passes_through(proxies, squid) -> None:
 
 
 @pytest.mark.parametrize("method", ["GET", "CONNECT"])
-def test_unreachable_upstream_is_502(proxies, method) -> None:
-    closed = freePort()
+def test_unreachable_upstream_is_502(proxies, method, closedPort) -> None:
+    closed = closedPort
     a = proxies(upstreamINI(f"http://{UP_USERINFO}@127.0.0.1:{closed}"))
     if method == "GET":
         data = rawRequest(
@@ -815,8 +813,8 @@ def test_chain_to_proxygate_with_auth(proxies, origin, pki, httpsOrigin, tmp_pat
 def test_chain_to_ipv6_upstream(proxies, origin) -> None:
     if not socket.has_ipv6:
         pytest.skip("no IPv6")
-    port = freePort("::1")
-    b = proxies(LOOPBACK_INI, listen=f"tcp6:{port}:interface=\\:\\:1", port=port, host="::1")
+    b = proxies(LOOPBACK_INI, listen="tcp6:0:interface=\\:\\:1")
+    assert b.host == "::1"
     a = proxies(upstreamINI(f"http://[::1]:{b.port}"))
     r = curl("--proxy", a.url, origin.url("/echo?v6"))
     assert r.returncode == 0, r.stderr.decode()
@@ -827,12 +825,7 @@ def test_chain_to_ipv6_upstream(proxies, origin) -> None:
 @pytest.fixture
 def tlsUpstream(proxies, pki, tmp_path):
     """proxygate B on an ssl: listener with a throwaway-CA certificate, requiring bob."""
-    port = freePort()
-    return proxies(
-        LOOPBACK_INI + authINI(tmp_path, UP_USER, UP_PASSWORD),
-        listen=sslListen(port, pki),
-        port=port,
-    )
+    return proxies(LOOPBACK_INI + authINI(tmp_path, UP_USER, UP_PASSWORD), listen=sslListen(pki))
 
 
 @needsCurl

@@ -16,18 +16,11 @@ import time
 
 import pytest
 import websocket
-from conftest import LOOPBACK_INI, waitFor
-from tlsorigin import (
-    FrameReader,
-    WebSocketEcho,
-    acceptFor,
-    frameBytes,
-    makeCA,
-    readHead,
-    recvAll,
-    recvExactly,
-    upgradeRequest,
-)
+
+from tests.support import LOOPBACK_INI, waitFor
+from tests.support.tlsorigin import WebSocketEcho, makeCA
+from tests.support.tunnel import readHead, recvAll, recvExactly
+from tests.support.wsframes import FrameReader, acceptFor, frameBytes, upgradeRequest
 
 SIZES = [1, 1024, 1 << 20, 10_000_000]
 
