@@ -2017,7 +2017,7 @@ def test_E48_h2PrefaceInsideTheTunnelIsRefused(mitmProxy, tlsOrigin) -> None:
     assert tlsOrigin.since(mark).bytes == b""
 
 
-def test_zz_noTracebackInTheProxyLog(proxy) -> None:
+def test_noTracebackInTheProxyLog(proxy) -> None:
     """Every row above was handled, not crashed through."""
     log = proxy.log()
     assert "Traceback" not in log and "Unhandled" not in log, log[-5000:]

@@ -57,7 +57,7 @@ def wsEcho():
     s.close()
 
 
-def test_sigterm_drains_busy_tunnels_then_closes_them(startProxy, server, origin, wsEcho):
+def test_sigtermDrainsBusyTunnelsThenClosesThem(startProxy, server, origin, wsEcho):
     events: list = []
     s = server(eofWatcher(events))
     p = startProxy()
@@ -130,7 +130,7 @@ def test_sigterm_drains_busy_tunnels_then_closes_them(startProxy, server, origin
     assert waitFor(lambda: events, 3), "origin side of the tunnel still open"
 
 
-def test_drain_ends_early_once_tunnels_close(startProxy, server):
+def test_drainEndsEarlyOnceTunnelsClose(startProxy, server):
     events: list = []
     s = server(eofWatcher(events))
     p = startProxy()
@@ -149,7 +149,7 @@ def test_drain_ends_early_once_tunnels_close(startProxy, server):
     assert events and events[0][0] == "eof"
 
 
-def test_drain_closes_stuck_tunnel(startProxy, server):
+def test_drainClosesStuckTunnel(startProxy, server):
     """A tunnel whose client stopped reading (every buffer full) is still closed, both
     sides, after the grace period, and the proxy exits 0."""
     events: list = []
@@ -174,7 +174,7 @@ def test_drain_closes_stuck_tunnel(startProxy, server):
     tunnel.close()
 
 
-def test_tunnel_opened_during_drain_is_refused(startProxy, server):
+def test_tunnelOpenedDuringDrainIsRefused(startProxy, server):
     """While draining the listener is closed: a CONNECT cannot even reach the proxy."""
     s = server(eofWatcher([]))
     p = startProxy()
@@ -190,7 +190,7 @@ def test_tunnel_opened_during_drain_is_refused(startProxy, server):
     assert p.proc.wait(timeout=GRACE) == 0
 
 
-def test_stop_with_nothing_open_is_quick(startProxy):
+def test_stopWithNothingOpenIsQuick(startProxy):
     p = startProxy()
     # The port listens before twistd's reactor runs and installs its SIGTERM handler: make
     # sure it is serving (a metrics scrape) before signalling, or the default action kills it.

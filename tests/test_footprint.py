@@ -26,7 +26,7 @@ def _mapped(pid: int) -> set[str]:
         return {line.split()[-1] for line in f if "/" in line}
 
 
-def test_idle_process_stays_under_40_mb(tmp_path, origin) -> None:
+def test_idleProcessStaysUnder40MB(tmp_path, origin) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}  # as ProxyProcess runs it: the same caches
     subprocess.run([*TWISTD, "--help"], cwd=REPO, env=env, capture_output=True, timeout=60)
     p = ProxyProcess(tmp_path, LOOPBACK_INI, twistd=TWISTD_WITHOUT_PYOPENSSL).start()

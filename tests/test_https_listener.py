@@ -87,7 +87,7 @@ def httpsProxy(p: ProxyProcess) -> str:
 
 
 @needsCurl
-def test_curl_http_through_https_proxy(startTLSProxy, pki, origin) -> None:
+def test_curlHTTPThroughHTTPSProxy(startTLSProxy, pki, origin) -> None:
     """curl --proxy https://...: an absolute-form request inside TLS to the proxy."""
     p = startTLSProxy(pki)
     r = curl(
@@ -105,7 +105,7 @@ def test_curl_http_through_https_proxy(startTLSProxy, pki, origin) -> None:
 
 
 @needsCurl
-def test_curl_connect_through_https_proxy(startTLSProxy, pki, httpsOrigin) -> None:
+def test_curlConnectThroughHTTPSProxy(startTLSProxy, pki, httpsOrigin) -> None:
     """A CONNECT tunnel inside TLS to the proxy, with TLS to the origin inside that."""
     p = startTLSProxy(pki)
     base = f"https://127.0.0.1:{httpsOrigin.port}"
@@ -142,7 +142,7 @@ def test_curl_connect_through_https_proxy(startTLSProxy, pki, httpsOrigin) -> No
 
 
 @needsCurl
-def test_curl_refuses_untrusted_proxy_certificate(startTLSProxy, pki, origin) -> None:
+def test_curlRefusesUntrustedProxyCertificate(startTLSProxy, pki, origin) -> None:
     """The client really verifies the proxy: without the CA it cannot even send a request."""
     p = startTLSProxy(pki)
     r = curl("--proxy", httpsProxy(p), origin.url("/echo"))
@@ -153,7 +153,7 @@ def test_curl_refuses_untrusted_proxy_certificate(startTLSProxy, pki, origin) ->
 # requests does not verify an https:// proxy for http:// URLs (it hands C{verify} to the
 # origin's pool only, and urllib3 warns); for https:// URLs it verifies both with C{verify}.
 @pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
-def test_requests_through_https_proxy(startTLSProxy, pki, origin, httpsOrigin, tmp_path) -> None:
+def test_requestsThroughHTTPSProxy(startTLSProxy, pki, origin, httpsOrigin, tmp_path) -> None:
     """requests (urllib3 2) with an https:// proxy URL: HTTP and HTTPS origins."""
     p = startTLSProxy(pki)
     proxies = {"http": httpsProxy(p), "https": httpsProxy(p)}
@@ -189,7 +189,7 @@ def test_requests_through_https_proxy(startTLSProxy, pki, origin, httpsOrigin, t
 
 
 @needsCurl
-def test_tls_and_plain_listeners_side_by_side(startTLSProxy, pki, origin) -> None:
+def test_tlsAndPlainListenersSideBySide(startTLSProxy, pki, origin) -> None:
     """One service, two listeners: ssl: and tcp: serve the same proxy."""
     p = startTLSProxy(pki, extra="tcp:0:interface=127.0.0.1")
     _, plainPort = p.ports[1]
@@ -212,7 +212,7 @@ def mitmINI(folder: Path, pki: TLSFiles) -> str:
 
 
 @needsCurl
-def test_mitm_on_https_listener(startTLSProxy, pki, httpsOrigin, tmp_path) -> None:
+def test_mitmOnHTTPSListener(startTLSProxy, pki, httpsOrigin, tmp_path) -> None:
     """
     Client->proxy TLS, then an intercepted CONNECT inside it: proxygate layers its own TLS
     server (certificate minted by its MITM CA) inside the listener's TLS, and serves the
@@ -260,7 +260,7 @@ def test_mitm_on_https_listener(startTLSProxy, pki, httpsOrigin, tmp_path) -> No
 
 
 @needsCurl
-def test_https_listener_and_mitm_without_pyopenssl(pki, httpsOrigin, tmp_path) -> None:
+def test_httpsListenerAndMITMWithoutPyOpenSSL(pki, httpsOrigin, tmp_path) -> None:
     """
     An install from the README has no pyOpenSSL (proxygate's TLS is the standard library's):
     the ssl: listener, an intercepted CONNECT inside it and the verified origin leg all work
@@ -316,7 +316,7 @@ def _chainFiles(folder: Path) -> tuple[Path, Path, Path, Path]:
 
 
 @needsCurl
-def test_extra_cert_chain_is_sent(tmp_path, origin) -> None:
+def test_extraCertChainIsSent(tmp_path, origin) -> None:
     """extraCertChain= (as with Twisted's ssl: endpoint): a client trusting only the root works."""
     root, mid, leaf, key = _chainFiles(tmp_path)
     listen = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={leaf}:extraCertChain={mid}"
@@ -348,7 +348,7 @@ def _listenerProblem(tmp_path: Path, options: str) -> str:
         ("privateKey={key}", "no PEM certificate in {key}"),  # certKey defaults to privateKey
     ],
 )
-def test_listener_files_checked_at_start_up(pki, tmp_path, options, problem) -> None:
+def test_listenerFilesCheckedAtStartUp(pki, tmp_path, options, problem) -> None:
     """A bad ssl: listener stops start-up with one line that names the file and the problem."""
     otherKey = ec.generate_private_key(ec.SECP256R1())
     other, encrypted = tmp_path / "other.key", tmp_path / "encrypted.key"
@@ -367,7 +367,7 @@ def test_listener_files_checked_at_start_up(pki, tmp_path, options, problem) -> 
     assert "\n" not in message
 
 
-def test_listener_key_and_certificate_in_one_file(pki, tmp_path) -> None:
+def test_listenerKeyAndCertificateInOneFile(pki, tmp_path) -> None:
     """Twisted's default: certKey is privateKey, one PEM file holding both."""
     both = tmp_path / "both.pem"
     both.write_bytes(pki.cert.read_bytes() + pki.key.read_bytes())
