@@ -5,14 +5,25 @@ Fixtures: thin wrappers over L{tests.support}, which holds the helpers themselve
   at teardown; C{proxy} is one shared by the read-only tests of a module.
 - C{origin} is the session's plain HTTP origin, C{rawOrigin} a recording socket origin,
   C{server} makes raw TCP origins with a handler of the test's, C{sink} is an upload sink.
-- C{closedPort} is a loopback port where connecting is refused, for the session.
+- C{closedPort} is a loopback port where connecting is refused, for the session;
+  C{blackhole} one where connecting never completes, for a module.
 """
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
-from tests.support import LOOPBACK_INI, Origin, ProxyProcess, RawOrigin, SinkOrigin, closedPort
+from tests.support import (
+    LOOPBACK_INI,
+    Origin,
+    ProxyProcess,
+    RawOrigin,
+    SinkOrigin,
+    closedPort,
+    nonAcceptingPort,
+)
 from tests.support.tunnel import TCPServer
 
 
@@ -74,6 +85,25 @@ def rawOrigin():
     o = RawOrigin()
     yield o
     o.close()
+
+
+@pytest.fixture(scope="module")
+def blackhole():
+    """
+    A loopback port where a connection never completes (L{nonAcceptingPort}), for a module;
+    checked: a kernel that still completes connections there skips the test.
+    """
+    with nonAcceptingPort() as port:
+        probe = socket.socket()
+        probe.settimeout(0.2)  # a SYN that is answered on loopback is answered at once
+        try:
+            probe.connect(("127.0.0.1", port))
+            pytest.skip("cannot make a non-accepting loopback port on this kernel")
+        except OSError:  # timed out: the SYN was dropped
+            pass
+        finally:
+            probe.close()
+        yield port
 
 
 @pytest.fixture(scope="session", name="closedPort")

@@ -50,6 +50,13 @@ def refused(port: int) -> bool:
     return False
 
 
+def stalled(sent: list[int], quiet: float = 0.3) -> bool:
+    """Whether the count in C{sent[0]} stays the same for C{quiet} seconds."""
+    before = sent[0]
+    time.sleep(quiet)
+    return before > 0 and sent[0] == before
+
+
 @pytest.fixture(scope="module")
 def wsEcho():
     s = WebSocketEcho()
@@ -138,7 +145,7 @@ def test_drainEndsEarlyOnceTunnelsClose(startProxy, server):
     assert status == 200
     p.proc.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
-    time.sleep(0.5)
+    assert waitFor(lambda: refused(p.port), 3), "not draining"
     tunnel.sendall(b"still open")
     assert recvExactly(tunnel, 10) == b"still open"
     tunnel.shutdown(socket.SHUT_WR)  # the client is done: the origin echoes EOF back
@@ -153,11 +160,13 @@ def test_drainClosesStuckTunnel(startProxy, server):
     """A tunnel whose client stopped reading (every buffer full) is still closed, both
     sides, after the grace period, and the proxy exits 0."""
     events: list = []
+    sent = [0]
 
     def flood(srv, conn):
         try:
             for chunk in payloadChunks(1 << 30):
                 conn.sendall(chunk)
+                sent[0] += len(chunk)
         except OSError:
             events.append(("closed", time.monotonic()))
 
@@ -165,7 +174,8 @@ def test_drainClosesStuckTunnel(startProxy, server):
     p = startProxy()
     tunnel, status, _, _ = openTunnel(p.port, s.authority)
     assert status == 200
-    time.sleep(1)  # let the buffers fill: the client never reads
+    # Until every buffer is full (the client never reads): the origin's sends stall.
+    assert waitFor(lambda: stalled(sent), 10), "the origin never stalled"
     p.proc.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
     assert p.proc.wait(timeout=GRACE + 8) == 0

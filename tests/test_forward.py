@@ -27,7 +27,6 @@ import pytest
 from tests.support import (
     LOOPBACK_INI,
     ProxyProcess,
-    nonAcceptingPort,
     payload,
     payloadChunks,
     payloadDigest,
@@ -290,25 +289,6 @@ def chunked(data: bytes, sizes=(1, 100, 65536, 3, 8192)) -> bytes:
 
 
 # -- origins of this module -----------------------------------------------------------------
-
-
-@pytest.fixture
-def blackhole():
-    """
-    A loopback port that never completes a connection (L{tests.support.nonAcceptingPort}),
-    checked: a kernel that still accepts skips the test.
-    """
-    with nonAcceptingPort() as port:
-        probe = socket.socket()
-        probe.settimeout(0.5)
-        try:
-            probe.connect(("127.0.0.1", port))
-            pytest.skip("cannot make a non-accepting loopback port on this kernel")
-        except (TimeoutError, OSError):
-            pass
-        finally:
-            probe.close()
-        yield port
 
 
 def startModuleProxy(tmp_path_factory, ini: str) -> ProxyProcess:

@@ -14,6 +14,7 @@ byte, backpressure, hop-by-hop rules, access log, WebSockets, per-API metrics.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -92,11 +93,14 @@ def _closeSessions(startProxy):
     """
     Close the test's sessions before its proxies stop (this fixture depends on startProxy,
     so it is torn down first): a proxy stopping with idle decrypted connections waits for
-    their clients' TLS close_notify until its drain grace runs out.
+    their clients' TLS close_notify until its drain grace runs out (10 s). A response kept
+    alive by a reference cycle (a test's frame held by a requests exception's traceback)
+    still holds its socket after its session is closed: collect those too.
     """
     yield
     while _sessions:
         _sessions.pop().close()
+    gc.collect()
 
 
 def connectTunnel(proxy: ProxyProcess, target: str, timeout: float = 10) -> socket.socket:
