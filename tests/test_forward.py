@@ -454,12 +454,16 @@ class RSSWatch:
 
 MEMORY_BUDGET = 30 * MiB
 BIG = 256 * MiB
+#: How long the slow side of a memory test stays slow. A proxy without backpressure fills
+#: with what loopback delivers at hundreds of MB/s, over MEMORY_BUDGET in well under a
+#: second; the rest of the transfer then runs at full speed, still watched.
+SLOW_SECONDS = 3
 
 
 def test_slowClientKeepsProxyMemoryFlat(proxy, origin) -> None:
     """A fast origin and a client reading ~5 MB/s: the proxy must not buffer the gap."""
     watch = RSSWatch(proxy.pid)
-    slowUntil = time.monotonic() + 6
+    slowUntil = time.monotonic() + SLOW_SECONDS
     rate = 5 * 1000 * 1000
 
     def pace(data: bytes) -> None:
@@ -478,9 +482,10 @@ def test_slowClientKeepsProxyMemoryFlat(proxy, origin) -> None:
 
 
 def test_slowOriginKeepsProxyMemoryFlat(proxy, sink) -> None:
-    """A fast uploader and an origin reading ~5 MB/s for 6 s: bounded proxy memory."""
+    """A fast uploader and an origin reading ~5 MB/s for a while: bounded proxy memory."""
     watch = RSSWatch(proxy.pid)
-    got = upload(proxy, sink.url(f"/sink?rate={5_000_000}&slow=6"), BIG, "length", timeout=60)
+    url = sink.url(f"/sink?rate={5_000_000}&slow={SLOW_SECONDS}")
+    got = upload(proxy, url, BIG, "length", timeout=60)
     growth = watch.stop()
     assert (got["bytes"], got["sha256"]) == (BIG, payloadDigest(BIG))
     assert growth < MEMORY_BUDGET, f"proxy RSS grew {growth / MiB:.1f} MiB"

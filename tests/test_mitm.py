@@ -863,7 +863,7 @@ def test_tunnelIdleBeforeFirstRequestIsNotA408(startProxy, tmp_path, pki, httpsO
     ca = fetchCA(proxy, tmp_path)
     port = httpsOrigin.port
     with tlsThroughProxy(proxy, f"localhost:{port}", ca, "localhost") as tls:
-        time.sleep(2.5)
+        time.sleep(1.5)  # past header_timeout
         status, _ = httpOverSocket(
             tls, f"GET /echo HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode()
         )
