@@ -76,8 +76,7 @@ def sink():
     """An upload sink (L{SinkOrigin}) for one module."""
     s = SinkOrigin()
     yield s
-    s.shutdown()
-    s.server_close()
+    s.close()
 
 
 @pytest.fixture

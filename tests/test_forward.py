@@ -26,6 +26,7 @@ import pytest
 
 from tests.support import (
     LOOPBACK_INI,
+    Origin,
     ProxyProcess,
     payload,
     payloadChunks,
@@ -1021,8 +1022,6 @@ def test_idleKeepAliveConnectionIsClosed(altProxy, origin) -> None:
 
 
 def test_ipv6Origin(proxy) -> None:
-    from tests.support import Origin
-
     try:
         o6 = Origin("::1")
     except OSError:

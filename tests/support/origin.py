@@ -9,7 +9,7 @@ Plain HTTP/1.1 origins on loopback for the forwarding tests.
 - L{SinkOrigin} reads uploads as a stream (optionally slowly) and answers their length and
   sha256: 1 GB uploads cost it nothing.
 
-Both bind port 0 (C{port} is the one they got); every thread is a daemon.
+All bind port 0 (C{port} is the one they got); every thread is a daemon.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ __all__ = ["Origin", "OriginHandler", "RawOrigin", "SinkOrigin"]
 
 
 class OriginHandler(BaseHTTPRequestHandler):
+    """The paths of L{Origin} (see the module docstring); it records each request."""
+
     protocol_version = "HTTP/1.1"
     server_version = "origin/1"
 
@@ -138,6 +140,8 @@ class OriginHandler(BaseHTTPRequestHandler):
 
 
 class Origin(ThreadingHTTPServer):
+    """L{OriginHandler} on 127.0.0.1 (or another loopback address: C{::1}), in a thread."""
+
     daemon_threads = True
     allow_reuse_address = True
 
@@ -291,6 +295,8 @@ class SinkHandler(BaseHTTPRequestHandler):
 
 
 class SinkOrigin(ThreadingHTTPServer):
+    """L{SinkHandler} on 127.0.0.1, in a thread."""
+
     daemon_threads = True
 
     def __init__(self) -> None:
@@ -298,5 +304,13 @@ class SinkOrigin(ThreadingHTTPServer):
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
         self.thread.start()
 
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
     def url(self, path: str = "/sink") -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}{path}"
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
