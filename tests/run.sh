@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Install what the tests need, then run them: bash tests/run.sh [pytest args...]
+# (bash tests/run.sh tests/test_connect.py runs one file; -k NAME, -x as pytest takes them)
 # - Debian packages used as real clients and peers: curl, openssl, tinyproxy, squid, apache2-utils,
 #   chromium (a headless browser driving apps behind the inbound gateway: tests/browser.py),
 #   prometheus (promtool checks and unit-tests the alert rules; a real Prometheus scrapes proxygate)
@@ -33,4 +34,7 @@ venv=${PROXYGATE_VENV:-.venv}
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
 "$venv/bin/python" -m pip install -q '.[test]'
-exec "$venv/bin/python" -m pytest "$@"
+# One pytest worker per CPU (pytest-xdist): most of the suite waits on sockets and timers.
+# Workers take tests in file order and steal from each other when done. -n 0 runs the tests
+# in this one process (for -s, --pdb); a later -n in the arguments wins.
+exec "$venv/bin/python" -m pytest -n auto --dist worksteal "$@"

@@ -42,7 +42,8 @@ from urllib.parse import quote
 import bcrypt
 import pytest
 import requests
-from conftest import LOOPBACK_INI, ProxyProcess, waitFor
+
+from tests.support import LOOPBACK_INI, ProxyProcess, waitFor
 
 REALM = "proxygate test"
 

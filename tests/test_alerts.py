@@ -14,7 +14,8 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import REPO
+
+from tests.support import REPO
 
 RULES = REPO / "etc" / "prometheus" / "proxygate-alerts.yml"
 TESTS = REPO / "etc" / "prometheus" / "proxygate-alerts.test.yml"

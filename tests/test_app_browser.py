@@ -12,9 +12,10 @@ import urllib.request
 
 import pytest
 import websocket
-from appserver import ShinyApp
-from browser import CHROMIUM, Chromium, PageError
-from conftest import payload
+
+from tests.support import payload
+from tests.support.appserver import ShinyApp
+from tests.support.browser import CHROMIUM, Chromium, PageError
 
 needsChromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
 

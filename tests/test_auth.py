@@ -25,6 +25,7 @@ import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
@@ -114,17 +115,6 @@ class FakeReactor:
         f(*args)
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 _NOT_FIRED = object()
 
 
@@ -159,8 +149,9 @@ def htfile(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> Clock:
+    """The Authenticator's monotonic clock (C{clock.seconds}), moved by C{advance}."""
+    return Clock()
 
 
 @pytest.fixture
@@ -196,8 +187,8 @@ def messages(events: list[dict[str, Any]]) -> list[str]:
     return [formatEvent(e) for e in events if e.get("log_namespace") == "gateway.auth"]
 
 
-def makeAuth(path: Path, reactor: FakeReactor, clock: FakeClock, **kwargs: Any) -> Authenticator:
-    return Authenticator(str(path), "proxygate", reactor=reactor, clock=clock, **kwargs)
+def makeAuth(path: Path, reactor: FakeReactor, clock: Clock, **kwargs: Any) -> Authenticator:
+    return Authenticator(str(path), "proxygate", reactor=reactor, clock=clock.seconds, **kwargs)
 
 
 def check(authenticator: Authenticator, reactor: FakeReactor, header: bytes | None) -> Any:
@@ -507,7 +498,7 @@ def test_userNameWithControlCharactersIsQuotedInMessages() -> None:
 # Authenticator: start-up and challenge
 
 
-def test_startupWithBadFileRaisesWithLineNumber(reactor: FakeReactor, clock: FakeClock) -> None:
+def test_startupWithBadFileRaisesWithLineNumber(reactor: FakeReactor, clock: Clock) -> None:
     with pytest.raises(HtpasswdError) as info:
         makeAuth(BAD_PLAIN, reactor, clock)
     assert str(info.value) == (
@@ -516,25 +507,21 @@ def test_startupWithBadFileRaisesWithLineNumber(reactor: FakeReactor, clock: Fak
     assert "hunter2" not in str(info.value)
 
 
-def test_startupWithMissingFileRaises(
-    tmp_path: Path, reactor: FakeReactor, clock: FakeClock
-) -> None:
+def test_startupWithMissingFileRaises(tmp_path: Path, reactor: FakeReactor, clock: Clock) -> None:
     missing = tmp_path / "nope"
     with pytest.raises(HtpasswdError, match="cannot read: No such file or directory") as info:
         makeAuth(missing, reactor, clock)
     assert str(info.value).startswith(str(missing) + ": ")
 
 
-def test_startupWithNonUtf8FileRaises(
-    tmp_path: Path, reactor: FakeReactor, clock: FakeClock
-) -> None:
+def test_startupWithNonUtf8FileRaises(tmp_path: Path, reactor: FakeReactor, clock: Clock) -> None:
     path = tmp_path / "latin1"
     path.write_bytes(b"# ok\nerin:{SHA}/vNB+F2HQ559kaLUZbmHHvZrXpg=\nj\xfcrgen:x\n")
     with pytest.raises(HtpasswdError, match=r"line 3: not valid UTF-8 text"):
         makeAuth(path, reactor, clock)
 
 
-def test_startupAcceptsUtf8Bom(tmp_path: Path, reactor: FakeReactor, clock: FakeClock) -> None:
+def test_startupAcceptsUtf8Bom(tmp_path: Path, reactor: FakeReactor, clock: Clock) -> None:
     path = tmp_path / "bom"
     path.write_bytes(b"\xef\xbb\xbferin:{SHA}/vNB+F2HQ559kaLUZbmHHvZrXpg=\n")
     authenticator = makeAuth(path, reactor, clock)
@@ -542,7 +529,7 @@ def test_startupAcceptsUtf8Bom(tmp_path: Path, reactor: FakeReactor, clock: Fake
 
 
 def test_emptyFileStartsButWarns(
-    tmp_path: Path, reactor: FakeReactor, clock: FakeClock, logEvents: list[dict[str, Any]]
+    tmp_path: Path, reactor: FakeReactor, clock: Clock, logEvents: list[dict[str, Any]]
 ) -> None:
     path = tmp_path / "empty"
     path.write_text("# nobody yet\n")
@@ -552,16 +539,16 @@ def test_emptyFileStartsButWarns(
     assert check(authenticator, reactor, basic("alice", "x")) is None
 
 
-def test_challenge(reactor: FakeReactor, clock: FakeClock) -> None:
+def test_challenge(reactor: FakeReactor, clock: Clock) -> None:
     authenticator = makeAuth(FORMATS, reactor, clock)
     assert authenticator.challenge() == b'Basic realm="proxygate", charset="UTF-8"'
     assert authenticator.realm == "proxygate"
     assert authenticator.path == str(FORMATS)
 
 
-def test_challengeQuotesRealm(reactor: FakeReactor, clock: FakeClock) -> None:
+def test_challengeQuotesRealm(reactor: FakeReactor, clock: Clock) -> None:
     authenticator = Authenticator(
-        str(FORMATS), 'Corp "Gate" \\ Zürich', reactor=reactor, clock=clock
+        str(FORMATS), 'Corp "Gate" \\ Zürich', reactor=reactor, clock=clock.seconds
     )
     assert authenticator.challenge() == (
         b'Basic realm="Corp \\"Gate\\" \\\\ Z\xc3\xbcrich", charset="UTF-8"'
@@ -587,14 +574,14 @@ def test_defaultReactorIsTheGlobalOne() -> None:
 
 
 @pytest.mark.parametrize("user", sorted(FIXTURE_USERS))
-def test_everyFormatAuthenticates(user: str, reactor: FakeReactor, clock: FakeClock) -> None:
+def test_everyFormatAuthenticates(user: str, reactor: FakeReactor, clock: Clock) -> None:
     authenticator = makeAuth(FORMATS, reactor, clock)
     password = FIXTURE_USERS[user][0]
     assert check(authenticator, reactor, basic(user, password)) == user
     assert check(authenticator, reactor, basic(user, "!" + password)) is None
 
 
-def test_missVerifiesInThreadPool(reactor: FakeReactor, clock: FakeClock) -> None:
+def test_missVerifiesInThreadPool(reactor: FakeReactor, clock: Clock) -> None:
     """A cache miss waits for the thread pool: nothing is hashed on the reactor thread."""
     authenticator = makeAuth(FORMATS, reactor, clock)
     d = authenticator.authenticate(basic("alice", "correct horse battery staple"))
@@ -605,21 +592,19 @@ def test_missVerifiesInThreadPool(reactor: FakeReactor, clock: FakeClock) -> Non
 
 
 @pytest.mark.parametrize("scheme", [b"Basic", b"basic", b"BASIC", b"bAsIc"])
-def test_schemeIsCaseInsensitive(scheme: bytes, reactor: FakeReactor, clock: FakeClock) -> None:
+def test_schemeIsCaseInsensitive(scheme: bytes, reactor: FakeReactor, clock: Clock) -> None:
     authenticator = makeAuth(FORMATS, reactor, clock)
     header = basic("erin", "s3cret", scheme=scheme)
     assert check(authenticator, reactor, header) == "erin"
 
 
-def test_surroundingWhitespaceAndExtraSpacesTolerated(
-    reactor: FakeReactor, clock: FakeClock
-) -> None:
+def test_surroundingWhitespaceAndExtraSpacesTolerated(reactor: FakeReactor, clock: Clock) -> None:
     authenticator = makeAuth(FORMATS, reactor, clock)
     token = basic("erin", "s3cret").split(b" ")[1]
     assert check(authenticator, reactor, b"  Basic   " + token + b" \t") == "erin"
 
 
-def test_passwordSplitOnFirstColon(reactor: FakeReactor, clock: FakeClock) -> None:
+def test_passwordSplitOnFirstColon(reactor: FakeReactor, clock: Clock) -> None:
     authenticator = makeAuth(FORMATS, reactor, clock)
     assert check(authenticator, reactor, basic("bob", "p@ss:w%rd/#")) == "bob"
     assert check(authenticator, reactor, basic("grace", "grace:under:pressure")) == "grace"
@@ -638,7 +623,7 @@ def test_passwordSplitOnFirstColon(reactor: FakeReactor, clock: FakeClock) -> No
     ],
 )
 def test_nonAsciiCredentials(
-    user: str, password: str, encoding: str, reactor: FakeReactor, clock: FakeClock
+    user: str, password: str, encoding: str, reactor: FakeReactor, clock: Clock
 ) -> None:
     """
     curl sends UTF-8, requests sends latin-1; the file holds the UTF-8 bytes htpasswd saw.
@@ -649,7 +634,7 @@ def test_nonAsciiCredentials(
 
 
 def test_nonAsciiWrongPasswordFailsBothWays(
-    reactor: FakeReactor, clock: FakeClock, verifyCalls: list[str]
+    reactor: FakeReactor, clock: Clock, verifyCalls: list[str]
 ) -> None:
     """A wrong non-ASCII password costs at most two checks (UTF-8 and latin-1 readings)."""
     authenticator = makeAuth(FORMATS, reactor, clock)
@@ -661,7 +646,7 @@ def test_nonAsciiWrongPasswordFailsBothWays(
 
 
 def test_latin1HashedFileAndLatin1Client(
-    tmp_path: Path, reactor: FakeReactor, clock: FakeClock
+    tmp_path: Path, reactor: FakeReactor, clock: Clock
 ) -> None:
     """A legacy file hashed from latin-1 bytes still works for a latin-1 client."""
     path = tmp_path / "legacy"
@@ -670,7 +655,7 @@ def test_latin1HashedFileAndLatin1Client(
     assert check(authenticator, reactor, basic("u", "pässwörd", "latin-1")) == "u"
 
 
-def test_realRequestsClientHeader(reactor: FakeReactor, clock: FakeClock) -> None:
+def test_realRequestsClientHeader(reactor: FakeReactor, clock: Clock) -> None:
     """The exact header python-requests builds (latin-1) is accepted."""
     requests = pytest.importorskip("requests")
     prepared = requests.Request("GET", "http://example.com/").prepare()
@@ -715,7 +700,7 @@ OBVIOUS_FAILURES = {
 
 @pytest.mark.parametrize("header", OBVIOUS_FAILURES.values(), ids=OBVIOUS_FAILURES.keys())
 def test_obviousFailuresAnswerSynchronously(
-    header: bytes | None, reactor: FakeReactor, clock: FakeClock
+    header: bytes | None, reactor: FakeReactor, clock: Clock
 ) -> None:
     """Malformed or unknown credentials are refused at once, without a thread-pool hop."""
     authenticator = makeAuth(FORMATS, reactor, clock)
@@ -723,14 +708,14 @@ def test_obviousFailuresAnswerSynchronously(
     assert reactor.pool.pending == []
 
 
-def test_wrongPasswordFails(reactor: FakeReactor, clock: FakeClock) -> None:
+def test_wrongPasswordFails(reactor: FakeReactor, clock: Clock) -> None:
     authenticator = makeAuth(FORMATS, reactor, clock)
     assert check(authenticator, reactor, basic("alice", "correct horse battery stapl")) is None
     assert check(authenticator, reactor, basic("alice", "")) is None
 
 
 def test_overlongHeaderRefusedWithoutDecoding(
-    reactor: FakeReactor, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    reactor: FakeReactor, clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """More than 8 KiB is refused before any base64 or hashing work."""
     authenticator = makeAuth(FORMATS, reactor, clock)
@@ -742,9 +727,7 @@ def test_overlongHeaderRefusedWithoutDecoding(
     assert calls == []
 
 
-def test_headerAtTheLimitIsStillChecked(
-    tmp_path: Path, reactor: FakeReactor, clock: FakeClock
-) -> None:
+def test_headerAtTheLimitIsStillChecked(tmp_path: Path, reactor: FakeReactor, clock: Clock) -> None:
     prefix = len(b"Basic ")
     rawLength = (MAX_HEADER_LENGTH - prefix) // 4 * 3
     password = "p" * (rawLength - len("erin:"))
@@ -763,7 +746,7 @@ def test_headerAtTheLimitIsStillChecked(
 
 
 def test_cacheHitIsSynchronousAndDoesNotVerifyAgain(
-    reactor: FakeReactor, clock: FakeClock, verifyCalls: list[str]
+    reactor: FakeReactor, clock: Clock, verifyCalls: list[str]
 ) -> None:
     authenticator = makeAuth(FORMATS, reactor, clock)
     header = basic("alice", "correct horse battery staple")
@@ -778,7 +761,7 @@ def test_cacheHitIsSynchronousAndDoesNotVerifyAgain(
 
 
 def test_cacheIsKeyedOnTheExactHeader(
-    reactor: FakeReactor, clock: FakeClock, verifyCalls: list[str]
+    reactor: FakeReactor, clock: Clock, verifyCalls: list[str]
 ) -> None:
     """Another spelling of the same credentials (scheme case) is a separate entry."""
     authenticator = makeAuth(FORMATS, reactor, clock)
@@ -790,7 +773,7 @@ def test_cacheIsKeyedOnTheExactHeader(
     assert verifyCalls == ["sha1", "sha1"]
 
 
-def test_cacheDoesNotHoldTheHeader(reactor: FakeReactor, clock: FakeClock) -> None:
+def test_cacheDoesNotHoldTheHeader(reactor: FakeReactor, clock: Clock) -> None:
     """The cache key is a keyed hash: neither the header nor a plain digest of it is stored."""
     authenticator = makeAuth(FORMATS, reactor, clock)
     header = basic("erin", "s3cret")
@@ -803,7 +786,7 @@ def test_cacheDoesNotHoldTheHeader(reactor: FakeReactor, clock: FakeClock) -> No
     assert list(other._successes) != [key]
 
 
-def test_cacheExpires(reactor: FakeReactor, clock: FakeClock, verifyCalls: list[str]) -> None:
+def test_cacheExpires(reactor: FakeReactor, clock: Clock, verifyCalls: list[str]) -> None:
     authenticator = makeAuth(FORMATS, reactor, clock, cacheSeconds=60)
     header = basic("erin", "s3cret")
     check(authenticator, reactor, header)
@@ -818,7 +801,7 @@ def test_cacheExpires(reactor: FakeReactor, clock: FakeClock, verifyCalls: list[
 
 
 def test_cacheExpiryIsAbsoluteNotSliding(
-    reactor: FakeReactor, clock: FakeClock, verifyCalls: list[str]
+    reactor: FakeReactor, clock: Clock, verifyCalls: list[str]
 ) -> None:
     authenticator = makeAuth(FORMATS, reactor, clock, cacheSeconds=10)
     header = basic("erin", "s3cret")
@@ -830,7 +813,7 @@ def test_cacheExpiryIsAbsoluteNotSliding(
     assert not authenticator.authenticate(header).called
 
 
-def test_cacheIsBoundedLru(reactor: FakeReactor, clock: FakeClock, verifyCalls: list[str]) -> None:
+def test_cacheIsBoundedLru(reactor: FakeReactor, clock: Clock, verifyCalls: list[str]) -> None:
     authenticator = makeAuth(FORMATS, reactor, clock, cacheSize=2)
     erin, bob, mia = basic("erin", "s3cret"), basic("bob", "p@ss:w%rd/#"), basic("mia", "mia-md5")
     check(authenticator, reactor, erin)
@@ -847,9 +830,7 @@ def test_cacheIsBoundedLru(reactor: FakeReactor, clock: FakeClock, verifyCalls: 
     assert verifyCalls == ["sha1", "apr1", "md5-crypt", "apr1"]
 
 
-def test_failuresCachedBriefly(
-    reactor: FakeReactor, clock: FakeClock, verifyCalls: list[str]
-) -> None:
+def test_failuresCachedBriefly(reactor: FakeReactor, clock: Clock, verifyCalls: list[str]) -> None:
     """A burst of identical wrong credentials costs one check; a second later it is re-checked."""
     authenticator = makeAuth(FORMATS, reactor, clock)
     wrong = basic("alice", "guess")
@@ -867,7 +848,7 @@ def test_failuresCachedBriefly(
     assert verifyCalls == ["bcrypt", "bcrypt"]
 
 
-def test_failureCacheIsBounded(reactor: FakeReactor, clock: FakeClock) -> None:
+def test_failureCacheIsBounded(reactor: FakeReactor, clock: Clock) -> None:
     authenticator = makeAuth(FORMATS, reactor, clock)
     authenticator.failureCacheSize = 3
     for i in range(10):
@@ -876,7 +857,7 @@ def test_failureCacheIsBounded(reactor: FakeReactor, clock: FakeClock) -> None:
 
 
 def test_identicalConcurrentRequestsShareOneCheck(
-    reactor: FakeReactor, clock: FakeClock, verifyCalls: list[str]
+    reactor: FakeReactor, clock: Clock, verifyCalls: list[str]
 ) -> None:
     """A browser opening six connections with new credentials causes one bcrypt, not six."""
     authenticator = makeAuth(FORMATS, reactor, clock)
@@ -889,7 +870,7 @@ def test_identicalConcurrentRequestsShareOneCheck(
     assert verifyCalls == ["bcrypt"]
 
 
-def test_cancelledWaiterDoesNotDisturbOthers(reactor: FakeReactor, clock: FakeClock) -> None:
+def test_cancelledWaiterDoesNotDisturbOthers(reactor: FakeReactor, clock: Clock) -> None:
     """A caller whose client went away cancels; the others still get their answer."""
     authenticator = makeAuth(FORMATS, reactor, clock)
     header = basic("erin", "s3cret")
@@ -907,7 +888,7 @@ def test_cancelledWaiterDoesNotDisturbOthers(reactor: FakeReactor, clock: FakeCl
 # Authenticator: bounding a guessing flood
 
 
-def test_concurrentChecksAreBounded(reactor: FakeReactor, clock: FakeClock) -> None:
+def test_concurrentChecksAreBounded(reactor: FakeReactor, clock: Clock) -> None:
     authenticator = makeAuth(FORMATS, reactor, clock)
     guesses = [authenticator.authenticate(basic("alice", f"guess{i}")) for i in range(10)]
     assert len(reactor.pool.pending) == 4
@@ -918,7 +899,7 @@ def test_concurrentChecksAreBounded(reactor: FakeReactor, clock: FakeClock) -> N
     assert [fired(d) for d in guesses] == [None] * 10
 
 
-def test_cacheHitsBypassTheQueue(reactor: FakeReactor, clock: FakeClock) -> None:
+def test_cacheHitsBypassTheQueue(reactor: FakeReactor, clock: Clock) -> None:
     """While a flood occupies every slot, a known-good client is still answered at once."""
     authenticator = makeAuth(FORMATS, reactor, clock)
     good = basic("erin", "s3cret")
@@ -930,7 +911,7 @@ def test_cacheHitsBypassTheQueue(reactor: FakeReactor, clock: FakeClock) -> None
 
 
 def test_queueOverflowFailsFast(
-    reactor: FakeReactor, clock: FakeClock, logEvents: list[dict[str, Any]]
+    reactor: FakeReactor, clock: Clock, logEvents: list[dict[str, Any]]
 ) -> None:
     authenticator = makeAuth(FORMATS, reactor, clock, maxConcurrent=1, maxWaiting=2)
     queued = [authenticator.authenticate(basic("alice", f"guess{i}")) for i in range(3)]
@@ -949,7 +930,7 @@ def test_queueOverflowFailsFast(
 
 def test_internalErrorFailsClosedAndIsLogged(
     reactor: FakeReactor,
-    clock: FakeClock,
+    clock: Clock,
     monkeypatch: pytest.MonkeyPatch,
     logEvents: list[dict[str, Any]],
 ) -> None:
@@ -971,7 +952,7 @@ def test_internalErrorFailsClosedAndIsLogged(
 
 
 def test_reloadAppliesRemovedUserAndChangedPassword(
-    htfile: Path, reactor: FakeReactor, clock: FakeClock
+    htfile: Path, reactor: FakeReactor, clock: Clock
 ) -> None:
     authenticator = makeAuth(htfile, reactor, clock)
     alice = basic("alice", "correct horse battery staple")
@@ -993,7 +974,7 @@ def test_reloadAppliesRemovedUserAndChangedPassword(
 
 
 def test_reloadWithBadFileKeepsOldUsers(
-    htfile: Path, reactor: FakeReactor, clock: FakeClock, logEvents: list[dict[str, Any]]
+    htfile: Path, reactor: FakeReactor, clock: Clock, logEvents: list[dict[str, Any]]
 ) -> None:
     authenticator = makeAuth(htfile, reactor, clock)
     erin = basic("erin", "s3cret")
@@ -1012,7 +993,7 @@ def test_reloadWithBadFileKeepsOldUsers(
 
 
 def test_reloadWithUnreadableFileKeepsOldUsers(
-    htfile: Path, reactor: FakeReactor, clock: FakeClock, logEvents: list[dict[str, Any]]
+    htfile: Path, reactor: FakeReactor, clock: Clock, logEvents: list[dict[str, Any]]
 ) -> None:
     authenticator = makeAuth(htfile, reactor, clock)
     htfile.unlink()
@@ -1022,7 +1003,7 @@ def test_reloadWithUnreadableFileKeepsOldUsers(
 
 
 def test_reloadLogsSuccess(
-    htfile: Path, reactor: FakeReactor, clock: FakeClock, logEvents: list[dict[str, Any]]
+    htfile: Path, reactor: FakeReactor, clock: Clock, logEvents: list[dict[str, Any]]
 ) -> None:
     authenticator = makeAuth(htfile, reactor, clock)
     authenticator.reload()
@@ -1030,7 +1011,7 @@ def test_reloadLogsSuccess(
 
 
 def test_reloadDuringCheckRefusesRemovedUser(
-    htfile: Path, reactor: FakeReactor, clock: FakeClock
+    htfile: Path, reactor: FakeReactor, clock: Clock
 ) -> None:
     """A check started before the reload must not let a just-removed user in."""
     authenticator = makeAuth(htfile, reactor, clock)
@@ -1042,7 +1023,7 @@ def test_reloadDuringCheckRefusesRemovedUser(
 
 
 def test_reloadDuringCheckKeepsUnchangedUserButDoesNotCache(
-    htfile: Path, reactor: FakeReactor, clock: FakeClock, verifyCalls: list[str]
+    htfile: Path, reactor: FakeReactor, clock: Clock, verifyCalls: list[str]
 ) -> None:
     authenticator = makeAuth(htfile, reactor, clock)
     header = basic("erin", "s3cret")
@@ -1059,7 +1040,7 @@ def test_reloadDuringCheckKeepsUnchangedUserButDoesNotCache(
 def test_maybeReloadOnMtimeChange(
     htfile: Path,
     reactor: FakeReactor,
-    clock: FakeClock,
+    clock: Clock,
     verifyCalls: list[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -1103,7 +1084,7 @@ def test_maybeReloadOnMtimeChange(
     assert len(stats) == 2
 
 
-def test_maybeReloadOnInodeChange(htfile: Path, reactor: FakeReactor, clock: FakeClock) -> None:
+def test_maybeReloadOnInodeChange(htfile: Path, reactor: FakeReactor, clock: Clock) -> None:
     """An atomic replace (write elsewhere, rename over) is noticed even with the same mtime."""
     authenticator = makeAuth(htfile, reactor, clock)
     stat = htfile.stat()
@@ -1121,7 +1102,7 @@ def test_maybeReloadOnInodeChange(htfile: Path, reactor: FakeReactor, clock: Fak
 
 
 def test_maybeReloadWithoutChangeDoesNothing(
-    htfile: Path, reactor: FakeReactor, clock: FakeClock, verifyCalls: list[str]
+    htfile: Path, reactor: FakeReactor, clock: Clock, verifyCalls: list[str]
 ) -> None:
     authenticator = makeAuth(htfile, reactor, clock)
     header = basic("erin", "s3cret")
@@ -1132,7 +1113,7 @@ def test_maybeReloadWithoutChangeDoesNothing(
 
 
 def test_maybeReloadWithBadFileLogsOncePerChange(
-    htfile: Path, reactor: FakeReactor, clock: FakeClock, logEvents: list[dict[str, Any]]
+    htfile: Path, reactor: FakeReactor, clock: Clock, logEvents: list[dict[str, Any]]
 ) -> None:
     authenticator = makeAuth(htfile, reactor, clock)
     good = htfile.read_text("utf-8")
@@ -1149,7 +1130,7 @@ def test_maybeReloadWithBadFileLogsOncePerChange(
 
 
 def test_maybeReloadWithMissingFileLogsOnceAndKeepsUsers(
-    htfile: Path, reactor: FakeReactor, clock: FakeClock, logEvents: list[dict[str, Any]]
+    htfile: Path, reactor: FakeReactor, clock: Clock, logEvents: list[dict[str, Any]]
 ) -> None:
     authenticator = makeAuth(htfile, reactor, clock)
     good = htfile.read_text("utf-8")
@@ -1174,7 +1155,7 @@ def test_maybeReloadWithMissingFileLogsOnceAndKeepsUsers(
 def test_nothingSecretIsLogged(
     htfile: Path,
     reactor: FakeReactor,
-    clock: FakeClock,
+    clock: Clock,
     logEvents: list[dict[str, Any]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -1228,7 +1209,7 @@ def test_nothingSecretIsLogged(
 )
 def test_authenticateNeverRaises(header: bytes) -> None:
     """Whatever the client sends, the answer is a user name or None, never an exception."""
-    reactor, clock = FakeReactor(), FakeClock()
+    reactor, clock = FakeReactor(), Clock()
     authenticator = makeAuth(FORMATS, reactor, clock)
     result = check(authenticator, reactor, header)
     assert result is None or result in FIXTURE_USERS
@@ -1290,7 +1271,7 @@ def test_htpasswdBinaryInsecureFormatsRefused(flag: str, problem: str) -> None:
 
 
 @needsHtpasswd
-def test_htpasswdBinaryFileEndToEnd(tmp_path: Path, reactor: FakeReactor, clock: FakeClock) -> None:
+def test_htpasswdBinaryFileEndToEnd(tmp_path: Path, reactor: FakeReactor, clock: Clock) -> None:
     """A file built and edited by htpasswd itself, authenticated and then reloaded."""
     path = tmp_path / "users"
     runHtpasswd("-cbB", "-C", "4", str(path), "curl", "pässwörd")

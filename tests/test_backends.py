@@ -8,8 +8,9 @@ import socket
 import pytest
 import requests
 import websocket
-from backends import EchoBackend, websocketAccept
-from conftest import payloadChunks, payloadDigest
+
+from tests.support import payloadChunks, payloadDigest
+from tests.support.backends import EchoBackend, websocketAccept
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ The RFC 9110/9112 intermediary checklist (shared/reference/rfc-checklist-and-cve
 sections A-E) and the CVE shapes of other forward proxies, as one table.
 
 Each row is data: an id, the RFC section (or CVE) it proves, the raw bytes a client sends,
-what a recording loopback origin (tests/recorder.py) answers, what the client must get back,
+what a recording loopback origin (tests/support/recorder.py) answers, what the client must get back,
 and what the origin must have received: its exact bytes, a predicate on them, or nothing at
 all. One parametrized runner sends every row through one proxygate under twistd, reads the
 answers with a strict reader (anything that is not well-formed HTTP/1.1 fails the row), and
@@ -29,8 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
-from conftest import LOOPBACK_INI, ProxyProcess, freePort, nonAcceptingPort
-from recorder import (
+
+from tests.support import LOOPBACK_INI, ProxyProcess, nonAcceptingPort
+from tests.support.recorder import (
     BODY,
     CLOSE,
     ECHO,
@@ -88,11 +89,6 @@ def authProxy(tmp_path_factory):
     p = ProxyProcess(folder, INI + f"\n[auth]\nhtpasswd = {folder / 'htpasswd'}\n").start()
     yield p
     p.stop()
-
-
-@pytest.fixture(scope="module")
-def closedPort():
-    return freePort()
 
 
 @pytest.fixture(scope="module")
@@ -1942,7 +1938,7 @@ def test_D42_upgradedStreamIdleNeverGetsHTTP(proxy, rec) -> None:
 
 @pytest.fixture(scope="module")
 def tlsOrigin(tmp_path_factory):
-    from mitmorigin import OriginPKI
+    from tests.support.mitmorigin import OriginPKI
 
     pki = OriginPKI(tmp_path_factory.mktemp("conformance-pki"))
     ctx = pki.serverContext()
@@ -2021,7 +2017,7 @@ def test_E48_h2PrefaceInsideTheTunnelIsRefused(mitmProxy, tlsOrigin) -> None:
     assert tlsOrigin.since(mark).bytes == b""
 
 
-def test_zz_noTracebackInTheProxyLog(proxy) -> None:
+def test_noTracebackInTheProxyLog(proxy) -> None:
     """Every row above was handled, not crashed through."""
     log = proxy.log()
     assert "Traceback" not in log and "Unhandled" not in log, log[-5000:]

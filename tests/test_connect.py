@@ -19,28 +19,12 @@ import time
 
 import pytest
 import requests
-from conftest import LOOPBACK_INI, ProxyProcess, payloadChunks, rss, waitFor
-from tlsorigin import (
-    HELLO,
-    HTTPSOrigin,
-    TCPServer,
-    echoHandler,
-    makeCA,
-    openTunnel,
-    readHead,
-    recvAll,
-    recvExactly,
-)
+
+from tests.support import LOOPBACK_INI, ProxyProcess, payloadChunks, payloadDigest, rss, waitFor
+from tests.support.tlsorigin import HELLO, HTTPSOrigin, makeCA
+from tests.support.tunnel import TCPServer, echoHandler, openTunnel, readHead, recvAll, recvExactly
 
 MB = 1 << 20
-
-
-def digestOf(n: int) -> str:
-    """sha256 of the first n bytes of the conftest payload (64 KiB chunks: exact)."""
-    h = hashlib.sha256()
-    for chunk in payloadChunks(n):
-        h.update(chunk)
-    return h.hexdigest()
 
 
 def sourceHandler(n: int):
@@ -96,7 +80,7 @@ def echo():
 
 
 @pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])
-def test_curl_https_through_connect(proxy, https, tls, host):
+def test_curlHTTPSThroughConnect(proxy, https, tls, host):
     out = subprocess.run(
         [
             "curl",
@@ -116,7 +100,7 @@ def test_curl_https_through_connect(proxy, https, tls, host):
     assert out.stdout == HELLO
 
 
-def test_curl_large_https_body(proxy, https, tls):
+def test_curlLargeHTTPSBody(proxy, https, tls):
     n = 5 * MB
     out = subprocess.run(
         [
@@ -134,10 +118,10 @@ def test_curl_large_https_body(proxy, https, tls):
         timeout=30,
     )
     assert out.returncode == 0, out.stderr
-    assert hashlib.sha256(out.stdout).hexdigest() == digestOf(n)
+    assert hashlib.sha256(out.stdout).hexdigest() == payloadDigest(n)
 
 
-def test_requests_https_through_connect(proxy, https, tls):
+def test_requestsHTTPSThroughConnect(proxy, https, tls):
     proxies = {"https": proxy.url, "http": proxy.url}
     with requests.Session() as s:
         r = s.get(
@@ -152,10 +136,10 @@ def test_requests_https_through_connect(proxy, https, tls):
             verify=str(tls.caCert),
             timeout=10,
         )
-        assert hashlib.sha256(r.content).hexdigest() == digestOf(MB)
+        assert hashlib.sha256(r.content).hexdigest() == payloadDigest(MB)
 
 
-def test_openssl_s_client_handshake(proxy, https, tls):
+def test_opensslSClientHandshake(proxy, https, tls):
     out = subprocess.run(
         [
             "openssl",
@@ -181,7 +165,7 @@ def test_openssl_s_client_handshake(proxy, https, tls):
 # -- the 200 and the relay ------------------------------------------------------------------
 
 
-def test_established_has_no_length_headers(proxy, echo):
+def test_establishedHasNoLengthHeaders(proxy, echo):
     sock, status, headers, rest = openTunnel(proxy.port, echo.authority)
     with sock:
         assert status == 200
@@ -193,7 +177,7 @@ def test_established_has_no_length_headers(proxy, echo):
         assert recvExactly(sock, 4) == b"ping"
 
 
-def test_byte_exact_both_ways(proxy, echo):
+def test_byteExactBothWays(proxy, echo):
     data = random.Random(7).randbytes(8 * MB + 12345)
     sock, status, _, rest = openTunnel(proxy.port, echo.authority)
     assert status == 200 and rest == b""
@@ -219,7 +203,7 @@ def test_byte_exact_both_ways(proxy, echo):
         assert recvExactly(sock, len(allBytes)) == allBytes
 
 
-def test_ipv6_literal_target(proxy, server):
+def test_ipv6LiteralTarget(proxy, server):
     try:
         s = server(echoHandler, host="::1")
     except OSError:
@@ -231,7 +215,7 @@ def test_ipv6_literal_target(proxy, server):
         assert recvExactly(sock, 7) == b"over v6"
 
 
-def test_server_speaks_first(proxy, server):
+def test_serverSpeaksFirst(proxy, server):
     """An origin that talks before the client (SMTP, SSH banners) is relayed too."""
 
     def banner(srv, conn):
@@ -253,7 +237,7 @@ def test_server_speaks_first(proxy, server):
 
 
 @pytest.mark.parametrize("size", [517, 200_000])
-def test_early_data_arrives_first_and_intact(proxy, server, size):
+def test_earlyDataArrivesFirstAndIntact(proxy, server, size):
     s = server(recordHandler)
     early = random.Random(size).randbytes(size)
     sock, status, _, rest = openTunnel(proxy.port, s.authority, early=early)
@@ -268,7 +252,7 @@ def test_early_data_arrives_first_and_intact(proxy, server, size):
     assert reply == b"%d %s" % (size + 5, hashlib.sha256(early + b"after").hexdigest().encode())
 
 
-def test_early_tls_client_hello(proxy, https, tls):
+def test_earlyTLSClientHello(proxy, https, tls):
     """A client that sends its ClientHello in the same write as the CONNECT head."""
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tlsObj = tls.clientContext().wrap_bio(incoming, outgoing, server_hostname="localhost")
@@ -331,7 +315,7 @@ def test_early_tls_client_hello(proxy, https, tls):
         "*",
     ],
 )
-def test_bad_connect_target_is_400(proxy, target):
+def test_badConnectTargetIs400(proxy, target):
     sock, status, _headers, _ = openTunnel(proxy.port, target)
     with sock:
         assert status == 400
@@ -350,7 +334,7 @@ def expectStatus(port: int, target: str, status: int) -> list[tuple[str, str]]:
     return headers
 
 
-def test_connect_ports_default_443_only(startProxy, echo):
+def test_connectPortsDefault443Only(startProxy, echo):
     p = startProxy("[proxy]\ndeny_destinations = 169.254.0.0/16\n")
     expectStatus(p.port, echo.authority, 403)
     assert p.metric("proxygate_denied_total", reason="port") == 1
@@ -358,7 +342,7 @@ def test_connect_ports_default_443_only(startProxy, echo):
 
 
 @pytest.mark.parametrize("size", [517, 200_000])
-def test_refusal_with_early_data_still_answers(startProxy, echo, size):
+def test_refusalWithEarlyDataStillAnswers(startProxy, echo, size):
     """A ClientHello sent behind a refused CONNECT does not turn the 403 into a reset."""
     p = startProxy("[proxy]\ndeny_destinations = 169.254.0.0/16\n")
     for _ in range(5):
@@ -373,7 +357,7 @@ def test_refusal_with_early_data_still_answers(startProxy, echo, size):
             assert status == 403
 
 
-def test_connect_ports_numbers_and_ranges(startProxy, server):
+def test_connectPortsNumbersAndRanges(startProxy, server):
     allowedSingle = server(echoHandler)
     inRange = server(echoHandler)
     outside = server(echoHandler)
@@ -394,7 +378,7 @@ def test_connect_ports_numbers_and_ranges(startProxy, server):
     assert outside.accepted == 0
 
 
-def test_destination_policy_applies(startProxy, echo):
+def test_destinationPolicyApplies(startProxy, echo):
     # Default deny list: loopback names and addresses are refused before any dial.
     p = startProxy("[proxy]\nconnect_ports = 1-65535\n")
     expectStatus(p.port, echo.authority, 403)
@@ -403,7 +387,7 @@ def test_destination_policy_applies(startProxy, echo):
     assert p.metric("proxygate_denied_total", reason="destination") == 3
 
 
-def test_allow_destinations_applies(startProxy, server):
+def test_allowDestinationsApplies(startProxy, server):
     s = server(echoHandler)
     p = startProxy(
         "[proxy]\nconnect_ports = 1-65535\ndeny_destinations =\nallow_destinations = example.com\n"
@@ -412,7 +396,7 @@ def test_allow_destinations_applies(startProxy, server):
     assert s.accepted == 0
 
 
-def test_client_allow_list_applies(startProxy, server):
+def test_clientAllowListApplies(startProxy, server):
     s = server(echoHandler)
     p = startProxy(LOOPBACK_INI + "allowed_client_cidrs = 10.0.0.0/8\n")
     before = p.metric("proxygate_denied_total", reason="client")  # start-up probe counted
@@ -426,7 +410,7 @@ def test_client_allow_list_applies(startProxy, server):
     assert p.metric("proxygate_denied_total", reason="client") == before + 1
 
 
-def test_refused_is_502(startProxy):
+def test_refusedIs502(startProxy):
     p = startProxy()
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
@@ -437,81 +421,40 @@ def test_refused_is_502(startProxy):
     assert p.metric("proxygate_tunnels_total", result="refused") == 1
 
 
-def test_dns_failure_is_502(startProxy):
+def test_dnsFailureIs502(startProxy):
     p = startProxy()
     expectStatus(p.port, "no-such-host.invalid:443", 502)
     assert p.metric("proxygate_upstream_errors_total", reason="dns") == 1
 
 
-def _fullBacklog() -> tuple[socket.socket, list[socket.socket]]:
-    """A listener with backlog 0 whose accept queue is full: SYNs to it go unanswered."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    address = listener.getsockname()
-    fillers = []
-    for _ in range(8):
-        c = socket.socket()
-        c.setblocking(False)
-        try:
-            c.connect(address)
-        except BlockingIOError:
-            pass
-        fillers.append(c)
-    time.sleep(0.2)
-    probe = socket.socket()
-    probe.settimeout(0.5)
-    try:
-        probe.connect(address)
-    except (TimeoutError, OSError):
-        pass
-    else:
-        for s in [listener, probe, *fillers]:
-            s.close()
-        pytest.skip("could not fill a backlog-0 accept queue on this kernel")
-    finally:
-        probe.close()
-    return listener, fillers
+def test_connectTimeoutIs504(startProxy, blackhole):
+    p = startProxy(LOOPBACK_INI + "connect_timeout = 1\n")
+    started = time.monotonic()
+    expectStatus(p.port, f"127.0.0.1:{blackhole}", 504)
+    elapsed = time.monotonic() - started
+    assert 0.8 <= elapsed < 4, elapsed
+    assert p.metric("proxygate_upstream_errors_total", reason="timeout") == 1
+    assert p.metric("proxygate_tunnels_total", result="timeout") == 1
 
 
-def test_connect_timeout_is_504(startProxy):
-    listener, fillers = _fullBacklog()
-    try:
-        p = startProxy(LOOPBACK_INI + "connect_timeout = 1\n")
-        started = time.monotonic()
-        expectStatus(p.port, f"127.0.0.1:{listener.getsockname()[1]}", 504)
-        elapsed = time.monotonic() - started
-        assert 0.8 <= elapsed < 4, elapsed
-        assert p.metric("proxygate_upstream_errors_total", reason="timeout") == 1
-        assert p.metric("proxygate_tunnels_total", result="timeout") == 1
-    finally:
-        for s in [listener, *fillers]:
-            s.close()
-
-
-def test_client_gone_while_dialling(startProxy):
+def test_clientGoneWhileDialling(startProxy, blackhole):
     """The client hangs up before the origin answers: nothing is left behind."""
-    listener, fillers = _fullBacklog()
-    try:
-        p = startProxy(LOOPBACK_INI + "connect_timeout = 2\n")
-        sock = socket.create_connection(("127.0.0.1", p.port), timeout=5)
-        target = f"127.0.0.1:{listener.getsockname()[1]}"
-        sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-        time.sleep(0.3)
-        # A reset: a plain FIN is a half-close, which CONNECT must honour (the reply and
-        # the tunnel may still be wanted), so only a reset says "gone" for sure.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        sock.close()
-        assert waitFor(lambda: p.metric("proxygate_tunnels_total", result="client_gone") == 1, 5)
-        assert waitFor(lambda: p.metric("proxygate_client_connections") == 0, 5)
-        assert p.metric("proxygate_tunnels") == 0
-    finally:
-        for s in [listener, *fillers]:
-            s.close()
+    p = startProxy(LOOPBACK_INI + "connect_timeout = 2\n")
+    sock = socket.create_connection(("127.0.0.1", p.port), timeout=5)
+    target = f"127.0.0.1:{blackhole}"
+    sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    time.sleep(0.3)
+    # A reset: a plain FIN is a half-close, which CONNECT must honour (the reply and
+    # the tunnel may still be wanted), so only a reset says "gone" for sure.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    assert waitFor(lambda: p.metric("proxygate_tunnels_total", result="client_gone") == 1, 5)
+    assert waitFor(lambda: p.metric("proxygate_client_connections") == 0, 5)
+    assert p.metric("proxygate_tunnels") == 0
 
 
 @pytest.mark.parametrize("first", ["ok", "origin-closed"])
-def test_connect_after_a_request_on_the_same_connection(proxy, origin, server, echo, first):
+def test_connectAfterARequestOnTheSameConnection(proxy, origin, server, echo, first):
     """A keep-alive connection whose previous request succeeded, or got a 502 because its
     origin closed without answering, still opens a working tunnel."""
 
@@ -538,7 +481,7 @@ def test_connect_after_a_request_on_the_same_connection(proxy, origin, server, e
 # -- half-close, idle, metrics --------------------------------------------------------------
 
 
-def test_client_half_close_still_gets_reply(proxy, server):
+def test_clientHalfCloseStillGetsReply(proxy, server):
     s = server(recordHandler)
     sock, status, _, _ = openTunnel(proxy.port, s.authority)
     with sock:
@@ -548,7 +491,7 @@ def test_client_half_close_still_gets_reply(proxy, server):
         assert recvAll(sock) == b"8 " + hashlib.sha256(b"question").hexdigest().encode()
 
 
-def test_origin_half_close_client_can_still_send(proxy, server):
+def test_originHalfCloseClientCanStillSend(proxy, server):
     def speakThenListen(srv, conn):
         conn.sendall(b"banner")
         conn.shutdown(socket.SHUT_WR)
@@ -566,7 +509,7 @@ def test_origin_half_close_client_can_still_send(proxy, server):
         assert s.seen[0] == b"still talking"
 
 
-def test_origin_close_after_fast_burst_reaches_slow_client(proxy, server):
+def test_originCloseAfterFastBurstReachesSlowClient(proxy, server):
     """
     The origin sends a burst larger than every buffer and closes; the client reads slowly.
     Its EOF must arrive right after the last byte, not at the idle timeout.
@@ -586,10 +529,10 @@ def test_origin_close_after_fast_burst_reaches_slow_client(proxy, server):
             h.update(data)
             total += len(data)
         assert total == n
-        assert h.hexdigest() == digestOf(n)
+        assert h.hexdigest() == payloadDigest(n)
 
 
-def test_tunnel_end_over_https_proxy_is_a_tls_close(tmp_path, tls, server):
+def test_tunnelEndOverHTTPSProxyIsATLSClose(tmp_path, tls, server):
     """
     Through an HTTPS proxy (an ssl: listener) the end of the origin's stream reaches the
     client as a TLS close_notify, not a bare TCP FIN under TLS (which a TLS client must
@@ -628,7 +571,7 @@ def test_tunnel_end_over_https_proxy_is_a_tls_close(tmp_path, tls, server):
         p.stop()
 
 
-def test_idle_timeout_closes_silent_tunnel(startProxy, server):
+def test_idleTimeoutClosesSilentTunnel(startProxy, server):
     closedAt: list[float] = []
 
     def waitForEOF(srv, conn):
@@ -650,7 +593,7 @@ def test_idle_timeout_closes_silent_tunnel(startProxy, server):
     assert waitFor(lambda: p.metric("proxygate_tunnels") == 0, 3)
 
 
-def test_idle_timeout_closes_stuck_tunnel(startProxy, server):
+def test_idleTimeoutClosesStuckTunnel(startProxy, server):
     """A client that stops reading altogether: buffers are full, nothing moves, so the
     tunnel is idle and must still be closed, both sides, not left waiting to drain."""
     s = server(sourceHandler(64 * MB))
@@ -664,7 +607,7 @@ def test_idle_timeout_closes_stuck_tunnel(startProxy, server):
         assert waitFor(lambda: p.metric("proxygate_client_connections") == 0, 3)
 
 
-def test_half_close_before_established(proxy, server):
+def test_halfCloseBeforeEstablished(proxy, server):
     """CONNECT, data and FIN in one go, before the 200: the tunnel still runs both ways."""
     s = server(recordHandler)
     sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
@@ -678,7 +621,7 @@ def test_half_close_before_established(proxy, server):
     assert reply == b"11 " + hashlib.sha256(b"all at once").hexdigest().encode()
 
 
-def test_activity_keeps_tunnel_alive(startProxy, echo):
+def test_activityKeepsTunnelAlive(startProxy, echo):
     p = startProxy(LOOPBACK_INI + "idle_timeout = 1\n")
     sock, status, _, _ = openTunnel(p.port, echo.authority)
     with sock:
@@ -689,7 +632,7 @@ def test_activity_keeps_tunnel_alive(startProxy, echo):
             time.sleep(0.3)
 
 
-def test_tunnel_metrics_and_access_log(startProxy, echo):
+def test_tunnelMetricsAndAccessLog(startProxy, echo):
     p = startProxy()
     socks = []
     for _ in range(3):
@@ -714,6 +657,12 @@ def test_tunnel_metrics_and_access_log(startProxy, echo):
 # -- backpressure and volume -----------------------------------------------------------------
 
 
+#: How long the slow side of a memory test stays slow. A proxy without backpressure fills
+#: with what loopback delivers at hundreds of MB/s, over the 30 MB budget in well under a
+#: second; the rest of the transfer then runs at full speed, still watched.
+SLOW_SECONDS = 3
+
+
 def _warmIdle(p, echo) -> int:
     """The proxy's RSS after one small tunnel has run (imports and pools warmed up)."""
     sock, status, _, _ = openTunnel(p.port, echo.authority)
@@ -726,7 +675,7 @@ def _warmIdle(p, echo) -> int:
     return rss(p.pid)
 
 
-def test_slow_reader_keeps_memory_flat(startProxy, server, echo):
+def test_slowReaderKeepsMemoryFlat(startProxy, server, echo):
     n = 200 * MB
     s = server(sourceHandler(n))
     p = startProxy()
@@ -737,8 +686,8 @@ def test_slow_reader_keeps_memory_flat(startProxy, server, echo):
         assert status == 200
         h = hashlib.sha256(rest)
         total = len(rest)
-        slowUntil = time.monotonic() + 6
-        while time.monotonic() < slowUntil:  # ~1.6 MB/s for 6 s
+        slowUntil = time.monotonic() + SLOW_SECONDS
+        while time.monotonic() < slowUntil:  # ~1.6 MB/s
             data = sock.recv(16384)
             h.update(data)
             total += len(data)
@@ -756,18 +705,18 @@ def test_slow_reader_keeps_memory_flat(startProxy, server, echo):
         f"(+{(peak - idle) / MB:.1f} MB) for a {n // MB} MB tunnel"
     )
     assert total == n
-    assert h.hexdigest() == digestOf(n)
+    assert h.hexdigest() == payloadDigest(n)
     assert peak - idle < 30 * MB
 
 
-def test_slow_origin_keeps_memory_flat(startProxy, server, echo):
+def test_slowOriginKeepsMemoryFlat(startProxy, server, echo):
     """The other way: a fast uploader into a tunnel whose origin reads slowly."""
     n = 200 * MB
 
     def slowSink(srv, conn):
         h = hashlib.sha256()
         total = 0
-        slowUntil = time.monotonic() + 6
+        slowUntil = time.monotonic() + SLOW_SECONDS
         while True:
             slow = time.monotonic() < slowUntil
             data = conn.recv(16384 if slow else 1 << 20)
@@ -804,17 +753,17 @@ def test_slow_origin_keeps_memory_flat(startProxy, server, echo):
         f"\nslow origin: proxy RSS idle {idle / MB:.1f} MB, peak {peak / MB:.1f} MB "
         f"(+{(peak - idle) / MB:.1f} MB) for a {n // MB} MB upload"
     )
-    assert reply == b"%d %s" % (n, digestOf(n).encode())
+    assert reply == b"%d %s" % (n, payloadDigest(n).encode())
     assert peak - idle < 30 * MB
 
 
 @pytest.mark.slow
-def test_one_gigabyte_tunnel(startProxy, server, echo):
+def test_oneGigabyteTunnel(startProxy, server, echo):
     n = 1 << 30
     s = server(sourceHandler(n))
     p = startProxy()
     idle = _warmIdle(p, echo)
-    expected = digestOf(n)
+    expected = payloadDigest(n)
     sock, status, _, rest = openTunnel(p.port, s.authority, timeout=60)
     peak = idle
     with sock:
@@ -848,7 +797,7 @@ def test_one_gigabyte_tunnel(startProxy, server, echo):
 
 
 @pytest.mark.slow
-def test_many_idle_tunnels(startProxy):
+def test_manyIdleTunnels(startProxy):
     n = 5000
     need = 2 * n + 1024  # this process holds both ends' test sockets; the proxy as many
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -19,8 +19,9 @@ import sys
 
 import jsonschema
 import pytest
-from conftest import REPO
-from promql import exportedNames, grafanaVariableMetric, metricNames, substitute
+
+from tests.support import REPO
+from tests.support.promql import exportedNames, grafanaVariableMetric, metricNames, substitute
 
 GENERATOR = REPO / "etc" / "grafana" / "build_dashboard.py"
 DASHBOARD = REPO / "etc" / "grafana" / "proxygate.json"

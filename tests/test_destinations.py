@@ -21,7 +21,6 @@ import time
 import uuid
 
 import pytest
-from conftest import ProxyProcess, readResponse
 from twisted.internet import defer, error
 from twisted.internet.task import Clock
 
@@ -29,6 +28,7 @@ from gateway.config import loadConfig
 from gateway.policy import DestinationPolicy, parseHostPatterns
 from gateway.proxy import dial
 from gateway.proxy.dial import DestinationDenied, Dialer, DialError
+from tests.support import ProxyProcess, readResponse
 
 # -- helpers ---------------------------------------------------------------------------------
 

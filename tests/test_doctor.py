@@ -16,7 +16,6 @@ import time
 from datetime import UTC, datetime
 
 import pytest
-from conftest import REPO, freePort
 from cryptography.hazmat.primitives import serialization
 
 from gateway.doctor import cli
@@ -42,6 +41,7 @@ from gateway.doctor.settings import (
 from gateway.doctor.x509 import certificateNames, fingerprint, pemCertificates
 from gateway.tls.ca import createCA
 from gateway.tls.mint import mintLeaf, newLeafKey
+from tests.support import REPO
 
 PASSWORD = "s3cr@t:p/w"
 
@@ -484,9 +484,9 @@ def _doctor(*args: str, env: dict[str, str] | None = None, timeout: float = 30):
     )
 
 
-def test_proxyOptionStandsForTheVariables():
+def test_proxyOptionStandsForTheVariables(closedPort):
     """--proxy URL: as if all four variables were set to it (here a port nothing listens on)."""
-    port = freePort()
+    port = closedPort
     done = _doctor(
         "--json", "--proxy", f"http://alice:{PASSWORD.replace('@', '%40')}@127.0.0.1:{port}"
     )

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import bcrypt
 import pytest
-from conftest import LOOPBACK_INI, REPO, ProxyProcess, freePort
-from mitmorigin import HTTPSOrigin, OriginPKI
-from tlsorigin import makeCA
+
+from tests.support import LOOPBACK_INI, REPO, ProxyProcess
+from tests.support.mitmorigin import HTTPSOrigin, OriginPKI
+from tests.support.tlsorigin import makeCA
 
 DOCTOR = Path(sys.executable).parent / "proxygate-doctor"
 PASSWORD = "p@ss:w/rd#1"
@@ -206,9 +207,9 @@ def test_plainHTTPThroughAuthProxy(authProxy, origin):
     assertNoPassword(done.stdout)
 
 
-def test_passwordNeverInErrorPaths(mitmProxy, httpsOrigin):
+def test_passwordNeverInErrorPaths(mitmProxy, httpsOrigin, closedPort):
     """A dead proxy, an unwritable --save-ca: the credentials stay out of what is said."""
-    raw = f"http://alice:{ENCODED}@127.0.0.1:{freePort()}"
+    raw = f"http://alice:{ENCODED}@127.0.0.1:{closedPort}"
     done = doctor("--json", "https://localhost:1/", env=both(raw))
     assert done.returncode == 1 and json.loads(done.stdout)["ok"] is False
     assertNoPassword(done.stdout, done.stderr)
@@ -225,8 +226,8 @@ def test_passwordNeverInErrorPaths(mitmProxy, httpsOrigin):
 # -- reachability and policy ---------------------------------------------------------------------
 
 
-def test_deadProxyPortIsUnreachable():
-    port = freePort()
+def test_deadProxyPortIsUnreachable(closedPort):
+    port = closedPort
     done = doctor("https://localhost:1/", env=both(f"http://127.0.0.1:{port}"))
     assert done.returncode == 1
     assert f"The proxy http://127.0.0.1:{port} (from https_proxy) is unreachable" in done.flat

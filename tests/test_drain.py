@@ -14,16 +14,11 @@ import time
 
 import pytest
 import websocket
-from conftest import payloadChunks, waitFor
-from tlsorigin import (
-    FrameReader,
-    WebSocketEcho,
-    openTunnel,
-    readHead,
-    recvAll,
-    recvExactly,
-    upgradeRequest,
-)
+
+from tests.support import payloadChunks, waitFor
+from tests.support.tlsorigin import WebSocketEcho
+from tests.support.tunnel import openTunnel, readHead, recvAll, recvExactly
+from tests.support.wsframes import FrameReader, upgradeRequest
 
 GRACE = 10.0  # GatewayService(drainGrace=...) default, what twistd proxygate runs with
 
@@ -55,6 +50,13 @@ def refused(port: int) -> bool:
     return False
 
 
+def stalled(sent: list[int], quiet: float = 0.3) -> bool:
+    """Whether the count in C{sent[0]} stays the same for C{quiet} seconds."""
+    before = sent[0]
+    time.sleep(quiet)
+    return before > 0 and sent[0] == before
+
+
 @pytest.fixture(scope="module")
 def wsEcho():
     s = WebSocketEcho()
@@ -62,7 +64,7 @@ def wsEcho():
     s.close()
 
 
-def test_sigterm_drains_busy_tunnels_then_closes_them(startProxy, server, origin, wsEcho):
+def test_sigtermDrainsBusyTunnelsThenClosesThem(startProxy, server, origin, wsEcho):
     events: list = []
     s = server(eofWatcher(events))
     p = startProxy()
@@ -135,7 +137,7 @@ def test_sigterm_drains_busy_tunnels_then_closes_them(startProxy, server, origin
     assert waitFor(lambda: events, 3), "origin side of the tunnel still open"
 
 
-def test_drain_ends_early_once_tunnels_close(startProxy, server):
+def test_drainEndsEarlyOnceTunnelsClose(startProxy, server):
     events: list = []
     s = server(eofWatcher(events))
     p = startProxy()
@@ -143,7 +145,7 @@ def test_drain_ends_early_once_tunnels_close(startProxy, server):
     assert status == 200
     p.proc.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
-    time.sleep(0.5)
+    assert waitFor(lambda: refused(p.port), 3), "not draining"
     tunnel.sendall(b"still open")
     assert recvExactly(tunnel, 10) == b"still open"
     tunnel.shutdown(socket.SHUT_WR)  # the client is done: the origin echoes EOF back
@@ -154,15 +156,17 @@ def test_drain_ends_early_once_tunnels_close(startProxy, server):
     assert events and events[0][0] == "eof"
 
 
-def test_drain_closes_stuck_tunnel(startProxy, server):
+def test_drainClosesStuckTunnel(startProxy, server):
     """A tunnel whose client stopped reading (every buffer full) is still closed, both
     sides, after the grace period, and the proxy exits 0."""
     events: list = []
+    sent = [0]
 
     def flood(srv, conn):
         try:
             for chunk in payloadChunks(1 << 30):
                 conn.sendall(chunk)
+                sent[0] += len(chunk)
         except OSError:
             events.append(("closed", time.monotonic()))
 
@@ -170,7 +174,8 @@ def test_drain_closes_stuck_tunnel(startProxy, server):
     p = startProxy()
     tunnel, status, _, _ = openTunnel(p.port, s.authority)
     assert status == 200
-    time.sleep(1)  # let the buffers fill: the client never reads
+    # Until every buffer is full (the client never reads): the origin's sends stall.
+    assert waitFor(lambda: stalled(sent), 10), "the origin never stalled"
     p.proc.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
     assert p.proc.wait(timeout=GRACE + 8) == 0
@@ -179,7 +184,7 @@ def test_drain_closes_stuck_tunnel(startProxy, server):
     tunnel.close()
 
 
-def test_tunnel_opened_during_drain_is_refused(startProxy, server):
+def test_tunnelOpenedDuringDrainIsRefused(startProxy, server):
     """While draining the listener is closed: a CONNECT cannot even reach the proxy."""
     s = server(eofWatcher([]))
     p = startProxy()
@@ -195,7 +200,7 @@ def test_tunnel_opened_during_drain_is_refused(startProxy, server):
     assert p.proc.wait(timeout=GRACE) == 0
 
 
-def test_stop_with_nothing_open_is_quick(startProxy):
+def test_stopWithNothingOpenIsQuick(startProxy):
     p = startProxy()
     # The port listens before twistd's reactor runs and installs its SIGTERM handler: make
     # sure it is serving (a metrics scrape) before signalling, or the default action kills it.

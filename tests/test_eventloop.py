@@ -12,7 +12,6 @@ import sys
 import time
 
 import pytest
-from conftest import REPO
 from twisted.internet import protocol
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.selectreactor import SelectReactor
@@ -20,6 +19,7 @@ from twisted.logger import globalLogPublisher
 from twisted.python import context, log
 
 from gateway.seam import dispatchDirectly
+from tests.support import REPO
 
 
 class Recorder(protocol.Protocol):

@@ -6,17 +6,17 @@ environment out (tests/playbook.py). No socket, no reactor: each test runs in mi
 from __future__ import annotations
 
 import pytest
-from playbook import (
+
+from gateway.exchange.exchange import MAX_INTERIM, Exchange
+from gateway.exchange.problems import Problem
+from gateway.message import NO_BODY, UNKNOWN
+from tests.support.playbook import (
     PlaybookEnv,
     RecordingDownstream,
     RecordingUpstream,
     request,
     response,
 )
-
-from gateway.exchange.exchange import MAX_INTERIM, Exchange
-from gateway.exchange.problems import Problem
-from gateway.message import NO_BODY, UNKNOWN
 
 VIA = [(b"Via", b"1.1 proxygate")]
 

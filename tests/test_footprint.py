@@ -1,7 +1,7 @@
 """
 What an idle proxygate process weighs (issue 8: idle RSS under 40 MB per process).
 
-Run as a README install runs it (no pyOpenSSL, see conftest.TWISTD_WITHOUT_PYOPENSSL), on
+Run as a README install runs it (no pyOpenSSL, see tests.support.TWISTD_WITHOUT_PYOPENSSL), on
 the defaults plus loopback destinations, after it has served a request and a scrape. The
 budget is what the process must not load to stay under it: pyOpenSSL and cryptography's
 OpenSSL (13 MB; cryptography only with [mitm] on) and twisted.web (5 MB).
@@ -16,7 +16,7 @@ import os
 import subprocess
 import urllib.request
 
-from conftest import LOOPBACK_INI, REPO, TWISTD, TWISTD_WITHOUT_PYOPENSSL, ProxyProcess, rss
+from tests.support import LOOPBACK_INI, REPO, TWISTD, TWISTD_WITHOUT_PYOPENSSL, ProxyProcess, rss
 
 MB = 1024 * 1024
 
@@ -26,7 +26,7 @@ def _mapped(pid: int) -> set[str]:
         return {line.split()[-1] for line in f if "/" in line}
 
 
-def test_idle_process_stays_under_40_mb(tmp_path, origin) -> None:
+def test_idleProcessStaysUnder40MB(tmp_path, origin) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}  # as ProxyProcess runs it: the same caches
     subprocess.run([*TWISTD, "--help"], cwd=REPO, env=env, capture_output=True, timeout=60)
     p = ProxyProcess(tmp_path, LOOPBACK_INI, twistd=TWISTD_WITHOUT_PYOPENSSL).start()

@@ -13,7 +13,6 @@ real-client tests (curl, requests, pip) live in test_forward_clients.py.
 from __future__ import annotations
 
 import base64
-import functools
 import hashlib
 import http.client
 import json
@@ -22,31 +21,20 @@ import socket
 import threading
 import time
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import (
+
+from tests.support import (
     LOOPBACK_INI,
+    Origin,
     ProxyProcess,
-    freePort,
-    nonAcceptingPort,
     payload,
     payloadChunks,
+    payloadDigest,
     rawRequest,
     rss,
     waitFor,
 )
-
-
-@functools.lru_cache
-def payloadDigest(n: int) -> str:
-    """sha256 of payload(n), streamed. (conftest's payloadDigest asks payloadChunks for
-    1 MiB pieces, which it cannot produce from its 64 KiB block: wrong above 128 KiB.)"""
-    h = hashlib.sha256()
-    for chunk in payloadChunks(n):
-        h.update(chunk)
-    return h.hexdigest()
-
 
 KiB = 1024
 MiB = 1024 * 1024
@@ -304,114 +292,6 @@ def chunked(data: bytes, sizes=(1, 100, 65536, 3, 8192)) -> bytes:
 # -- origins of this module -----------------------------------------------------------------
 
 
-class SinkHandler(BaseHTTPRequestHandler):
-    """
-    POST/PUT /sink: read the body (Content-Length or chunked) as a stream and answer with
-    its length and sha256. ?rate=B&slow=S reads at B bytes/s for the first S seconds.
-    Reads are never collected, so 1 GB uploads cost nothing here.
-    """
-
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def do_POST(self) -> None:
-        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
-        rate = float(query.get("rate", ["0"])[0])
-        slowUntil = time.monotonic() + float(query.get("slow", ["0"])[0])
-        h = hashlib.sha256()
-        total = 0
-        te = self.headers.get("Transfer-Encoding", "").lower()
-
-        def consume(n: int) -> None:
-            nonlocal total
-            while n:
-                piece = self.rfile.read(min(n, 64 * KiB))
-                if not piece:
-                    raise ConnectionError("short body")
-                h.update(piece)
-                total += len(piece)
-                n -= len(piece)
-                if rate and time.monotonic() < slowUntil:
-                    time.sleep(len(piece) / rate)
-
-        if te == "chunked":
-            while True:
-                size = int(self.rfile.readline().split(b";")[0], 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b""):
-                        pass
-                    break
-                consume(size)
-                assert self.rfile.readline() == b"\r\n"
-        elif te:
-            self.send_error(501)
-            return
-        else:
-            consume(int(self.headers.get("Content-Length", "0")))
-        body = json.dumps(
-            {
-                "bytes": total,
-                "sha256": h.hexdigest(),
-                "te": te,
-                "cl": self.headers.get("Content-Length"),
-            }
-        ).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_PUT = do_POST
-
-
-class SinkOrigin(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), SinkHandler)
-        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
-        self.thread.start()
-
-    def url(self, path: str = "/sink") -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}{path}"
-
-
-@pytest.fixture(scope="module")
-def sink():
-    s = SinkOrigin()
-    yield s
-    s.shutdown()
-    s.server_close()
-
-
-@pytest.fixture
-def closedPort():
-    """A loopback port nothing listens on: connecting is refused."""
-    return freePort()
-
-
-@pytest.fixture
-def blackhole():
-    """
-    A loopback port that never completes a connection (conftest's L{nonAcceptingPort}),
-    checked: a kernel that still accepts skips the test.
-    """
-    with nonAcceptingPort() as port:
-        probe = socket.socket()
-        probe.settimeout(0.5)
-        try:
-            probe.connect(("127.0.0.1", port))
-            pytest.skip("cannot make a non-accepting loopback port on this kernel")
-        except (TimeoutError, OSError):
-            pass
-        finally:
-            probe.close()
-        yield port
-
-
 def startModuleProxy(tmp_path_factory, ini: str) -> ProxyProcess:
     return ProxyProcess(tmp_path_factory.mktemp("proxy"), ini).start()
 
@@ -575,12 +455,16 @@ class RSSWatch:
 
 MEMORY_BUDGET = 30 * MiB
 BIG = 256 * MiB
+#: How long the slow side of a memory test stays slow. A proxy without backpressure fills
+#: with what loopback delivers at hundreds of MB/s, over MEMORY_BUDGET in well under a
+#: second; the rest of the transfer then runs at full speed, still watched.
+SLOW_SECONDS = 3
 
 
 def test_slowClientKeepsProxyMemoryFlat(proxy, origin) -> None:
     """A fast origin and a client reading ~5 MB/s: the proxy must not buffer the gap."""
     watch = RSSWatch(proxy.pid)
-    slowUntil = time.monotonic() + 6
+    slowUntil = time.monotonic() + SLOW_SECONDS
     rate = 5 * 1000 * 1000
 
     def pace(data: bytes) -> None:
@@ -599,9 +483,10 @@ def test_slowClientKeepsProxyMemoryFlat(proxy, origin) -> None:
 
 
 def test_slowOriginKeepsProxyMemoryFlat(proxy, sink) -> None:
-    """A fast uploader and an origin reading ~5 MB/s for 6 s: bounded proxy memory."""
+    """A fast uploader and an origin reading ~5 MB/s for a while: bounded proxy memory."""
     watch = RSSWatch(proxy.pid)
-    got = upload(proxy, sink.url(f"/sink?rate={5_000_000}&slow=6"), BIG, "length", timeout=60)
+    url = sink.url(f"/sink?rate={5_000_000}&slow={SLOW_SECONDS}")
+    got = upload(proxy, url, BIG, "length", timeout=60)
     growth = watch.stop()
     assert (got["bytes"], got["sha256"]) == (BIG, payloadDigest(BIG))
     assert growth < MEMORY_BUDGET, f"proxy RSS grew {growth / MiB:.1f} MiB"
@@ -1137,8 +1022,6 @@ def test_idleKeepAliveConnectionIsClosed(altProxy, origin) -> None:
 
 
 def test_ipv6Origin(proxy) -> None:
-    from conftest import Origin
-
     try:
         o6 = Origin("::1")
     except OSError:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import payload, payloadChunks
-from test_forward import SinkOrigin, payloadDigest, waitFor
+
+from tests.support import payload, payloadChunks, payloadDigest, waitFor
 
 CURL = "/usr/bin/curl"
 MiB = 1024 * 1024
@@ -47,14 +47,6 @@ def curl(*args: str, env: dict | None = None, timeout: float = 30) -> subprocess
         timeout=timeout,
         env=env or cleanEnv(),
     )
-
-
-@pytest.fixture(scope="module")
-def sink():
-    s = SinkOrigin()
-    yield s
-    s.shutdown()
-    s.server_close()
 
 
 @pytest.fixture(autouse=True)
@@ -150,18 +142,14 @@ def test_curlHttp10CloseDelimited(proxy, origin) -> None:
     assert b"chunked" not in head.lower()
 
 
-def test_curlRefusedOriginSees502(proxy) -> None:
-    from conftest import freePort
-
-    out = curl("-x", proxy.url, "-w", "\n%{http_code}", f"http://127.0.0.1:{freePort()}/")
+def test_curlRefusedOriginSees502(proxy, closedPort) -> None:
+    out = curl("-x", proxy.url, "-w", "\n%{http_code}", f"http://127.0.0.1:{closedPort}/")
     assert out.returncode == 0, out.stderr
     body, _, code = out.stdout.rpartition(b"\n")
     assert code == b"502" and b"refused" in body.lower()
 
 
-def test_curlUploadToDeadOriginGets502(proxy, tmp_path) -> None:
-    from conftest import freePort
-
+def test_curlUploadToDeadOriginGets502(proxy, tmp_path, closedPort) -> None:
     body = tmp_path / "body"
     body.write_bytes(payload(MiB))
     out = curl(
@@ -173,7 +161,7 @@ def test_curlUploadToDeadOriginGets502(proxy, tmp_path) -> None:
         "%{http_code}",
         "--data-binary",
         f"@{body}",
-        f"http://127.0.0.1:{freePort()}/upload",
+        f"http://127.0.0.1:{closedPort}/upload",
     )
     assert out.stdout == b"502", (out.stdout, out.stderr)
 
@@ -245,10 +233,8 @@ def test_requestsThroughHttpProxyVariable(proxy, origin, monkeypatch) -> None:
     assert r.headers["Via"] == "1.1 proxygate"
 
 
-def test_requestsGetsProxyStatuses(proxy) -> None:
-    from conftest import freePort
-
-    r = requests.get(f"http://127.0.0.1:{freePort()}/", proxies={"http": proxy.url}, timeout=10)
+def test_requestsGetsProxyStatuses(proxy, closedPort) -> None:
+    r = requests.get(f"http://127.0.0.1:{closedPort}/", proxies={"http": proxy.url}, timeout=10)
     assert r.status_code == 502 and "refused" in r.text.lower()
     r = requests.get("http://nonexistent.invalid/", proxies={"http": proxy.url}, timeout=10)
     assert r.status_code == 502

@@ -38,10 +38,8 @@ import time
 from datetime import timedelta
 
 import pytest
-from conftest import LOOPBACK_INI, ProxyProcess
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from recorder import Client, Malformed, Recorder, _read, _Reader
 
 from gateway.http1.framing import (
     CHUNKED,
@@ -53,6 +51,8 @@ from gateway.http1.framing import (
     responseFraming,
 )
 from gateway.http1.parse import HTTPError, parseRequestHead, parseResponseHead
+from tests.support import LOOPBACK_INI, ProxyProcess
+from tests.support.recorder import Client, Malformed, Recorder, parseResponses
 
 # -- budget ------------------------------------------------------------------------------------
 
@@ -565,25 +565,6 @@ def wireRequest(draw, authority: bytes):
     return draw(mutated(head + b"\r\n\r\n" + body, maxMutations=2))[:8192]
 
 
-def _responses(raw: bytes, firstMethod: bytes) -> list:
-    """Parse everything the proxy sent as responses (strictly); raises on anything else."""
-
-    class _Buf:
-        def __init__(self, data: bytes) -> None:
-            self.data = data
-
-        def recv(self, _n: int) -> bytes:
-            out, self.data = self.data, b""
-            return out
-
-    reader = _Reader(_Buf(raw))
-    out = []
-    while True:
-        if not reader.buf and not reader.fill():
-            return out
-        out.append(_read(reader, firstMethod if not out else b"GET"))
-
-
 def _originRequests(stream: bytes) -> tuple[list[bytes], bytes]:
     """
     The request lines an origin parses from what the proxy sent on one connection (the
@@ -659,12 +640,12 @@ def test_e2eFuzzNeverSmugglesAndAlwaysAnswersWell(proxy, rec, data) -> None:
             pytest.fail(f"no close within the deadline for {raw!r}; got {got!r}")
     method = raw.split(b" ", 1)[0]
     try:
-        responses = _responses(got, method)
+        responses = parseResponses(got, method)
     except (Malformed, EOFError) as e:
         # A request the proxy could not parse is not known to be a HEAD: its 400 has a
         # body, and the connection closes after it.
         try:
-            responses = _responses(got, b"GET")
+            responses = parseResponses(got, b"GET")
         except (Malformed, EOFError):
             pytest.fail(f"malformed answer {got!r} to {raw!r}: {e}")
         first = responses[0]

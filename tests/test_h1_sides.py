@@ -7,9 +7,9 @@ timeout cases run in milliseconds; the end-to-end files keep what needs real cli
 from __future__ import annotations
 
 import pytest
-from wire import FakeDialer, connectClient, get, head, runtime
 
 from gateway.proxy.client import ESTABLISHED
+from tests.support.wire import FakeDialer, connectClient, get, head, runtime
 
 HEADER_TIMEOUT = 30.0  # the defaults: the clock is fake
 IDLE_TIMEOUT = 300.0
@@ -441,9 +441,8 @@ def test_anInterceptedTunnelClosedBeforeItsFirstByteIsReleased() -> None:
 
 
 def test_aConnectInsideAnInterceptedTunnelIsRefused() -> None:
-    from wire import Transport
-
     from gateway.proxy.client import ClientConnection
+    from tests.support.wire import Transport
 
     class Tunnel:
         client, user, host, port = "127.0.0.1", None, "o.test", 443
@@ -459,9 +458,8 @@ def test_aConnectInsideAnInterceptedTunnelIsRefused() -> None:
 
 
 def test_aDecryptedRequestOnlyReachesTheTunnelsOrigin() -> None:
-    from wire import Transport
-
     from gateway.proxy.client import ClientConnection
+    from tests.support.wire import Transport
 
     class Tunnel:
         client, user, host, port = "127.0.0.1", None, "o.test", 443

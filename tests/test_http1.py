@@ -949,7 +949,7 @@ def _outcome(parse, block: bytes):
     ),
     pieces=st.lists(_HEAD_PIECES, max_size=14),
 )
-def test_fast_head_parsers_agree_with_line_parsers(first, pieces) -> None:
+def test_fastHeadParsersAgreeWithLineParsers(first, pieces) -> None:
     """Same head, same fields and index, or the same error, whichever path parses it."""
     block = first + b"\r\n" + b"".join(pieces)
     assert _outcome(parseRequestHead, block) == _outcome(

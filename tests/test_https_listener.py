@@ -6,8 +6,8 @@ Driven with real clients the way users would: curl's C{--proxy https://...
 --proxy-cacert ca.pem} and requests with an C{https://} proxy URL, for plain HTTP
 (absolute form inside the TLS connection), CONNECT tunnels (TLS inside TLS) and an
 intercepted (MITM) CONNECT on that listener (the intercepting TLS layered inside the
-listener's TLS). Certificates come from a throwaway CA (L{tlsorigin.makeCA}); the proxy runs
-as the real C{twistd -n proxygate} subprocess, stopped by PID.
+listener's TLS). Certificates come from a throwaway CA (L{tests.support.tlsorigin.makeCA});
+the proxy runs as the real C{twistd -n proxygate} subprocess, stopped by PID.
 """
 
 from __future__ import annotations
@@ -23,20 +23,19 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import (
-    LOOPBACK_INI,
-    TWISTD_WITHOUT_PYOPENSSL,
-    ProxyProcess,
-    freePort,
-    payload,
-    sslListen,
-)
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from tlsorigin import HELLO, HTTPSOrigin, TLSFiles, _name, _pem, makeCA
 
 from gateway.config import ConfigError, parseConfig
+from tests.support import (
+    LOOPBACK_INI,
+    TWISTD_WITHOUT_PYOPENSSL,
+    ProxyProcess,
+    payload,
+    sslListen,
+)
+from tests.support.tlsorigin import HELLO, HTTPSOrigin, TLSFiles, commonName, keyPEM, makeCA
 
 CURL = shutil.which("curl")
 needsCurl = pytest.mark.skipif(CURL is None, reason="curl is not installed (apt: curl)")
@@ -71,11 +70,9 @@ def startTLSProxy(tmp_path):
     started: list[ProxyProcess] = []
 
     def start(files: TLSFiles, ini: str = LOOPBACK_INI, extra: str = "") -> ProxyProcess:
-        port = freePort()
-        p = ProxyProcess(tmp_path, ini, listen=f"{sslListen(port, files)} {extra}".strip())
-        p.port = port  # wait for, and talk to, the TLS port
+        p = ProxyProcess(tmp_path, ini, listen=f"{sslListen(files)} {extra}".strip())
         started.append(p)
-        return p.start()
+        return p.start()  # p.port: the first listener's, the TLS one
 
     yield start
     for p in started:
@@ -90,7 +87,7 @@ def httpsProxy(p: ProxyProcess) -> str:
 
 
 @needsCurl
-def test_curl_http_through_https_proxy(startTLSProxy, pki, origin) -> None:
+def test_curlHTTPThroughHTTPSProxy(startTLSProxy, pki, origin) -> None:
     """curl --proxy https://...: an absolute-form request inside TLS to the proxy."""
     p = startTLSProxy(pki)
     r = curl(
@@ -108,7 +105,7 @@ def test_curl_http_through_https_proxy(startTLSProxy, pki, origin) -> None:
 
 
 @needsCurl
-def test_curl_connect_through_https_proxy(startTLSProxy, pki, httpsOrigin) -> None:
+def test_curlConnectThroughHTTPSProxy(startTLSProxy, pki, httpsOrigin) -> None:
     """A CONNECT tunnel inside TLS to the proxy, with TLS to the origin inside that."""
     p = startTLSProxy(pki)
     base = f"https://127.0.0.1:{httpsOrigin.port}"
@@ -145,7 +142,7 @@ def test_curl_connect_through_https_proxy(startTLSProxy, pki, httpsOrigin) -> No
 
 
 @needsCurl
-def test_curl_refuses_untrusted_proxy_certificate(startTLSProxy, pki, origin) -> None:
+def test_curlRefusesUntrustedProxyCertificate(startTLSProxy, pki, origin) -> None:
     """The client really verifies the proxy: without the CA it cannot even send a request."""
     p = startTLSProxy(pki)
     r = curl("--proxy", httpsProxy(p), origin.url("/echo"))
@@ -156,7 +153,7 @@ def test_curl_refuses_untrusted_proxy_certificate(startTLSProxy, pki, origin) ->
 # requests does not verify an https:// proxy for http:// URLs (it hands C{verify} to the
 # origin's pool only, and urllib3 warns); for https:// URLs it verifies both with C{verify}.
 @pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
-def test_requests_through_https_proxy(startTLSProxy, pki, origin, httpsOrigin, tmp_path) -> None:
+def test_requestsThroughHTTPSProxy(startTLSProxy, pki, origin, httpsOrigin, tmp_path) -> None:
     """requests (urllib3 2) with an https:// proxy URL: HTTP and HTTPS origins."""
     p = startTLSProxy(pki)
     proxies = {"http": httpsProxy(p), "https": httpsProxy(p)}
@@ -192,10 +189,10 @@ def test_requests_through_https_proxy(startTLSProxy, pki, origin, httpsOrigin, t
 
 
 @needsCurl
-def test_tls_and_plain_listeners_side_by_side(startTLSProxy, pki, origin) -> None:
+def test_tlsAndPlainListenersSideBySide(startTLSProxy, pki, origin) -> None:
     """One service, two listeners: ssl: and tcp: serve the same proxy."""
-    plainPort = freePort()
-    p = startTLSProxy(pki, extra=f"tcp:{plainPort}:interface=127.0.0.1")
+    p = startTLSProxy(pki, extra="tcp:0:interface=127.0.0.1")
+    _, plainPort = p.ports[1]
     r = curl("--proxy", httpsProxy(p), "--proxy-cacert", str(pki.caCert), origin.url("/echo"))
     assert r.returncode == 0, r.stderr.decode()
     r = curl("--proxy", f"http://127.0.0.1:{plainPort}", origin.url("/echo"))
@@ -215,7 +212,7 @@ def mitmINI(folder: Path, pki: TLSFiles) -> str:
 
 
 @needsCurl
-def test_mitm_on_https_listener(startTLSProxy, pki, httpsOrigin, tmp_path) -> None:
+def test_mitmOnHTTPSListener(startTLSProxy, pki, httpsOrigin, tmp_path) -> None:
     """
     Client->proxy TLS, then an intercepted CONNECT inside it: proxygate layers its own TLS
     server (certificate minted by its MITM CA) inside the listener's TLS, and serves the
@@ -263,7 +260,7 @@ def test_mitm_on_https_listener(startTLSProxy, pki, httpsOrigin, tmp_path) -> No
 
 
 @needsCurl
-def test_https_listener_and_mitm_without_pyopenssl(pki, httpsOrigin, tmp_path) -> None:
+def test_httpsListenerAndMITMWithoutPyOpenSSL(pki, httpsOrigin, tmp_path) -> None:
     """
     An install from the README has no pyOpenSSL (proxygate's TLS is the standard library's):
     the ssl: listener, an intercepted CONNECT inside it and the verified origin leg all work
@@ -292,8 +289,8 @@ def _chainFiles(folder: Path) -> tuple[Path, Path, Path, Path]:
     def issue(subject: str, key, issuer: str, issuerKey, ca: bool) -> x509.Certificate:
         builder = (
             x509.CertificateBuilder()
-            .subject_name(_name(subject))
-            .issuer_name(_name(issuer))
+            .subject_name(commonName(subject))
+            .issuer_name(commonName(issuer))
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=1))
@@ -314,19 +311,16 @@ def _chainFiles(folder: Path) -> tuple[Path, Path, Path, Path]:
     )
     for path, certificate in zip(paths, certificates, strict=False):
         path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    paths[3].write_bytes(_pem(leafKey))
+    paths[3].write_bytes(keyPEM(leafKey))
     return tuple(paths)
 
 
 @needsCurl
-def test_extra_cert_chain_is_sent(tmp_path, origin) -> None:
+def test_extraCertChainIsSent(tmp_path, origin) -> None:
     """extraCertChain= (as with Twisted's ssl: endpoint): a client trusting only the root works."""
     root, mid, leaf, key = _chainFiles(tmp_path)
-    port = freePort()
-    listen = f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={leaf}:extraCertChain={mid}"
-    p = ProxyProcess(tmp_path, LOOPBACK_INI, listen=listen)
-    p.port = port
-    p.start()
+    listen = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={leaf}:extraCertChain={mid}"
+    p = ProxyProcess(tmp_path, LOOPBACK_INI, listen=listen).start()
     try:
         r = curl("--proxy", httpsProxy(p), "--proxy-cacert", str(root), origin.url("/echo"))
         assert r.returncode == 0, (r.stderr.decode(), p.log()[-3000:])
@@ -354,11 +348,11 @@ def _listenerProblem(tmp_path: Path, options: str) -> str:
         ("privateKey={key}", "no PEM certificate in {key}"),  # certKey defaults to privateKey
     ],
 )
-def test_listener_files_checked_at_start_up(pki, tmp_path, options, problem) -> None:
+def test_listenerFilesCheckedAtStartUp(pki, tmp_path, options, problem) -> None:
     """A bad ssl: listener stops start-up with one line that names the file and the problem."""
     otherKey = ec.generate_private_key(ec.SECP256R1())
     other, encrypted = tmp_path / "other.key", tmp_path / "encrypted.key"
-    other.write_bytes(_pem(otherKey))
+    other.write_bytes(keyPEM(otherKey))
     encrypted.write_bytes(
         otherKey.private_bytes(
             serialization.Encoding.PEM,
@@ -373,7 +367,7 @@ def test_listener_files_checked_at_start_up(pki, tmp_path, options, problem) -> 
     assert "\n" not in message
 
 
-def test_listener_key_and_certificate_in_one_file(pki, tmp_path) -> None:
+def test_listenerKeyAndCertificateInOneFile(pki, tmp_path) -> None:
     """Twisted's default: certKey is privateKey, one PEM file holding both."""
     both = tmp_path / "both.pem"
     both.write_bytes(pki.cert.read_bytes() + pki.key.read_bytes())

@@ -10,13 +10,13 @@ import time
 
 import pytest
 import pytest_twisted
-from backends import EchoBackend
 from twisted.internet import defer, error, task
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from gateway.inbound.balance import Pool, parseBackendURL
 from gateway.inbound.health import MAX_HEAD, HealthChecker, healthRequest
+from tests.support.backends import EchoBackend
 
 
 class FakeEndpoint:
@@ -254,8 +254,9 @@ def test_realBackendGoesDownAndComesBack():
 
 @pytest_twisted.inlineCallbacks
 def test_tlsBackendVerifiedAgainstTheCABundle(tmp_path):
-    from tlsorigin import HTTPSOrigin, makeCA
     from twisted.internet import reactor
+
+    from tests.support.tlsorigin import HTTPSOrigin, makeCA
 
     files = makeCA(tmp_path / "ca")
     other = makeCA(tmp_path / "other")

@@ -16,7 +16,6 @@ import subprocess
 import textwrap
 
 import pytest
-from conftest import LOOPBACK_INI, PYTHON, REPO, ProxyProcess, readResponse, waitFor
 from twisted.internet import defer, task
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs
@@ -27,6 +26,7 @@ from gateway.metricsserver import (
     routePath,
     staticHandler,
 )
+from tests.support import LOOPBACK_INI, PYTHON, REPO, ProxyProcess, readResponse, waitFor
 
 TEXT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"

@@ -1,7 +1,7 @@
 """
 TLS interception (MITM) end to end: the real ``twistd proxygate`` with ``[mitm] enabled = on``,
 real clients (curl, openssl s_client, requests, websockets) and loopback HTTPS/WSS origins
-whose certificates come from a throwaway CA (tests/mitmorigin.py).
+whose certificates come from a throwaway CA (tests/support/mitmorigin.py).
 
 What is checked: the CA's life cycle (created on first start with a 0600 key, relative paths,
 served at /ca.pem and /ca.der, a mismatched or unreadable pair stops start-up with one line),
@@ -14,6 +14,7 @@ byte, backpressure, hop-by-hop rules, access log, WebSockets, per-API metrics.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -29,7 +30,11 @@ from pathlib import Path
 import pytest
 import requests
 import websocket
-from conftest import (
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from gateway.tls.ca import createCA
+from tests.support import (
     LOOPBACK_INI,
     REPO,
     TWISTD,
@@ -39,13 +44,8 @@ from conftest import (
     payloadDigest,
     rss,
     waitFor,
-    waitForPort,
 )
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from mitmorigin import HTTPSOrigin, OriginPKI, WSSEcho
-
-from gateway.tls.ca import createCA
+from tests.support.mitmorigin import HTTPSOrigin, OriginPKI, WSSEcho
 
 # Subprocesses (curl, openssl) must not pick up the box's proxy or CA settings.
 CLEAN_ENV = {
@@ -65,8 +65,6 @@ def mitmIni(extra: str = "", bundle: Path | str | None = None) -> str:
 
 def fetchCA(proxy: ProxyProcess, folder: Path, name: str = "proxy-ca.pem") -> Path:
     """The proxy's CA as users get it: from /ca.pem on the metrics listener."""
-    # start() waited for the proxy port only; the metrics port opens right after it.
-    waitForPort("127.0.0.1", proxy.metricsPort, proc=proxy.proc)
     url = f"http://127.0.0.1:{proxy.metricsPort}/ca.pem"
     with urllib.request.urlopen(url, timeout=5) as r:
         data = r.read()
@@ -95,11 +93,14 @@ def _closeSessions(startProxy):
     """
     Close the test's sessions before its proxies stop (this fixture depends on startProxy,
     so it is torn down first): a proxy stopping with idle decrypted connections waits for
-    their clients' TLS close_notify until its drain grace runs out.
+    their clients' TLS close_notify until its drain grace runs out (10 s). A response kept
+    alive by a reference cycle (a test's frame held by a requests exception's traceback)
+    still holds its socket after its session is closed: collect those too.
     """
     yield
     while _sessions:
         _sessions.pop().close()
+    gc.collect()
 
 
 def connectTunnel(proxy: ProxyProcess, target: str, timeout: float = 10) -> socket.socket:
@@ -255,7 +256,6 @@ def test_caCreatedOnFirstStartAndServed(startProxy, tmp_path, pki):
     onDisk = x509.load_pem_x509_certificate(certFile.read_bytes())
     assert onDisk.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
 
-    waitForPort("127.0.0.1", proxy.metricsPort, proc=proxy.proc)
     base = f"http://127.0.0.1:{proxy.metricsPort}"
     with urllib.request.urlopen(base + "/ca.pem", timeout=5) as r:
         assert r.headers["Content-Type"] == "application/x-pem-file"
@@ -863,7 +863,7 @@ def test_tunnelIdleBeforeFirstRequestIsNotA408(startProxy, tmp_path, pki, httpsO
     ca = fetchCA(proxy, tmp_path)
     port = httpsOrigin.port
     with tlsThroughProxy(proxy, f"localhost:{port}", ca, "localhost") as tls:
-        time.sleep(2.5)
+        time.sleep(1.5)  # past header_timeout
         status, _ = httpOverSocket(
             tls, f"GET /echo HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode()
         )

@@ -27,10 +27,11 @@ import bcrypt
 import pytest
 import requests
 import yaml
-from conftest import LOOPBACK_INI, REPO, ProxyProcess, freePort, waitFor
-from mitmorigin import HTTPSOrigin, OriginPKI
-from promql import exportedNames, grafanaVariableMetric, metricNames, substitute
-from test_dashboard import gen
+
+from tests.support import LOOPBACK_INI, REPO, ProxyProcess, freePort, waitFor
+from tests.support.mitmorigin import HTTPSOrigin, OriginPKI
+from tests.support.promql import exportedNames, grafanaVariableMetric, metricNames, substitute
+from tests.test_dashboard import gen
 
 RULES = REPO / "etc" / "prometheus" / "proxygate-alerts.yml"
 PROMETHEUS = shutil.which("prometheus")

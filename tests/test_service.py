@@ -16,13 +16,13 @@ import time
 
 import pytest
 import pytest_twisted
-from conftest import REPO, TWISTD, freePort, payloadChunks, waitForPort
 from twisted.application.service import IService, MultiService
 from twisted.internet import reactor, threads
 
 import gateway
 from gateway.config import ConfigError
 from gateway.service import GatewayService
+from tests.support import REPO, TWISTD, freePort, payloadChunks, payloadDigest, waitForListeners
 
 TAC = REPO / "tests" / "data" / "embed.tac"
 
@@ -30,13 +30,6 @@ TAC = REPO / "tests" / "data" / "embed.tac"
 def env() -> dict[str, str]:
     clean = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
     return {**clean, "PYTHONPATH": str(REPO)}
-
-
-def digest(n: int) -> str:
-    h = hashlib.sha256()
-    for piece in payloadChunks(n):
-        h.update(piece)
-    return h.hexdigest()
 
 
 def proxyGet(proxyPort: int, url: str, timeout: float = 10) -> tuple[bytes, bytes]:
@@ -80,7 +73,7 @@ def keepAliveIdle(port: int, origin) -> socket.socket:
     return s
 
 
-def iniText(port: int, metricsPort: int, extra: str = "") -> str:
+def iniText(port: int = 0, metricsPort: int = 0, extra: str = "") -> str:
     return (
         f"[proxy]\nlisten = tcp:{port}:interface=127.0.0.1\n"
         "deny_destinations = 169.254.0.0/16\nconnect_ports = 1-65535\n"
@@ -123,7 +116,7 @@ BAD_CONFIGS = [
 
 @pytest.mark.parametrize(("text", "fragments"), BAD_CONFIGS)
 def test_badConfigurationFailsWithOneLineBeforeListening(tmp_path, text, fragments) -> None:
-    port = freePort()
+    port = freePort()  # named in the configuration: the test watches it never listens
     path = tmp_path / "bad.ini"
     if text is not None:
         path.write_text(text.format(port=port))
@@ -158,7 +151,7 @@ def test_listenerInUseFailsWithOneLine(tmp_path) -> None:
         busy.listen(1)
         port = busy.getsockname()[1]
         path = tmp_path / "p.ini"
-        path.write_text(iniText(port, freePort()))
+        path.write_text(iniText(port))
         out = subprocess.run(
             [*TWISTD, "-n", "--pidfile=", "proxygate", "--config", str(path)],
             cwd=tmp_path,
@@ -210,7 +203,7 @@ def test_stopDrainsAnExchangeInFlight(startProxy, origin) -> None:
             h.update(chunk)
             total += len(chunk)
     assert b"Content-Length: %d" % size in head
-    assert (total, h.hexdigest()) == (size, digest(size))
+    assert (total, h.hexdigest()) == (size, payloadDigest(size))
     assert p.proc.wait(timeout=15) == 0
 
 
@@ -222,14 +215,14 @@ def test_embedTacServesThroughTwistdNy(tmp_path, origin) -> None:
     The README's .tac, verbatim: an Application that attaches makeService(path), started
     from another folder (its INI path is built from the .tac's own folder).
     """
-    port, metricsPort = freePort(), freePort()
     (tmp_path / "etc").mkdir()
-    (tmp_path / "etc" / "proxygate.ini").write_text(iniText(port, metricsPort))
+    (tmp_path / "etc" / "proxygate.ini").write_text(iniText())
     tac = tmp_path / "app.tac"
     shutil.copy(TAC, tac)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    log = open(tmp_path / "twistd.log", "wb")  # noqa: SIM115
+    logPath = tmp_path / "twistd.log"
+    log = open(logPath, "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [*TWISTD, "--pidfile=", "-ny", str(tac)],
         cwd=elsewhere,
@@ -238,10 +231,10 @@ def test_embedTacServesThroughTwistdNy(tmp_path, origin) -> None:
         stderr=subprocess.STDOUT,
     )
     try:
-        waitForPort("127.0.0.1", port, proc=proc)
+        [(_, port)], [metricsPort] = waitForListeners(logPath.read_text, proc)
         head, body = proxyGet(port, origin.url("/bytes/5000"))
         assert head.startswith(b"HTTP/1.1 200") and b"Via: 1.1 proxygate" in head
-        assert hashlib.sha256(body).hexdigest() == digest(5000)
+        assert hashlib.sha256(body).hexdigest() == payloadDigest(5000)
         assert listening(metricsPort)
     finally:
         if proc.poll() is None:
@@ -264,7 +257,7 @@ def test_readmeShowsTheTac() -> None:
 
 def test_makeServiceAcceptsPathConfigOrNone(tmp_path) -> None:
     path = tmp_path / "p.ini"
-    path.write_text(iniText(freePort(), freePort(), "via = embedded"))
+    path.write_text(iniText(extra="via = embedded"))
     fromPath = gateway.makeService(str(path))
     config = gateway.loadConfig(str(path))
     fromConfig = gateway.makeService(config)
@@ -288,17 +281,19 @@ def test_makeServiceRefusesABadFile(tmp_path) -> None:
 @pytest_twisted.inlineCallbacks
 def test_attachedServiceServesAndStops(tmp_path, origin):
     """In this process's reactor: attach to a parent, serve, stop; ports are released."""
-    port, metricsPort = freePort(), freePort()
     path = tmp_path / "p.ini"
-    path.write_text(iniText(port, metricsPort, "[log]\naccess_log =\n"))
+    path.write_text(iniText(extra="[log]\naccess_log =\n"))
     parent = MultiService()
     service = gateway.makeService(str(path), reactor=reactor)
     assert isinstance(service, GatewayService)
     service.setServiceParent(parent)
     parent.startService()
     try:
-        assert [p.getHost().port for p in service.proxyPorts] == [port]
-        assert [p.getHost().port for p in service.metricsPorts] == [metricsPort]
+        [proxyHost] = [p.getHost() for p in service.proxyPorts]
+        [metricsHost] = [p.getHost() for p in service.metricsPorts]
+        assert proxyHost.host == metricsHost.host == "127.0.0.1"
+        port, metricsPort = proxyHost.port, metricsHost.port
+        assert 0 not in (port, metricsPort)
         head, body = yield threads.deferToThread(proxyGet, port, origin.url("/bytes/300"))
         assert head.startswith(b"HTTP/1.1 200") and len(body) == 300
 
@@ -324,7 +319,8 @@ def test_twistdPluginIsDiscoverable(tmp_path) -> None:
 
 def test_twistdWithoutConfigUsesDefaults(tmp_path) -> None:
     """Without --config: the built-in defaults (here with overridden listeners)."""
-    port, metricsPort = freePort(), freePort()
+    logPath = tmp_path / "twistd.log"
+    log = open(logPath, "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [
             *TWISTD,
@@ -332,17 +328,17 @@ def test_twistdWithoutConfigUsesDefaults(tmp_path) -> None:
             "--pidfile=",
             "proxygate",
             "--listen",
-            f"tcp:{port}:interface=127.0.0.1",
+            "tcp:0:interface=127.0.0.1",
             "--metrics-listen",
-            f"tcp:{metricsPort}:interface=127.0.0.1",
+            "tcp:0:interface=127.0.0.1",
         ],
         cwd=tmp_path,
         env=env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
-        waitForPort("127.0.0.1", port, proc=proc)
+        [(_, port)], [metricsPort] = waitForListeners(logPath.read_text, proc)
         # Defaults deny loopback destinations.
         out = subprocess.run(
             [
@@ -365,4 +361,6 @@ def test_twistdWithoutConfigUsesDefaults(tmp_path) -> None:
         assert out.stdout == b"403"
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
+        code = proc.wait(timeout=20)
+        log.close()
+    assert code == 0, logPath.read_text()

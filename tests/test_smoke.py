@@ -2,10 +2,10 @@
 
 import subprocess
 
-from conftest import payloadDigest
+from tests.support import payloadDigest
 
 
-def test_curl_fetches_through_proxy(proxy, origin):
+def test_curlFetchesThroughProxy(proxy, origin):
     out = subprocess.run(
         ["curl", "-sS", "--max-time", "10", "-x", proxy.url, origin.url("/bytes/100000")],
         capture_output=True,

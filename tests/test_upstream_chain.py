@@ -32,7 +32,9 @@ from urllib.parse import quote
 
 import pytest
 import requests
-from conftest import (
+
+from gateway.auth import md5Crypt
+from tests.support import (
     LOOPBACK_INI,
     Origin,
     ProxyProcess,
@@ -42,9 +44,8 @@ from conftest import (
     sslListen,
     waitForPort,
 )
-from tlsorigin import HELLO, HTTPSOrigin, TCPServer, TLSFiles, makeCA
-
-from gateway.auth import md5Crypt
+from tests.support.tlsorigin import HELLO, HTTPSOrigin, TLSFiles, makeCA
+from tests.support.tunnel import TCPServer
 
 DATA = Path(__file__).parent / "data" / "upstream"
 
@@ -134,6 +135,8 @@ class _Daemon:
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix=f"proxygate-{self.name}-"))
         os.chmod(self.dir, 0o755)
+        # Squid and tinyproxy are told their port and cannot report one they picked, so
+        # they get a free one (which another process could take first: a rare failed start).
         self.port = freePort()
         self.proc: subprocess.Popen | None = None
         self.output = self.dir / "output.txt"
@@ -317,18 +320,33 @@ def proxies(tmp_path):
     """Start proxygate processes with any listener (tcp or ssl, v4 or v6)."""
     started: list[ProxyProcess] = []
 
-    def start(
-        ini: str, *, listen: str | None = None, port: int | None = None, host: str = "127.0.0.1"
-    ) -> ProxyProcess:
+    def start(ini: str, *, listen: str | None = None) -> ProxyProcess:
         p = ProxyProcess(tmp_path, ini, listen=listen)
-        if port is not None:
-            p.port = port
-        p.host = host
         started.append(p)
         return p.start()
 
     yield start
     for p in started:
+        p.stop()
+
+
+@pytest.fixture(scope="module")
+def sharedProxies(tmp_path_factory):
+    """
+    proxygate processes for the module's read-only tests, one per configuration text:
+    tests with the same configuration share a process (they tell their requests apart by
+    a marker of their own).
+    """
+    started: dict[str, ProxyProcess] = {}
+    folder = tmp_path_factory.mktemp("shared")
+
+    def get(ini: str) -> ProxyProcess:
+        if ini not in started:
+            started[ini] = ProxyProcess(folder, ini).start()
+        return started[ini]
+
+    yield get
+    for p in started.values():
         p.stop()
 
 
@@ -361,7 +379,7 @@ def viaProxy(proxyURL: str) -> dict[str, str]:
 
 
 @needsCurl
-def test_squid_plain_http_with_percent_encoded_credentials(proxies, squid, origin) -> None:
+def test_squidPlainHTTPWithPercentEncodedCredentials(proxies, squid, origin) -> None:
     """Absolute-form requests go to Squid with the configured (percent-decoded) credentials."""
     a = proxies(upstreamINI(squid.url()))
     tag = marker()
@@ -392,7 +410,7 @@ def test_squid_plain_http_with_percent_encoded_credentials(proxies, squid, origi
 
 
 @needsCurl
-def test_squid_connect_with_credentials(proxies, squid, pki, httpsOrigin) -> None:
+def test_squidConnectWithCredentials(proxies, squid, pki, httpsOrigin) -> None:
     """CONNECT tunnels are opened with a CONNECT of proxygate's own, with its credentials."""
     a = proxies(upstreamINI(squid.url()))
     needle = f"CONNECT 127.0.0.1:{httpsOrigin.port}"
@@ -414,7 +432,7 @@ def test_squid_connect_with_credentials(proxies, squid, pki, httpsOrigin) -> Non
 
 
 @needsCurl
-def test_squid_carries_the_mitm_origin_legs(proxies, squid, pki, httpsOrigin, tmp_path) -> None:
+def test_squidCarriesTheMITMOriginLegs(proxies, squid, pki, httpsOrigin, tmp_path) -> None:
     """An intercepted tunnel's origin connections go through Squid with CONNECT."""
     ini = upstreamINI(
         squid.url(),
@@ -440,7 +458,7 @@ def test_squid_carries_the_mitm_origin_legs(proxies, squid, pki, httpsOrigin, tm
 
 
 @needsCurl
-def test_client_credentials_for_proxygate_never_reach_squid(
+def test_clientCredentialsForProxygateNeverReachSquid(
     proxies, squid, origin, pki, httpsOrigin, tmp_path
 ) -> None:
     """
@@ -501,7 +519,7 @@ def connectThrough(
     return int(data[9:12]), data
 
 
-def test_squid_407_to_connect_is_502_and_no_tunnel(proxies, squid, origin) -> None:
+def test_squid407ToConnectIs502AndNoTunnel(proxies, squid, origin) -> None:
     """Wrong upstream credentials: a 502 naming Squid and its 407; nothing is tunnelled."""
     a = proxies(upstreamINI(squid.url(f"{UP_USER}:not-the-password")))
     needle = f"CONNECT 127.0.0.1:{origin.port}"
@@ -521,7 +539,7 @@ def test_squid_407_to_connect_is_502_and_no_tunnel(proxies, squid, origin) -> No
     assert a.metric("proxygate_upstream_errors_total", reason="refused") == 1
 
 
-def test_squid_407_to_absolute_form_is_502(proxies, squid, origin) -> None:
+def test_squid407ToAbsoluteFormIs502(proxies, squid, origin) -> None:
     a = proxies(upstreamINI(squid.url(f"{UP_USER}:not-the-password")))
     with requests.Session() as s:
         s.trust_env = False
@@ -537,7 +555,7 @@ def test_squid_407_to_absolute_form_is_502(proxies, squid, origin) -> None:
     assert r.status_code == 502 and "407" in r.text
 
 
-def test_squid_403_to_connect_is_502(proxies, squid) -> None:
+def test_squid403ToConnectIs502(proxies, squid) -> None:
     """Squid refuses the destination: CONNECT gets a 502 naming it; no tunnel."""
     a = proxies(upstreamINI(squid.url()))
     before = squid.matching("CONNECT www.forbidden.test:443")
@@ -552,7 +570,7 @@ def test_squid_403_to_connect_is_502(proxies, squid) -> None:
     assert "TCP_DENIED/403" in line, line
 
 
-def test_squid_403_to_absolute_form_passes_through(proxies, squid) -> None:
+def test_squid403ToAbsoluteFormPassesThrough(proxies, squid) -> None:
     """A 403 to a forwarded request may be the origin's: it passes through as it is."""
     a = proxies(upstreamINI(squid.url()))
     with requests.Session() as s:
@@ -563,8 +581,8 @@ def test_squid_403_to_absolute_form_passes_through(proxies, squid) -> None:
 
 
 @pytest.mark.parametrize("method", ["GET", "CONNECT"])
-def test_unreachable_upstream_is_502(proxies, method) -> None:
-    closed = freePort()
+def test_unreachableUpstreamIs502(proxies, method, closedPort) -> None:
+    closed = closedPort
     a = proxies(upstreamINI(f"http://{UP_USERINFO}@127.0.0.1:{closed}"))
     if method == "GET":
         data = rawRequest(
@@ -581,7 +599,7 @@ def test_unreachable_upstream_is_502(proxies, method) -> None:
     assert UP_PASSWORD not in body and quote(UP_PASSWORD, safe="") not in body
 
 
-def test_upstream_closing_during_connect_is_502(proxies) -> None:
+def test_upstreamClosingDuringConnectIs502(proxies) -> None:
     """An upstream that hangs up instead of answering the CONNECT."""
 
     def hangUp(server, conn: socket.socket) -> None:
@@ -597,7 +615,7 @@ def test_upstream_closing_during_connect_is_502(proxies) -> None:
         upstream.close()
 
 
-def test_silent_upstream_is_504_after_connect_timeout(proxies) -> None:
+def test_silentUpstreamIs504AfterConnectTimeout(proxies) -> None:
     """An upstream that accepts but never answers the CONNECT: 504 after connect_timeout."""
     upstream = TCPServer(None)  # holds connections open, never reads
     try:
@@ -618,9 +636,7 @@ def test_silent_upstream_is_504_after_connect_timeout(proxies) -> None:
 
 
 @pytest.mark.parametrize("clientAuth", [False, True], ids=["no-auth", "with-auth"])
-def test_upstream_receives_only_its_own_credentials(
-    proxies, rawOrigin, tmp_path, clientAuth
-) -> None:
+def test_upstreamReceivesOnlyItsOwnCredentials(proxies, rawOrigin, tmp_path, clientAuth) -> None:
     """
     The raw bytes at the upstream: absolute form, one Proxy-Authorization (the configured
     one, percent-decoded), and nothing of the client's own Proxy-Authorization.
@@ -649,7 +665,7 @@ def test_upstream_receives_only_its_own_credentials(
 
 
 @pytest.mark.parametrize("clientAuth", [False, True], ids=["no-auth", "with-auth"])
-def test_upstream_connect_carries_only_its_own_credentials(
+def test_upstreamConnectCarriesOnlyItsOwnCredentials(
     proxies, rawOrigin, tmp_path, clientAuth
 ) -> None:
     extra = authINI(tmp_path, CLIENT_USER, CLIENT_PASSWORD) if clientAuth else ""
@@ -673,7 +689,7 @@ def test_upstream_connect_carries_only_its_own_credentials(
 @pytest.mark.parametrize(
     "url", ["http://[2001:db8::1]:8080/v6?x", "http://192.0.2.1/", "http://Example.TEST./a%20b"]
 )
-def test_upstream_receives_absolute_form(proxies, rawOrigin, url) -> None:
+def test_upstreamReceivesAbsoluteForm(proxies, rawOrigin, url) -> None:
     """The request line the upstream gets is the absolute form the client sent."""
     a = proxies(
         upstreamINI(f"http://127.0.0.1:{rawOrigin.port}").replace(
@@ -692,7 +708,7 @@ def test_upstream_receives_absolute_form(proxies, rawOrigin, url) -> None:
     assert hosts == [f"host: {host}".lower()], lines
 
 
-def test_no_credentials_configured_sends_none(proxies, rawOrigin) -> None:
+def test_noCredentialsConfiguredSendsNone(proxies, rawOrigin) -> None:
     a = proxies(upstreamINI(f"http://127.0.0.1:{rawOrigin.port}"))
     rawRequest(
         a.port,
@@ -713,7 +729,7 @@ def tinyURL(t: Tinyproxy, password: str | None = None) -> str:
 
 
 @needsCurl
-def test_tinyproxy_http_and_connect(proxies, tinyproxy, origin, pki, httpsOrigin) -> None:
+def test_tinyproxyHTTPAndConnect(proxies, tinyproxy, origin, pki, httpsOrigin) -> None:
     a = proxies(upstreamINI(tinyURL(tinyproxy)))
     tag = marker()
     r = curl("--proxy", a.url, origin.url(f"/echo?tiny={tag}"))
@@ -747,7 +763,7 @@ def test_tinyproxy_http_and_connect(proxies, tinyproxy, origin, pki, httpsOrigin
     assert any("Established connection" in ln for ln in lines[index:]), lines[index:]
 
 
-def test_tinyproxy_refusal_to_connect_is_502(proxies, tinyproxy, origin) -> None:
+def test_tinyproxyRefusalToConnectIs502(proxies, tinyproxy, origin) -> None:
     """tinyproxy 1.11.1 answers wrong credentials with 401 (not 407): still a 502 naming it."""
     a = proxies(upstreamINI(tinyURL(tinyproxy, "wrong-password")))
     status, data = connectThrough(a.port, f"127.0.0.1:{origin.port}")
@@ -768,7 +784,7 @@ def test_tinyproxy_refusal_to_connect_is_502(proxies, tinyproxy, origin) -> None
 
 
 @needsCurl
-def test_chain_to_proxygate_with_auth(proxies, origin, pki, httpsOrigin, tmp_path) -> None:
+def test_chainToProxygateWithAuth(proxies, origin, pki, httpsOrigin, tmp_path) -> None:
     """
     proxygate A (alice authenticates to it) -> proxygate B ([auth]: bob) -> origin: B's
     access log names bob for every request, the origin never sees any credentials.
@@ -812,11 +828,11 @@ def test_chain_to_proxygate_with_auth(proxies, origin, pki, httpsOrigin, tmp_pat
 
 
 @needsCurl
-def test_chain_to_ipv6_upstream(proxies, origin) -> None:
+def test_chainToIPv6Upstream(proxies, origin) -> None:
     if not socket.has_ipv6:
         pytest.skip("no IPv6")
-    port = freePort("::1")
-    b = proxies(LOOPBACK_INI, listen=f"tcp6:{port}:interface=\\:\\:1", port=port, host="::1")
+    b = proxies(LOOPBACK_INI, listen="tcp6:0:interface=\\:\\:1")
+    assert b.host == "::1"
     a = proxies(upstreamINI(f"http://[::1]:{b.port}"))
     r = curl("--proxy", a.url, origin.url("/echo?v6"))
     assert r.returncode == 0, r.stderr.decode()
@@ -827,17 +843,12 @@ def test_chain_to_ipv6_upstream(proxies, origin) -> None:
 @pytest.fixture
 def tlsUpstream(proxies, pki, tmp_path):
     """proxygate B on an ssl: listener with a throwaway-CA certificate, requiring bob."""
-    port = freePort()
-    return proxies(
-        LOOPBACK_INI + authINI(tmp_path, UP_USER, UP_PASSWORD),
-        listen=sslListen(port, pki),
-        port=port,
-    )
+    return proxies(LOOPBACK_INI + authINI(tmp_path, UP_USER, UP_PASSWORD), listen=sslListen(pki))
 
 
 @needsCurl
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
-def test_https_upstream_verified_with_ca_certificate(
+def test_httpsUpstreamVerifiedWithCACertificate(
     proxies, tlsUpstream, pki, origin, httpsOrigin, host
 ) -> None:
     b = tlsUpstream
@@ -868,7 +879,7 @@ def test_https_upstream_verified_with_ca_certificate(
 
 
 @needsCurl
-def test_https_upstream_unverifiable_is_502(proxies, tlsUpstream, origin, httpsOrigin) -> None:
+def test_httpsUpstreamUnverifiableIs502(proxies, tlsUpstream, origin, httpsOrigin) -> None:
     """No ca_certificate: system trust does not know the throwaway CA, so nothing is sent."""
     b = tlsUpstream
     a = proxies(upstreamINI(f"https://{UP_USERINFO}@127.0.0.1:{b.port}"))
@@ -884,7 +895,7 @@ def test_https_upstream_unverifiable_is_502(proxies, tlsUpstream, origin, httpsO
 
 
 @needsCurl
-def test_https_upstream_verify_off(proxies, tlsUpstream, origin, pki, httpsOrigin) -> None:
+def test_httpsUpstreamVerifyOff(proxies, tlsUpstream, origin, pki, httpsOrigin) -> None:
     b = tlsUpstream
     a = proxies(upstreamINI(f"https://{UP_USERINFO}@127.0.0.1:{b.port}", extra="verify = off\n"))
     r = curl("--proxy", a.url, origin.url("/echo?noverify"))
@@ -896,7 +907,7 @@ def test_https_upstream_verify_off(proxies, tlsUpstream, origin, pki, httpsOrigi
 
 
 @needsCurl
-def test_https_upstream_carries_mitm_origin_legs(
+def test_httpsUpstreamCarriesMITMOriginLegs(
     proxies, tlsUpstream, pki, httpsOrigin, tmp_path
 ) -> None:
     """TLS to the origin inside a CONNECT inside TLS to the upstream (MITM through B)."""
@@ -975,7 +986,7 @@ NO_PROXY_CASES = [
     NO_PROXY_CASES,
     ids=[f"{n or 'empty'}->{h}" for n, h, _ in NO_PROXY_CASES],
 )
-def test_no_proxy(proxies, squid, origin, origin6, noProxy, host, direct) -> None:
+def test_noProxy(sharedProxies, squid, origin, origin6, noProxy, host, direct) -> None:
     """
     Hosts matching no_proxy go direct and Squid never sees them; the others go through
     Squid. The .test names resolve only in Squid's hosts file, so going direct to them
@@ -983,13 +994,13 @@ def test_no_proxy(proxies, squid, origin, origin6, noProxy, host, direct) -> Non
     """
     o = origin6 if host.startswith("[") else origin
     value = noProxy.format(port=origin.port, port6=origin6.port)
-    a = proxies(upstreamINI(squid.url(), noProxy=value))
+    a = sharedProxies(upstreamINI(squid.url(), noProxy=value))
     tag = marker()
-    url = f"http://{host}:{o.port}/echo?np={tag}"
+    url = f"http://{host}:{o.port}/echo/np-{tag}"  # in the path: logs leave out queries
     with requests.Session() as s:
         s.trust_env = False
         r = s.get(url, proxies=viaProxy(a.url), timeout=15)
-    proxyLines = [ln for ln in a.accessLines() if "/echo" in ln]
+    proxyLines = [ln for ln in a.accessLines() if f"/np-{tag}" in ln]
     if direct:
         squid.flushMark()
         assert not [ln for ln in squid.lines() if tag in ln]
@@ -1002,13 +1013,13 @@ def test_no_proxy(proxies, squid, origin, origin6, noProxy, host, direct) -> Non
     else:
         assert r.status_code == 200, r.text
         assert "squid-test" in headersOf(r.json())["via"]
-        assert f" {UP_USER} " in squid.waitForLine(f"np={tag}")
+        assert f" {UP_USER} " in squid.waitForLine(f"/np-{tag}")
         assert [ln for ln in proxyLines if "FIRSTUP_PARENT/" in ln], proxyLines
 
 
 @needsCurl
 @pytest.mark.parametrize("noProxy", ["127.0.0.1", ""])
-def test_no_proxy_connect(proxies, squid, pki, httpsOrigin, noProxy) -> None:
+def test_noProxyConnect(proxies, squid, pki, httpsOrigin, noProxy) -> None:
     """CONNECT follows no_proxy too."""
     a = proxies(upstreamINI(squid.url(), noProxy=noProxy))
     before = len([ln for ln in squid.lines() if f"CONNECT 127.0.0.1:{httpsOrigin.port}" in ln])

@@ -16,18 +16,11 @@ import time
 
 import pytest
 import websocket
-from conftest import LOOPBACK_INI, waitFor
-from tlsorigin import (
-    FrameReader,
-    WebSocketEcho,
-    acceptFor,
-    frameBytes,
-    makeCA,
-    readHead,
-    recvAll,
-    recvExactly,
-    upgradeRequest,
-)
+
+from tests.support import LOOPBACK_INI, waitFor
+from tests.support.tlsorigin import WebSocketEcho, makeCA
+from tests.support.tunnel import readHead, recvAll, recvExactly
+from tests.support.wsframes import FrameReader, acceptFor, frameBytes, upgradeRequest
 
 SIZES = [1, 1024, 1 << 20, 10_000_000]
 
@@ -68,7 +61,7 @@ def upgrade(proxyPort: int, originPort: int, path: str = "/", early: bytes = b""
 
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("scheme", ["ws", "wss"])
-def test_websocket_through_connect(proxy, wsEcho, wssEcho, tls, scheme, size):
+def test_websocketThroughConnect(proxy, wsEcho, wssEcho, tls, scheme, size):
     echo = wsEcho if scheme == "ws" else wssEcho
     before = proxy.metric("proxygate_requests_total", mode="forward", method="CONNECT", code="200")
     ws = websocket.create_connection(
@@ -101,7 +94,7 @@ def test_websocket_through_connect(proxy, wsEcho, wssEcho, tls, scheme, size):
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_websocket_absolute_form_upgrade(proxy, wsEcho, size):
+def test_websocketAbsoluteFormUpgrade(proxy, wsEcho, size):
     before = proxy.metric("proxygate_websocket_upgrades_total", result="ok")
     sock, status, headers, rest, key = upgrade(proxy.port, wsEcho.port)
     with sock:
@@ -128,7 +121,7 @@ def test_websocket_absolute_form_upgrade(proxy, wsEcho, size):
     assert proxy.metric("proxygate_websocket_upgrades_total", result="ok") == before + 1
 
 
-def test_frames_right_behind_the_upgrade_request(proxy, wsEcho):
+def test_framesRightBehindTheUpgradeRequest(proxy, wsEcho):
     """Frames the client pipelines behind its request reach the origin after the 101."""
     early = frameBytes(b"early bird")
     sock, status, _, rest, _ = upgrade(proxy.port, wsEcho.port, early=early)
@@ -169,7 +162,7 @@ def _scripted101(record: list, after: bytes = b"", then: str = "close"):
     return handler
 
 
-def test_upgrade_headers_kept_for_the_hop(proxy, server):
+def test_upgradeHeadersKeptForTheHop(proxy, server):
     record: list = []
     s = server(_scripted101(record, b"", "echo-after-eof"))
     sock, status, headers, _rest, key = upgrade(proxy.port, s.port, path="/chat?room=1")
@@ -195,7 +188,7 @@ def test_upgrade_headers_kept_for_the_hop(proxy, server):
 
 
 @pytest.mark.parametrize("then", ["close", "reset"])
-def test_abrupt_origin_close_after_101_injects_nothing(proxy, server, then):
+def test_abruptOriginCloseAfter101InjectsNothing(proxy, server, then):
     """After the 101 the proxy writes nothing of its own: no error page, no chunk."""
     payload = b"\x81\x05hello"
     s = server(_scripted101([], payload, then))
@@ -214,7 +207,7 @@ def test_abrupt_origin_close_after_101_injects_nothing(proxy, server, then):
         assert payload.startswith(bytes(got)), got  # possibly cut by the reset, never added to
 
 
-def test_half_close_inside_upgraded_pipe(proxy, server):
+def test_halfCloseInsideUpgradedPipe(proxy, server):
     s = server(_scripted101([], b"", "echo-after-eof"))
     sock, status, _, rest, _ = upgrade(proxy.port, s.port)
     with sock:
@@ -224,7 +217,7 @@ def test_half_close_inside_upgraded_pipe(proxy, server):
         assert rest + recvAll(sock) == b"bye:last words"
 
 
-def test_refused_upgrade_continues_as_http(proxy, origin):
+def test_refusedUpgradeContinuesAsHTTP(proxy, origin):
     before = proxy.metric("proxygate_websocket_upgrades_total", result="refused")
     key = base64.b64encode(os.urandom(16)).decode()
     sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
@@ -249,7 +242,7 @@ def test_refused_upgrade_continues_as_http(proxy, origin):
     assert proxy.metric("proxygate_websocket_upgrades_total", result="refused") == before + 1
 
 
-def test_unasked_101_is_502(proxy, server):
+def test_unasked101Is502(proxy, server):
     s = server(_scripted101([], b"junk"))
     sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
     with sock:
@@ -261,7 +254,7 @@ def test_unasked_101_is_502(proxy, server):
         assert b"junk" not in rest
 
 
-def test_websocket_over_connect_counts_a_tunnel(startProxy, wsEcho):
+def test_websocketOverConnectCountsATunnel(startProxy, wsEcho):
     p = startProxy()
     ws = websocket.create_connection(
         wsEcho.url("127.0.0.1"),
@@ -280,7 +273,7 @@ def test_websocket_over_connect_counts_a_tunnel(startProxy, wsEcho):
     assert p.metric("proxygate_tunnels_total", result="ok") == 1
 
 
-def test_upgrade_to_dead_origin_is_502_and_counted(startProxy):
+def test_upgradeToDeadOriginIs502AndCounted(startProxy):
     p = startProxy()
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
@@ -293,7 +286,7 @@ def test_upgrade_to_dead_origin_is_502_and_counted(startProxy):
     assert p.metric("proxygate_websocket_upgrades_total", result="ok") == 0
 
 
-def test_idle_upgraded_pipe_just_closes(startProxy, wsEcho):
+def test_idleUpgradedPipeJustCloses(startProxy, wsEcho):
     """The idle timeout on an upgraded pipe closes it: no 408/504 written into it."""
     p = startProxy(LOOPBACK_INI + "idle_timeout = 1\n")
     sock, status, _, rest, _ = upgrade(p.port, wsEcho.port)

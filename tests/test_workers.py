@@ -26,22 +26,22 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import LOOPBACK_INI, REPO, TWISTD, ProxyProcess, freePort
-from conftest import waitFor as _waitFor
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from mitmorigin import HTTPSOrigin, OriginPKI
 from prometheus_client import generate_latest
 
 from gateway.config import ConfigError, cpuCount, parseConfig
 from gateway.metrics import Metrics
 from gateway.workers import mergeExpositions
+from tests.support import LOOPBACK_INI, REPO, TWISTD, ProxyProcess
+from tests.support import waitFor as _waitFor
+from tests.support.mitmorigin import HTTPSOrigin, OriginPKI
 
 WORKERS_INI = LOOPBACK_INI.replace("[proxy]", "[proxy]\nworkers = 2", 1)
 
 
 def waitFor(predicate, timeout: float = 15.0, interval: float = 0.05):
-    """Workers start as processes: a longer default wait than conftest's."""
+    """Workers start as processes: a longer default wait than tests.support's."""
     return _waitFor(predicate, timeout, interval)
 
 
@@ -136,7 +136,7 @@ def test_workersValues() -> None:
 def test_unsharedListenerKindIsOneLineError(tmp_path: Path) -> None:
     config = tmp_path / "p.ini"
     config.write_text(
-        f"[proxy]\nworkers = 2\nlisten = tcp:{freePort()}:interface=127.0.0.1 "
+        f"[proxy]\nworkers = 2\nlisten = tcp:0:interface=127.0.0.1 "
         f"unix:{tmp_path}/p.sock\n[metrics]\nlisten =\n"
     )
     out = subprocess.run(
@@ -312,7 +312,7 @@ def test_accessLogFileGetsEveryProcessLines(startProxy, tmp_path, origin) -> Non
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed (apt: curl)")
 def test_sslListenerWithWorkers(tmp_path, origin) -> None:
-    from tlsorigin import makeCA
+    from tests.support.tlsorigin import makeCA
 
     files = makeCA(tmp_path / "pki")
     proxy = ProxyProcess(tmp_path, WORKERS_INI, sslFiles=files).start()

@@ -283,7 +283,7 @@ def parseResponseHead(block: bytes, maxHeaders: int = 200) -> ResponseHead:
     """
     end = block.find(b"\r\n")
     # A status below 100 ("0xx") is left to the line-by-line parser's 502.
-    if end > 0 and block[9] != 48:
+    if end > 9 and block[9] != 48:
         # The status line's pattern admits no control character but HTAB (see above).
         status = _STATUS_LINE.fullmatch(block, 0, end)
         if status is not None:

@@ -18,11 +18,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-from conftest import freePort, stopProcess
+from tests.support import freePort, stopProcess
 
 __all__ = ["APP", "ShinyApp"]
 
-APP = Path(__file__).resolve().parent / "apps" / "shiny_app.py"
+APP = Path(__file__).resolve().parent.parent / "apps" / "shiny_app.py"
 
 
 class ShinyApp:

@@ -1,38 +1,45 @@
 """
-Loopback origins for the tunnel and WebSocket tests.
+TLS origins for the tunnel, WebSocket and HTTPS-listener tests.
 
 - L{makeCA} creates a throwaway CA (with C{cryptography}) and a leaf certificate for
   C{localhost}, 127.0.0.1 and ::1, written as PEM files in a folder of the caller's.
 - L{HTTPSOrigin} is a threaded HTTPS/1.1 origin on 127.0.0.1 serving that leaf: C{/}
-  answers a short text, C{/bytes/N} the deterministic payload of conftest.
+  answers a short text, C{/bytes/N} the deterministic payload (L{tests.support.payload}).
 - L{WebSocketEcho} is a WebSocket echo server (the C{websockets} package's sync server in a
   thread), plain or TLS, that echoes every message back, text or binary, up to 64 MiB.
 
-Everything binds loopback only on a free port, and every thread is a daemon.
+Everything binds loopback on port 0 (C{port} is the one it got), and every thread is a
+daemon.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime
-import hashlib
 import ipaddress
 import socket
 import ssl
-import struct
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from conftest import payloadChunks
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from websocket import ABNF
 from websockets.sync.server import serve
 
-__all__ = ["HTTPSOrigin", "TLSFiles", "WebSocketEcho", "makeCA"]
+from tests.support.payload import payloadChunks
+
+__all__ = [
+    "HELLO",
+    "HTTPSOrigin",
+    "TLSFiles",
+    "TLSHTTPServer",
+    "WebSocketEcho",
+    "commonName",
+    "keyPEM",
+    "makeCA",
+]
 
 HELLO = b"hello over tls\n"
 
@@ -57,11 +64,13 @@ class TLSFiles:
         return ctx
 
 
-def _name(common: str) -> x509.Name:
+def commonName(common: str) -> x509.Name:
+    """A certificate name with only a common name."""
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
 
 
-def _pem(key) -> bytes:
+def keyPEM(key) -> bytes:
+    """A private key as unencrypted PKCS#8 PEM."""
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -77,7 +86,7 @@ def makeCA(folder: Path) -> TLSFiles:
     start, end = now - datetime.timedelta(days=1), now + datetime.timedelta(days=30)
 
     caKey = ec.generate_private_key(ec.SECP256R1())
-    caName = _name("proxygate test CA")
+    caName = commonName("proxygate test CA")
     ca = (
         x509.CertificateBuilder()
         .subject_name(caName)
@@ -108,7 +117,7 @@ def makeCA(folder: Path) -> TLSFiles:
     leafKey = ec.generate_private_key(ec.SECP256R1())
     leaf = (
         x509.CertificateBuilder()
-        .subject_name(_name("localhost"))
+        .subject_name(commonName("localhost"))
         .issuer_name(caName)
         .public_key(leafKey.public_key())
         .serial_number(x509.random_serial_number())
@@ -133,9 +142,9 @@ def makeCA(folder: Path) -> TLSFiles:
     )
 
     files.caCert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    files.caKey.write_bytes(_pem(caKey))
+    files.caKey.write_bytes(keyPEM(caKey))
     files.cert.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-    files.key.write_bytes(_pem(leafKey))
+    files.key.write_bytes(keyPEM(leafKey))
     return files
 
 
@@ -256,194 +265,3 @@ class WebSocketEcho:
 
     def close(self) -> None:
         self.server.shutdown()
-
-
-# -- raw TCP origins and tunnel helpers -------------------------------------------------------
-
-
-class TCPServer:
-    """
-    A loopback TCP server running C{handler(conn)} in a thread per connection; the first
-    bytes each connection received are recorded by handlers that want to (C{self.seen}).
-    """
-
-    def __init__(self, handler, host: str = "127.0.0.1", backlog: int = 1024) -> None:
-        self.handler = handler
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.bind((host, 0))
-        self.sock.listen(backlog)
-        self.host = host
-        self.port = self.sock.getsockname()[1]
-        self.accepted = 0
-        self.conns: list[socket.socket] = []
-        self.seen: list[bytes] = []
-        self.events: list[str] = []
-        self._stop = False
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    @property
-    def authority(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-    def _serve(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self._stop:
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted += 1
-            conn.settimeout(None)
-            if self.handler is None:
-                self.conns.append(conn)  # hold it open, never read
-                continue
-            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
-
-    def _run(self, conn: socket.socket) -> None:
-        try:
-            self.handler(self, conn)
-        except OSError as e:
-            self.events.append(f"error: {e!r}")
-        finally:
-            conn.close()
-
-    def close(self) -> None:
-        self._stop = True
-        self.sock.close()
-        for c in self.conns:
-            c.close()
-        self.conns.clear()
-
-
-def echoHandler(server: TCPServer, conn: socket.socket) -> None:
-    """Echo until EOF, then half-close back."""
-    while True:
-        data = conn.recv(1 << 16)
-        if not data:
-            break
-        conn.sendall(data)
-    conn.shutdown(socket.SHUT_WR)
-
-
-def readHead(sock: socket.socket, limit: int = 65536) -> tuple[int, list[tuple[str, str]], bytes]:
-    """Read one response head: (status, [(name, value)], bytes that came after it)."""
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        data = sock.recv(4096)
-        if not data:
-            raise ConnectionError(f"closed before a complete head: {buf!r}")
-        buf += data
-        if len(buf) > limit:
-            raise ValueError("head too large")
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ", 2)[1])
-    headers = []
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers.append((name.strip(), value.strip()))
-    return status, headers, rest
-
-
-def openTunnel(
-    proxyPort: int,
-    authority: str,
-    *,
-    early: bytes = b"",
-    timeout: float = 10.0,
-    extra: bytes = b"",
-) -> tuple[socket.socket, int, list[tuple[str, str]], bytes]:
-    """CONNECT through the proxy: (socket, status, headers, bytes after the head)."""
-    sock = socket.create_connection(("127.0.0.1", proxyPort), timeout=timeout)
-    head = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n".encode() + extra + b"\r\n"
-    sock.sendall(head + early)
-    try:
-        status, headers, rest = readHead(sock)
-    except Exception:
-        sock.close()
-        raise
-    return sock, status, headers, rest
-
-
-def recvExactly(sock: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        data = sock.recv(min(1 << 20, n - len(out)))
-        if not data:
-            raise ConnectionError(f"EOF after {len(out)} of {n} bytes")
-        out += data
-    return bytes(out)
-
-
-def recvAll(sock: socket.socket) -> bytes:
-    out = bytearray()
-    while True:
-        data = sock.recv(1 << 16)
-        if not data:
-            return bytes(out)
-        out += data
-
-
-# -- a hand-written WebSocket client for the absolute-form upgrade ---------------------------
-
-GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-
-def acceptFor(key: str) -> str:
-    return base64.b64encode(hashlib.sha1(key.encode() + GUID).digest()).decode()
-
-
-class FrameReader:
-    """Reads the server's (unmasked) frames from a socket, starting with leftover bytes."""
-
-    def __init__(self, sock: socket.socket, rest: bytes = b"") -> None:
-        self.sock = sock
-        self.buf = bytearray(rest)
-
-    def _need(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            data = self.sock.recv(1 << 20)
-            if not data:
-                raise ConnectionError("EOF inside a frame")
-            self.buf += data
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
-        return out
-
-    def frame(self) -> tuple[bool, int, bytes]:
-        b0, b1 = self._need(2)
-        assert not b1 & 0x80, "a server frame must not be masked"
-        length = b1 & 0x7F
-        if length == 126:
-            (length,) = struct.unpack("!H", self._need(2))
-        elif length == 127:
-            (length,) = struct.unpack("!Q", self._need(8))
-        return bool(b0 & 0x80), b0 & 0x0F, self._need(length)
-
-    def message(self) -> tuple[int, bytes]:
-        fin, opcode, data = self.frame()
-        parts = [data]
-        while not fin:
-            fin, _, data = self.frame()
-            parts.append(data)
-        return opcode, b"".join(parts)
-
-
-def frameBytes(data: bytes, opcode: int = ABNF.OPCODE_BINARY) -> bytes:
-    return ABNF.create_frame(data, opcode).format()
-
-
-def upgradeRequest(port: int, key: str, path: str = "/", host: str = "127.0.0.1") -> bytes:
-    return (
-        f"GET http://{host}:{port}{path} HTTP/1.1\r\n"
-        f"Host: {host}:{port}\r\n"
-        "Upgrade: websocket\r\n"
-        "Connection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\n"
-        "Sec-WebSocket-Version: 13\r\n"
-        "\r\n"
-    ).encode()

@@ -6,13 +6,13 @@ HTTPS and WSS loopback origins for the TLS interception (MITM) tests.
   and one for IP 127.0.0.1 (served without SNI, as clients never send SNI for IP literals).
   C{OriginPKI(folder, names=("wrong.example",))} makes an origin whose certificate matches
   neither, for the bad-certificate tests.
-- L{HTTPSOrigin} is a threaded HTTPS/1.1 origin serving conftest's L{OriginHandler}
+- L{HTTPSOrigin} is a threaded HTTPS/1.1 origin serving L{tests.support.origin.OriginHandler}
   (C{/bytes/N}, C{/echo}, C{/sink} POST sink, C{/status/N}, C{/chunked/N}, ...) and a
   C{/slowsink} that stalls after 4 MiB (upload backpressure), counting the
   TLS connections it accepted (to see pooling through the proxy).
 - L{WSSEcho} is a C{wss://} echo server (the C{websockets} sync server in a thread).
 
-Everything binds 127.0.0.1 on a free port; every thread is a daemon; every wait is bounded.
+Everything binds 127.0.0.1 on port 0; every thread is a daemon; every wait is bounded.
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from conftest import OriginHandler
 from cryptography.hazmat.primitives import serialization
-from tlsorigin import TLSHTTPServer
 from websockets.sync.server import serve
 
 from gateway.tls.ca import CertificateAuthority, createCA
 from gateway.tls.mint import mintLeaf, newLeafKey
+from tests.support.origin import OriginHandler
+from tests.support.tlsorigin import TLSHTTPServer
 
 __all__ = ["HTTPSOrigin", "OriginPKI", "WSSEcho"]
 
@@ -91,7 +91,7 @@ class OriginPKI:
 
 
 class _Handler(OriginHandler):
-    """conftest's handler plus C{/slowsink}: reads 4 MiB, stalls 3 s, then reads the rest."""
+    """L{OriginHandler} plus C{/slowsink}: reads 4 MiB, stalls 3 s, then reads the rest."""
 
     def _handle(self) -> None:
         if not self.path.startswith("/slowsink"):
@@ -118,7 +118,7 @@ class _Handler(OriginHandler):
 
 
 class HTTPSOrigin(TLSHTTPServer):
-    """conftest's origin handler over TLS on 127.0.0.1, counting connections and handshakes."""
+    """L{OriginHandler} over TLS on 127.0.0.1, counting connections and handshakes."""
 
     allow_reuse_address = True
     connectionTimeout = 60.0

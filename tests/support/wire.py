@@ -12,7 +12,6 @@ hand out origins on demand. No socket is opened; a test drives both ends by hand
 
 from __future__ import annotations
 
-from playbook import RecordingLog
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -22,6 +21,7 @@ from gateway.metrics import Metrics
 from gateway.proxy.client import ClientConnection
 from gateway.proxy.origin import OriginConnection
 from gateway.proxy.runtime import Runtime
+from tests.support.playbook import RecordingLog
 
 #: Loopback origins allowed (they are all fake here), nothing else changed.
 BASE_INI = "[proxy]\ndeny_destinations = 169.254.0.0/16\n"

@@ -10,7 +10,7 @@ proxy pools it). Because the log is global and ordered, a test takes a L{Recorde
 before it sends anything and later asks L{Recorder.since} for exactly what the origin
 received because of it, on every connection, including bytes that should never have come.
 
-L{readResponse} reads one response from a socket and fails on anything that is not
+L{Client.response} reads one response from a socket and fails on anything that is not
 well-formed HTTP/1.1 as RFC 9112 frames it (bad status line, malformed field, CL with TE,
 bad chunk framing...), so every answer the proxy gives is checked for shape as it is read.
 
@@ -35,6 +35,7 @@ __all__ = [
     "Recorder",
     "Response",
     "View",
+    "parseResponses",
 ]
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -483,6 +484,29 @@ def _read(r: _Reader, method: bytes) -> Response:
         resp.body = bytes(r.buf)
         r.buf.clear()
     return resp
+
+
+def parseResponses(raw: bytes, firstMethod: bytes = b"GET") -> list[Response]:
+    """
+    Every response in C{raw} (what a proxy sent on one connection), read as strictly as
+    L{Client.response} reads them (the first one answering C{firstMethod}, the others GETs);
+    raises L{Malformed} or EOFError on anything else.
+    """
+
+    class _Buffer:
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
+        def recv(self, _n: int) -> bytes:
+            out, self.data = self.data, b""
+            return out
+
+    reader = _Reader(_Buffer(raw))
+    out: list[Response] = []
+    while True:
+        if not reader.buf and not reader.fill():
+            return out
+        out.append(_read(reader, firstMethod if not out else b"GET"))
 
 
 class Client:

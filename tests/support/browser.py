@@ -24,7 +24,8 @@ import urllib.request
 from pathlib import Path
 
 import websocket
-from conftest import stopProcess
+
+from tests.support import stopProcess
 
 __all__ = ["CHROMIUM", "Chromium", "Page", "PageError"]
 
