@@ -6,8 +6,8 @@ L{makeService} turns one into an C{IService} to run under twistd or inside any T
 application. The twistd plugin (``twistd proxygate``) is a thin wrapper over both.
 """
 
+from ._version import __version__
 from .config import Config, ConfigError, loadConfig
 from .service import GatewayService, makeService
 
-__all__ = ["Config", "ConfigError", "GatewayService", "loadConfig", "makeService"]
-__version__ = "0.1.0"
+__all__ = ["Config", "ConfigError", "GatewayService", "__version__", "loadConfig", "makeService"]

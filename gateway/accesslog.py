@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import time
-from typing import IO
 
 from attrs import frozen
 from twisted.logger import Logger, LogLevel, formatEvent
 
-__all__ = ["AccessLog", "AccessRecord", "fileObserver", "hierarchy"]
+_log = Logger(namespace="proxygate")
+
+__all__ = ["AccessLog", "AccessLogFile", "AccessRecord", "hierarchy"]
 
 
 @frozen
@@ -99,14 +100,41 @@ class AccessLog:
         self._log.emit(LogLevel.info, "{line}", line=line, record=r)
 
 
-def fileObserver(stream: IO[str]):
+class AccessLogFile:
     """
-    An observer writing just the access line, one per line, to an open text file. The
-    stream is buffered; its owner flushes it on a timer and at shutdown, as Squid does, so
-    logging costs no system call per request.
+    The access log file: appended to, written through a buffer that its owner flushes on a
+    timer and at shutdown (as Squid does, so logging costs no system call per request), and
+    reopened by name on SIGHUP and SIGUSR1, so that after logrotate's rename new lines go
+    to a new file instead of following the old one.
     """
 
-    def observe(event: dict) -> None:
-        stream.write(formatEvent(event) + "\n")
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.stream = self._open()
 
-    return observe
+    def _open(self):
+        return open(self.path, "a", encoding="utf-8")
+
+    def observe(self, event: dict) -> None:
+        """A log observer writing just the access line, one per line."""
+        self.stream.write(formatEvent(event) + "\n")
+
+    def reopen(self) -> None:
+        """Open the path again (a new file after a rename); on failure keep writing the old."""
+        try:
+            stream = self._open()
+        except OSError as e:
+            _log.error(
+                "Cannot reopen the access log {path} ({problem}); still writing the open file",
+                path=self.path,
+                problem=e.strerror or str(e),
+            )
+            return
+        old, self.stream = self.stream, stream
+        old.close()
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.close()

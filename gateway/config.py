@@ -26,7 +26,7 @@ import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from attrs import frozen
+from attrs import field, frozen
 
 from gateway import policy, upstream
 
@@ -43,8 +43,11 @@ __all__ = [
     "cpuCount",
     "defaultConfig",
     "endpointAddress",
+    "innerEndpoint",
     "loadConfig",
     "parseConfig",
+    "refuseOpenProxy",
+    "serverEndpoint",
 ]
 
 SelfAddress = tuple[str | None, int]
@@ -87,6 +90,7 @@ class UpstreamConfig:
     no_proxy: upstream.NoProxy
     ca_certificate: str | None
     verify: bool
+    rules: upstream.UpstreamRules = field(factory=upstream.UpstreamRules)
 
 
 @frozen
@@ -121,6 +125,10 @@ class Config:
     metrics: MetricsConfig
     log: LogConfig
     path: str | None
+    #: The command-line overrides (section, key) -> raw value this configuration was read
+    #: with, so a reload of the file applies them again. Hidden from repr: a value may be
+    #: an upstream URL with its password.
+    overrides: tuple[tuple[tuple[str, str], str], ...] = field(default=(), repr=False)
 
     def selfAddresses(self) -> frozenset[SelfAddress]:
         """
@@ -138,6 +146,17 @@ class Config:
 
 
 # -- endpoint strings --------------------------------------------------------------------------
+
+#: The prefix of listeners behind a load balancer that sends the PROXY protocol header
+#: (L{gateway.proxyprotocol}): C{haproxy:tcp:3128:interface=0.0.0.0}.
+PROXIED = "haproxy:"
+
+
+def innerEndpoint(description: str) -> str:
+    """The listener under a C{haproxy:} prefix (the description itself without one)."""
+    if description[: len(PROXIED)].lower() == PROXIED:
+        return description[len(PROXIED) :]
+    return description
 
 
 def endpointParts(description: str) -> tuple[str, list[str], dict[str, str]]:
@@ -173,7 +192,7 @@ _NETWORK_ENDPOINTS = {
 
 def _endpointBinding(description: str) -> tuple[str, str | None] | None:
     """(interface, port text) of a TCP-based server endpoint, None for other kinds."""
-    kind, args, kwargs = endpointParts(description)
+    kind, args, kwargs = endpointParts(innerEndpoint(description))
     if kind not in _NETWORK_ENDPOINTS:
         return None
     index, defaultPort, defaultInterface = _NETWORK_ENDPOINTS[kind]
@@ -203,7 +222,7 @@ def _isLocalOnly(description: str) -> bool:
     wildcard or other binds, and endpoint kinds we cannot see into, count as
     reachable from the network.
     """
-    kind = endpointParts(description)[0]
+    kind = endpointParts(innerEndpoint(description))[0]
     if kind == "unix":
         return True
     binding = _endpointBinding(description)
@@ -216,13 +235,23 @@ def _isLocalOnly(description: str) -> bool:
     return address is not None and address.is_loopback
 
 
-def serverEndpoint(reactor, description: str):
+def serverEndpoint(reactor, description: str, wrapProxied=None):
     """
     The server endpoint for C{description}: Twisted's C{serverFromString}, except C{ssl:},
     which is proxygate's own (L{gateway.tls.listener}: the standard library's TLS, no
-    pyOpenSSL).
+    pyOpenSSL), and C{haproxy:}, proxygate's own too (L{gateway.proxyprotocol}: the PROXY
+    header's client is the peer from the first request on). C{wrapProxied} makes the
+    factory of a C{haproxy:} listener from the protocol factory (its clock, header timeout
+    and refusal report); by default L{gateway.proxyprotocol.ProxyHeaderFactory}'s.
     """
     kind, args, kwargs = endpointParts(description)
+    if kind == "haproxy":
+        from .proxyprotocol import ProxiedEndpoint
+
+        inner = innerEndpoint(description)
+        if endpointParts(inner)[0] == "haproxy":
+            raise ValueError("haproxy: cannot wrap another haproxy: listener")
+        return ProxiedEndpoint(reactor, inner, serverEndpoint, wrapProxied)
     if kind == "ssl":
         from .tls.listener import sslServerEndpoint
 
@@ -404,6 +433,17 @@ def _urlPath(value: str, baseDir: str) -> str:
     return value
 
 
+#: Paths the metrics listener serves besides the scrape path (gateway.service).
+RESERVED_METRICS_PATHS = ("/healthz", "/ca.pem", "/ca.der")
+
+
+def _metricsPath(value: str, baseDir: str) -> str:
+    path = _urlPath(value, baseDir)
+    if (path.rstrip("/") or "/") in RESERVED_METRICS_PATHS:
+        raise ValueError(f"{path} is served by the metrics listener already; choose another")
+    return path
+
+
 def _proxyURL(value: str, baseDir: str) -> upstream.ProxyURL | None:
     # parseProxyURL's messages never quote the URL; neither may anything here.
     return upstream.parseProxyURL(value) if value else None
@@ -411,6 +451,11 @@ def _proxyURL(value: str, baseDir: str) -> upstream.ProxyURL | None:
 
 def _noProxy(value: str, baseDir: str) -> upstream.NoProxy:
     return upstream.parseNoProxy(_items(value))
+
+
+def _upstreamRules(value: str, baseDir: str) -> upstream.UpstreamRules:
+    # One rule per line; parseUpstreamRules' messages name the rule, never its URL.
+    return upstream.parseUpstreamRules(value.splitlines())
 
 
 # section -> key -> (default as written in the INI, parser)
@@ -442,6 +487,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
         "no_proxy": ("", _noProxy),
         "ca_certificate": ("", _optionalPath),
         "verify": ("on", _boolean),
+        "rules": ("", _upstreamRules),
     },
     "mitm": {
         "enabled": ("off", _boolean),
@@ -454,7 +500,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
     },
     "metrics": {
         "listen": ("tcp:9530:interface=127.0.0.1", _endpoints),
-        "path": ("/metrics", _urlPath),
+        "path": ("/metrics", _metricsPath),
     },
     "log": {
         "access_log": ("-", _accessLog),
@@ -534,7 +580,7 @@ def _coversEverything(networks: Iterable[policy.IPNetwork]) -> bool:
     return False
 
 
-def _refuseOpenProxy(config: Config, path: str) -> None:
+def refuseOpenProxy(config: Config, path: str) -> None:
     """
     A proxy reachable from the network, letting in every address, without a
     password, is an open proxy: spam, abuse and SSRF for anyone who finds it.
@@ -567,11 +613,11 @@ def _checkWorkers(config: Config, path: str) -> None:
             "platform lacks (use workers = 1)"
         )
     for description in config.proxy.listen:
-        if endpointParts(description)[0] not in WORKER_ENDPOINTS:
+        if endpointParts(innerEndpoint(description))[0] not in WORKER_ENDPOINTS:
             raise ConfigError(
                 f"{path}: [proxy] workers: {config.proxy.workers} worker processes need "
-                f"tcp:, tcp6: or ssl: listeners, and listen {description!r} is not one "
-                "(use workers = 1 with it)"
+                f"tcp:, tcp6: or ssl: listeners (also under haproxy:), and listen "
+                f"{description!r} is not one (use workers = 1 with it)"
             )
 
 
@@ -618,6 +664,7 @@ def parseConfig(
             no_proxy=v["upstream.no_proxy"],
             ca_certificate=v["upstream.ca_certificate"],
             verify=v["upstream.verify"],
+            rules=v["upstream.rules"],
         ),
         mitm=MitmConfig(
             enabled=v["mitm.enabled"],
@@ -631,10 +678,11 @@ def parseConfig(
         metrics=MetricsConfig(listen=v["metrics.listen"], path=v["metrics.path"]),
         log=LogConfig(access_log=v["log.access_log"], format=v["log.format"]),
         path=None if path == "<config>" else os.path.abspath(path),
+        overrides=tuple(sorted((overrides or {}).items())),
     )
     _checkWorkers(config, path)
     if not allowOpenProxy:
-        _refuseOpenProxy(config, path)
+        refuseOpenProxy(config, path)
     return config
 
 

@@ -88,7 +88,7 @@ class ConnectAttempt:
         if self.route is None:
             d = rt.dialer.connect(self.host, self.port, self.origin)
         else:
-            d = rt.upstream.dialThrough(
+            d = self.route.dialThrough(
                 rt.dialer, self.host, self.port, self.origin, timeout=rt.dialer.connectTimeout
             )
         d.addCallbacks(self._connected, self._dialFailed)

@@ -116,9 +116,9 @@ class ForwardExchange:
             wrap = rt.interceptor.originTLS(target.host) if target.scheme == "https" else None
             d = rt.dialer.connect(target.host, target.port, conn, wrap)
         elif target.scheme == "http":
-            d = rt.upstream.dialProxy(rt.dialer, conn)
+            d = self.route.dialProxy(rt.dialer, conn)
         else:
-            d = rt.upstream.dialThrough(
+            d = self.route.dialThrough(
                 rt.dialer,
                 target.host,
                 target.port,
@@ -176,8 +176,8 @@ class ForwardExchange:
                 target.hostHeader,
                 b"\r\n",
             ]
-            if self.rt.upstream.authorization is not None:
-                lines += (b"Proxy-Authorization: ", self.rt.upstream.authorization, b"\r\n")
+            if self.route.authorization is not None:
+                lines += (b"Proxy-Authorization: ", self.route.authorization, b"\r\n")
         else:
             lines = [
                 head.method,
@@ -253,7 +253,7 @@ class ForwardExchange:
             self.rt.metrics.upstreamErrors.labels("refused").inc()
             self._localError(
                 502,
-                f"The upstream proxy {self.rt.upstream.label}:{self.route.port} answered "
+                f"The upstream proxy {self.route.label}:{self.route.port} answered "
                 "407 Proxy Authentication Required: its credentials in [upstream] proxy are "
                 "missing or wrong.",
                 "connection_refused",
@@ -397,7 +397,7 @@ class ForwardExchange:
             peer = f"the origin {self.target.host}"
             if self.route is not None and self.target.scheme == "http":
                 # Absolute form to an https:// upstream: the TLS that failed is the proxy's.
-                peer = f"the upstream proxy {self.rt.upstream.label}:{self.route.port}"
+                peer = f"the upstream proxy {self.route.label}:{self.route.port}"
             self._localError(
                 502,
                 f"TLS to {peer} failed: {tlsProblem}",
