@@ -202,7 +202,7 @@ class ProxyHeaderReader(Protocol):
         self._done = True
         self._cancel()
         self.factory.refused(self.transport.getPeer(), problem)
-        self.transport.abortConnection()
+        self.transport.loseConnection()
 
     def _timedOut(self) -> None:
         self._timer = None
@@ -245,6 +245,11 @@ class ProxyHeaderFactory(Factory):
         self.clock = clock
         self.timeout = timeout
         self.refused = refused
+
+    def logPrefix(self) -> str:
+        wrapped = self.wrappedFactory
+        prefix = getattr(wrapped, "logPrefix", lambda: type(wrapped).__name__)()
+        return f"{prefix} (PROXY)"
 
     def doStart(self) -> None:
         self.wrappedFactory.doStart()

@@ -207,7 +207,8 @@ class ProxyProcess:
         self.host = "127.0.0.1"
         if listen is None and sslFiles is not None:
             listen = sslListen(self.port, sslFiles)
-        listenLine = listen or f"tcp:{self.port}:interface=127.0.0.1"
+        # A given listener may name the port picked here as {port}.
+        listenLine = (listen or "tcp:{port}:interface=127.0.0.1").format(port=self.port)
         text = ini
         if "[proxy]" in text:
             text = text.replace("[proxy]", f"[proxy]\nlisten = {listenLine}", 1)
