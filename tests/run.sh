@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Install what the tests need, then run them: bash tests/run.sh [pytest args...]
-# - Debian packages used as real clients and peers: curl, openssl, tinyproxy, squid, apache2-utils
+# - Debian packages used as real clients and peers: curl, openssl, tinyproxy, squid, apache2-utils,
+#   haproxy (a load balancer sending the PROXY protocol)
 # - a virtualenv (.venv, or $PROXYGATE_VENV) with proxygate and its test dependencies
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pair in curl:curl openssl:openssl tinyproxy:tinyproxy squid:squid htpasswd:apache2-utils; do
+for pair in curl:curl openssl:openssl tinyproxy:tinyproxy squid:squid htpasswd:apache2-utils \
+    haproxy:haproxy; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need+=("${pair#*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -14,7 +16,7 @@ if [ ${#need[@]} -gt 0 ]; then
     echo "tests/run.sh: missing ${need[*]}: install them (apt-get install ${need[*]})" >&2
     exit 1
   fi
-  # Installing squid/tinyproxy must not start their system services on :3128/:8888.
+  # Installing squid/tinyproxy/haproxy must not start their system services (:3128, :8888...).
   guard=""
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
