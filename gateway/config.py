@@ -128,7 +128,7 @@ class Config:
     #: The command-line overrides (section, key) -> raw value this configuration was read
     #: with, so a reload of the file applies them again. Hidden from repr: a value may be
     #: an upstream URL with its password.
-    overrides: tuple[tuple[tuple[str, str], str], ...] = field(default=(), repr=False)
+    overrides: tuple[tuple[tuple[str, str], str], ...] = field(default=(), repr=False, eq=False)
 
     def selfAddresses(self) -> frozenset[SelfAddress]:
         """
