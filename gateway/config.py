@@ -40,6 +40,7 @@ __all__ = [
     "MitmConfig",
     "ProxyConfig",
     "UpstreamConfig",
+    "cgroupCPULimit",
     "cpuCount",
     "defaultConfig",
     "endpointAddress",
@@ -367,11 +368,35 @@ MAX_WORKERS = 256
 
 
 def cpuCount() -> int:
-    """The CPUs this process may run on (its affinity mask), what C{workers = auto} means."""
+    """
+    The CPUs this process may use, what C{workers = auto} means: its affinity mask, or
+    fewer when its cgroup has a CPU quota (a container's CPU limit, systemd's CPUQuota=),
+    which the affinity mask does not show.
+    """
     try:
-        return len(os.sched_getaffinity(0)) or 1
+        count = len(os.sched_getaffinity(0)) or 1
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        count = os.cpu_count() or 1
+    limit = cgroupCPULimit()
+    return min(count, limit) if limit is not None else count
+
+
+def cgroupCPULimit(root: str = "/sys/fs/cgroup", cgroups: str = "/proc/self/cgroup") -> int | None:
+    """
+    The CPUs this process's cgroup v2 quota allows (C{cpu.max}: "QUOTA PERIOD", rounded
+    up), or None without a quota (or without cgroup v2).
+    """
+    try:
+        with open(cgroups, encoding="ascii") as f:
+            entries = [line.strip().split(":", 2) for line in f]
+        (path,) = [entry[2] for entry in entries if entry[0] == "0"]
+        with open(os.path.join(root, path.lstrip("/"), "cpu.max"), encoding="ascii") as f:
+            quota, period = f.read().split()
+    except (OSError, ValueError):
+        return None
+    if quota == "max" or not (quota.isdigit() and period.isdigit() and int(period)):
+        return None
+    return max(1, math.ceil(int(quota) / int(period)))
 
 
 def _workers(value: str, baseDir: str) -> int:
