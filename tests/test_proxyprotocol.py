@@ -371,3 +371,27 @@ def test_workersShareHaproxyListeners(startProxy, origin) -> None:
         byProcess.setdefault(process, set()).add(record["client"])
     assert set(byProcess) == {"master", "worker1"}, byProcess
     assert set.union(*byProcess.values()) == {f"10.1.2.{n}" for n in range(1, 41)} | {"192.0.2.1"}
+
+
+def test_headerBeforeTLSOnAnSSLListener(startProxy, tmp_path, origin) -> None:
+    """haproxy:ssl: the header comes in clear, then TLS (what HAProxy sends to a TLS server)."""
+    import ssl
+
+    from tlsorigin import makeCA
+
+    pki = makeCA(tmp_path / "pki")
+    p = startProxy(
+        PROXIED_INI,
+        listen=f"haproxy:ssl:{{port}}:interface=127.0.0.1:privateKey={pki.key}:certKey={pki.cert}",
+    )
+    context = ssl.create_default_context(cafile=str(pki.caCert))
+    with socket.create_connection(("127.0.0.1", p.port), timeout=5) as raw:
+        raw.sendall(v2("10.1.2.9"))
+        with context.wrap_socket(raw, server_hostname="localhost") as s:
+            request = f"GET {origin.url('/echo')} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            s.sendall(request.encode())
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert b'"X-Forwarded-For", "10.1.2.9"' in answer
