@@ -116,9 +116,11 @@ class GatewayService(MultiService):
         try:
             self._listen()
         except ListenError as e:
-            self.log.critical("proxygate: {detail}", detail=e.detail)
             if self.exitOnListenFailure:
                 raise SystemExit(f"proxygate: {e.detail}")
+            # Raised to the application, or to a daemonizing twistd, which passes only the
+            # short text to its launcher: the whole of it goes to the log.
+            self.log.critical("proxygate: {detail}", detail=e.detail)
             raise
         addresses = set()
         for port in self.ports:
