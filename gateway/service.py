@@ -19,7 +19,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from .accesslog import AccessRecord
-from .config import Config, loadConfig, serverEndpoint
+from .config import Config, innerEndpoint, loadConfig, serverEndpoint
 from .metrics import Metrics, metricsHandler
 from .metricsserver import Answer, Handler, MetricsServerFactory, routePath
 from .proxy.client import ClientFactory
@@ -355,9 +355,7 @@ _BACKLOG_ENDPOINTS = ("tcp:", "tcp6:", "ssl:", "unix:")
 
 
 def _withBacklog(description: str) -> str:
-    lowered = description.lower()
-    if lowered.startswith("haproxy:"):
-        lowered = lowered[len("haproxy:") :]
+    lowered = innerEndpoint(description).lower()
     if lowered.startswith(_BACKLOG_ENDPOINTS) and "backlog=" not in lowered:
         return f"{description}:backlog={LISTEN_BACKLOG}"
     return description
