@@ -17,8 +17,9 @@ if TYPE_CHECKING:
     from .config import Config, ConfigError, loadConfig
     from .service import GatewayService, makeService
 
-__all__ = ["Config", "ConfigError", "GatewayService", "loadConfig", "makeService"]
-__version__ = "0.1.0"
+from ._version import __version__
+
+__all__ = ["Config", "ConfigError", "GatewayService", "__version__", "loadConfig", "makeService"]
 
 _HOMES = {
     "Config": "config",

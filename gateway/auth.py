@@ -561,6 +561,8 @@ class Authenticator:
         self._statProblem: str | None = None
         if not self._users:
             _log.warn("htpasswd file {path} lists no users: every request will get 407", path=path)
+        else:
+            _log.info("Loaded htpasswd {path}: {count} users", path=path, count=len(self._users))
 
     @property
     def path(self) -> str:

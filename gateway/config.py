@@ -44,11 +44,15 @@ __all__ = [
     "ReverseConfig",
     "RouteConfig",
     "UpstreamConfig",
+    "cgroupCPULimit",
     "cpuCount",
     "defaultConfig",
     "endpointAddress",
+    "innerEndpoint",
     "loadConfig",
     "parseConfig",
+    "refuseOpenProxy",
+    "serverEndpoint",
 ]
 
 SelfAddress = tuple[str | None, int]
@@ -91,6 +95,7 @@ class UpstreamConfig:
     no_proxy: upstream.NoProxy
     ca_certificate: str | None
     verify: bool
+    rules: upstream.UpstreamRules = field(factory=upstream.UpstreamRules)
 
 
 @frozen
@@ -155,6 +160,10 @@ class Config:
     reverse: ReverseConfig
     routes: tuple[RouteConfig, ...]
     path: str | None
+    #: The command-line overrides (section, key) -> raw value this configuration was read
+    #: with, so a reload of the file applies them again. Hidden from repr: a value may be
+    #: an upstream URL with its password.
+    overrides: tuple[tuple[tuple[str, str], str], ...] = field(default=(), repr=False, eq=False)
 
     def selfAddresses(self) -> frozenset[SelfAddress]:
         """
@@ -172,6 +181,17 @@ class Config:
 
 
 # -- endpoint strings --------------------------------------------------------------------------
+
+#: The prefix of listeners behind a load balancer that sends the PROXY protocol header
+#: (L{gateway.proxyprotocol}): C{haproxy:tcp:3128:interface=0.0.0.0}.
+PROXIED = "haproxy:"
+
+
+def innerEndpoint(description: str) -> str:
+    """The listener under a C{haproxy:} prefix (the description itself without one)."""
+    if description[: len(PROXIED)].lower() == PROXIED:
+        return description[len(PROXIED) :]
+    return description
 
 
 def endpointParts(description: str) -> tuple[str, list[str], dict[str, str]]:
@@ -207,7 +227,7 @@ _NETWORK_ENDPOINTS = {
 
 def _endpointBinding(description: str) -> tuple[str, str | None] | None:
     """(interface, port text) of a TCP-based server endpoint, None for other kinds."""
-    kind, args, kwargs = endpointParts(description)
+    kind, args, kwargs = endpointParts(innerEndpoint(description))
     if kind not in _NETWORK_ENDPOINTS:
         return None
     index, defaultPort, defaultInterface = _NETWORK_ENDPOINTS[kind]
@@ -237,7 +257,7 @@ def _isLocalOnly(description: str) -> bool:
     wildcard or other binds, and endpoint kinds we cannot see into, count as
     reachable from the network.
     """
-    kind = endpointParts(description)[0]
+    kind = endpointParts(innerEndpoint(description))[0]
     if kind == "unix":
         return True
     binding = _endpointBinding(description)
@@ -250,13 +270,23 @@ def _isLocalOnly(description: str) -> bool:
     return address is not None and address.is_loopback
 
 
-def serverEndpoint(reactor, description: str):
+def serverEndpoint(reactor, description: str, wrapProxied=None):
     """
     The server endpoint for C{description}: Twisted's C{serverFromString}, except C{ssl:},
     which is proxygate's own (L{gateway.tls.listener}: the standard library's TLS, no
-    pyOpenSSL).
+    pyOpenSSL), and C{haproxy:}, proxygate's own too (L{gateway.proxyprotocol}: the PROXY
+    header's client is the peer from the first request on). C{wrapProxied} makes the
+    factory of a C{haproxy:} listener from the protocol factory (its clock, header timeout
+    and refusal report); by default L{gateway.proxyprotocol.ProxyHeaderFactory}'s.
     """
     kind, args, kwargs = endpointParts(description)
+    if kind == "haproxy":
+        from .proxyprotocol import ProxiedEndpoint
+
+        inner = innerEndpoint(description)
+        if endpointParts(inner)[0] == "haproxy":
+            raise ValueError("haproxy: cannot wrap another haproxy: listener")
+        return ProxiedEndpoint(reactor, inner, serverEndpoint, wrapProxied)
     if kind == "ssl":
         from .tls.listener import sslServerEndpoint
 
@@ -373,11 +403,35 @@ MAX_WORKERS = 256
 
 
 def cpuCount() -> int:
-    """The CPUs this process may run on (its affinity mask), what C{workers = auto} means."""
+    """
+    The CPUs this process may use, what C{workers = auto} means: its affinity mask, or
+    fewer when its cgroup has a CPU quota (a container's CPU limit, systemd's CPUQuota=),
+    which the affinity mask does not show.
+    """
     try:
-        return len(os.sched_getaffinity(0)) or 1
+        count = len(os.sched_getaffinity(0)) or 1
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        count = os.cpu_count() or 1
+    limit = cgroupCPULimit()
+    return min(count, limit) if limit is not None else count
+
+
+def cgroupCPULimit(root: str = "/sys/fs/cgroup", cgroups: str = "/proc/self/cgroup") -> int | None:
+    """
+    The CPUs this process's cgroup v2 quota allows (C{cpu.max}: "QUOTA PERIOD", rounded
+    up), or None without a quota (or without cgroup v2).
+    """
+    try:
+        with open(cgroups, encoding="ascii") as f:
+            entries = [line.strip().split(":", 2) for line in f]
+        (path,) = [entry[2] for entry in entries if entry[0] == "0"]
+        with open(os.path.join(root, path.lstrip("/"), "cpu.max"), encoding="ascii") as f:
+            quota, period = f.read().split()
+    except (OSError, ValueError):
+        return None
+    if quota == "max" or not (quota.isdigit() and period.isdigit() and int(period)):
+        return None
+    return max(1, math.ceil(int(quota) / int(period)))
 
 
 def _workers(value: str, baseDir: str) -> int:
@@ -437,6 +491,17 @@ def _urlPath(value: str, baseDir: str) -> str:
     if not re.fullmatch(r"/[!$&'()*+,\-./0-9:;=@A-Z_a-z~%]*", value):
         raise ValueError(f"invalid path {value!r}: must start with '/', no query or spaces")
     return value
+
+
+#: Paths the metrics listener serves besides the scrape path (gateway.service).
+RESERVED_METRICS_PATHS = ("/healthz", "/ca.pem", "/ca.der")
+
+
+def _metricsPath(value: str, baseDir: str) -> str:
+    path = _urlPath(value, baseDir)
+    if (path.rstrip("/") or "/") in RESERVED_METRICS_PATHS:
+        raise ValueError(f"{path} is served by the metrics listener already; choose another")
+    return path
 
 
 def _proxyURL(value: str, baseDir: str) -> upstream.ProxyURL | None:
@@ -506,6 +571,11 @@ def _requestHeaders(value: str, baseDir: str) -> tuple[rewrite.HeaderTemplate, .
     return rewrite.parseRequestHeaders(value)
 
 
+def _upstreamRules(value: str, baseDir: str) -> upstream.UpstreamRules:
+    # One rule per line; parseUpstreamRules' messages name the rule, never its URL.
+    return upstream.parseUpstreamRules(value.splitlines())
+
+
 # section -> key -> (default as written in the INI, parser)
 SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
     "proxy": {
@@ -535,6 +605,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
         "no_proxy": ("", _noProxy),
         "ca_certificate": ("", _optionalPath),
         "verify": ("on", _boolean),
+        "rules": ("", _upstreamRules),
     },
     "mitm": {
         "enabled": ("off", _boolean),
@@ -547,7 +618,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
     },
     "metrics": {
         "listen": ("tcp:9530:interface=127.0.0.1", _endpoints),
-        "path": ("/metrics", _urlPath),
+        "path": ("/metrics", _metricsPath),
     },
     "log": {
         "access_log": ("-", _accessLog),
@@ -712,7 +783,7 @@ def _coversEverything(networks: Iterable[policy.IPNetwork]) -> bool:
     return False
 
 
-def _refuseOpenProxy(config: Config, path: str) -> None:
+def refuseOpenProxy(config: Config, path: str) -> None:
     """
     A proxy reachable from the network, letting in every address, without a
     password, is an open proxy: spam, abuse and SSRF for anyone who finds it.
@@ -745,11 +816,11 @@ def _checkWorkers(config: Config, path: str) -> None:
             "platform lacks (use workers = 1)"
         )
     for description in config.proxy.listen:
-        if endpointParts(description)[0] not in WORKER_ENDPOINTS:
+        if endpointParts(innerEndpoint(description))[0] not in WORKER_ENDPOINTS:
             raise ConfigError(
                 f"{path}: [proxy] workers: {config.proxy.workers} worker processes need "
-                f"tcp:, tcp6: or ssl: listeners, and listen {description!r} is not one "
-                "(use workers = 1 with it)"
+                f"tcp:, tcp6: or ssl: listeners (also under haproxy:), and listen "
+                f"{description!r} is not one (use workers = 1 with it)"
             )
 
 
@@ -833,6 +904,7 @@ def parseConfig(
             no_proxy=v["upstream.no_proxy"],
             ca_certificate=v["upstream.ca_certificate"],
             verify=v["upstream.verify"],
+            rules=v["upstream.rules"],
         ),
         mitm=MitmConfig(
             enabled=v["mitm.enabled"],
@@ -853,11 +925,12 @@ def parseConfig(
         ),
         routes=_routes(parser, path, baseDir),
         path=None if path == "<config>" else os.path.abspath(path),
+        overrides=tuple(sorted((overrides or {}).items())),
     )
     _checkWorkers(config, path)
     _checkReverse(config, path, parser)
     if not allowOpenProxy:
-        _refuseOpenProxy(config, path)
+        refuseOpenProxy(config, path)
     return config
 
 

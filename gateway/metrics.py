@@ -15,10 +15,12 @@ from bisect import bisect_left
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Info, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.utils import floatToGoString
+
+from ._version import __version__
 
 if TYPE_CHECKING:
     from .http1.parse import RequestHead
@@ -67,6 +69,15 @@ class Metrics:
             "TLS contexts served from the cache.",
             registry=r,
         )
+        self.configReloads = Counter(
+            "proxygate_config_reloads",
+            "Configuration reloads (SIGHUP), by result: ok, or error (the previous one kept).",
+            ["result"],
+            registry=r,
+        )
+        Info("proxygate_build", "The running proxygate.", registry=r).info({"version": __version__})
+        # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds...
+        ProcessCollector(registry=r)
         self.maxAPISeries = 500
         live = self.live
         self.fromClient = live.transferred["from_client"]
@@ -77,6 +88,8 @@ class Metrics:
             self.denied.labels(reason)
         for reason in ("dns", "refused", "timeout", "tls", "reset"):
             self.upstreamErrors.labels(reason)
+        for result in ("ok", "error"):
+            self.configReloads.labels(result)
 
     def request(self, mode: str, method: bytes, code: int, seconds: float) -> None:
         """One answered request: a dict increment and a bucket search, no locks."""

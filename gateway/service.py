@@ -4,31 +4,51 @@ application attaches with C{makeService(config).setServiceParent(application)}.
 
 The service owns everything it opens: the proxy listeners, the metrics listener, every
 client and origin connection, the access log file. Stopping it stops accepting, lets
-exchanges in flight finish and tunnels run for a grace period, then closes what is left.
+exchanges in flight finish and tunnels run for a grace period (the metrics listener still
+answers, /healthz with 503), then closes what is left. L{GatewayService.reload} applies an
+edited configuration file without a restart (L{gateway.reload}).
 """
 
 from __future__ import annotations
 
 import signal
+import time
 
 from twisted.application.service import MultiService
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from .accesslog import AccessLog, fileObserver
-from .config import Config, ConfigError, loadConfig, serverEndpoint
+from .accesslog import AccessRecord
+from .config import Config, innerEndpoint, loadConfig, serverEndpoint
 from .metrics import Metrics, metricsHandler
-from .metricsserver import Handler, MetricsServerFactory, routePath, staticHandler
+from .metricsserver import Answer, Handler, MetricsServerFactory, routePath
 from .proxy.client import ClientFactory
 from .proxy.runtime import Runtime
 from .proxy.tunnel import ABORT_GRACE
+from .proxyprotocol import ProxyHeaderFactory
+from .reload import Reloader, SignalHandlers
 from .seam import clearExitSignal, exitSignal
 
 __all__ = ["GatewayService", "ListenError", "makeService"]
 
 
 class ListenError(Exception):
-    """A configured listener could not be opened (address in use, permission...)."""
+    """
+    A configured listener could not be opened (address in use, permission...). Its text
+    is short, the reason first: a daemonizing twistd passes at most 100 bytes of a
+    start-up failure to the launching process, which prints them on its stderr.
+    """
+
+    def __init__(self, description: str, error: Exception) -> None:
+        socketError = getattr(error, "socketError", None)
+        reason = getattr(socketError, "strerror", None) or str(error)
+        super().__init__(f"{reason}: {description}")
+        self.description = description
+        self.detail = f"cannot listen on {description!r}: {error}"
+
+
+_TEXT = b"text/plain; charset=utf-8"
+_NOT_FOUND: Answer = (404, _TEXT, b"not found\n")
 
 
 class GatewayService(MultiService):
@@ -36,6 +56,12 @@ class GatewayService(MultiService):
     @ivar runtime: what the connections share (metrics, pool, policies).
     @ivar ports: the listening ports once started, proxy listeners first.
     @ivar proxyPorts, metricsPorts: the same, split by role.
+    @ivar draining: stopping: no new connections, the open ones finishing.
+    @ivar exitOnListenFailure: a listener that cannot open ends the process with one line
+        (twistd -n) instead of raising L{ListenError} (to its caller: an application, or a
+        daemonizing twistd, which reports it to the launching process).
+    @ivar ownsProcess: run by twistd or as a worker, not embedded: the process's signals
+        and exit status are the service's.
     """
 
     log = Logger(namespace="proxygate")
@@ -47,6 +73,7 @@ class GatewayService(MultiService):
         *,
         drainGrace: float = 10.0,
         exitOnListenFailure: bool = False,
+        ownsProcess: bool = False,
     ) -> None:
         super().__init__()
         if reactor is None:
@@ -57,25 +84,17 @@ class GatewayService(MultiService):
         #: What a tunnel that cannot flush gets after the drain grace (its splice cuts it).
         self.abortGrace = ABORT_GRACE
         self.exitOnListenFailure = exitOnListenFailure
+        self.ownsProcess = ownsProcess
+        self.draining = False
         self.metrics = Metrics()
         self.proxyPorts: list = []
         self.metricsPorts: list = []
         self.metricsFactory: MetricsServerFactory | None = None
-        self._logFile = None
         self._flusher = None
         self._authReloader = None
-        authenticator = None
-        if config.auth.htpasswd:
-            from .auth import Authenticator, HtpasswdError
-
-            try:
-                authenticator = Authenticator(
-                    config.auth.htpasswd, config.auth.realm, reactor=reactor
-                )
-            except HtpasswdError as e:
-                raise ConfigError(f"{config.path or '<defaults>'}: [auth] htpasswd: {e}")
-        self.authenticator = authenticator
-        self.runtime = Runtime(config, reactor, self.metrics, self._openAccessLog(), authenticator)
+        self.runtime = Runtime(config, reactor, self.metrics)
+        self.reloader = Reloader(self)
+        self.signals = SignalHandlers(reactor, self.hangup, self.reopenLogs)
         # [proxy] workers > 1: worker processes share the proxy listeners (gateway.workers).
         self.listenReactor = reactor
         self.workers = None
@@ -85,14 +104,10 @@ class GatewayService(MultiService):
             self.workers = WorkerPool(self, config.proxy.workers)
             self.listenReactor = self.workers.listener
 
-    def _openAccessLog(self) -> AccessLog | None:
-        target = self.config.log.access_log
-        if target is None:
-            return None
-        if target == "-":
-            return AccessLog(self.config.log.format)
-        self._logFile = open(target, "a", encoding="utf-8")  # noqa: SIM115 - owned until stop
-        return AccessLog(self.config.log.format, observer=fileObserver(self._logFile))
+    @property
+    def authenticator(self):
+        """The authenticator of the running configuration (None without [auth])."""
+        return self.runtime.authenticator
 
     @property
     def ports(self) -> list:
@@ -100,27 +115,26 @@ class GatewayService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        self.draining = False
         try:
             self._listen()
         except ListenError as e:
             if self.exitOnListenFailure:
-                raise SystemExit(f"proxygate: {e}")
+                raise SystemExit(f"proxygate: {e.detail}")
+            # Raised to the application, or to a daemonizing twistd, which passes only the
+            # short text to its launcher: the whole of it goes to the log.
+            self.log.critical("proxygate: {detail}", detail=e.detail)
             raise
         addresses = set()
         for port in self.ports:
             host = port.getHost()
             addresses.add((host.host if host.host not in ("0.0.0.0", "::") else None, host.port))
         self.runtime.setSelfAddresses(addresses)
-        if self._logFile is not None:
-            self._flusher = task.LoopingCall(self._logFile.flush)
-            self._flusher.clock = self.reactor
-            self._flusher.start(1.0, now=False)
-        if self.authenticator is not None:
-            self._authReloader = task.LoopingCall(self.authenticator.maybeReload)
-            self._authReloader.clock = self.reactor
-            # maybeReload stats at most once a second; ticking twice as often keeps a change
-            # from waiting up to two seconds when a tick lands just before the throttle ends.
-            self._authReloader.start(0.5, now=False)
+        self._flusher = self._every(1.0, self._flushAccessLog)
+        # maybeReload stats at most once a second; ticking twice as often keeps a change
+        # from waiting up to two seconds when a tick lands just before the throttle ends.
+        self._authReloader = self._every(0.5, self._checkHtpasswd)
+        self.signals.install(owned=self.ownsProcess)
         for port in self.proxyPorts:
             h = port.getHost()
             self.log.info("proxygate listening on {host}:{port}", host=h.host, port=h.port)
@@ -134,6 +148,22 @@ class GatewayService(MultiService):
             )
         if self.workers is not None:
             self.workers.start(addresses)
+
+    def _every(self, seconds: float, f) -> task.LoopingCall:
+        call = task.LoopingCall(f)
+        call.clock = self.reactor
+        call.start(seconds, now=False)
+        return call
+
+    def _flushAccessLog(self) -> None:
+        logFile = self.runtime.accessLogFile
+        if logFile is not None:
+            logFile.flush()
+
+    def _checkHtpasswd(self) -> None:
+        authenticator = self.runtime.authenticator
+        if authenticator is not None:
+            authenticator.maybeReload()
 
     def _listen(self) -> None:
         """
@@ -156,7 +186,7 @@ class GatewayService(MultiService):
     def _listenOne(self, description: str, factory, reactor=None):
         if reactor is None:
             reactor = self.reactor
-        d = serverEndpoint(reactor, _withBacklog(description)).listen(factory)
+        d = serverEndpoint(reactor, _withBacklog(description), self._proxied).listen(factory)
         result: list = []
         d.addBoth(result.append)
         if not result:
@@ -165,52 +195,127 @@ class GatewayService(MultiService):
         if isinstance(port, Exception) or hasattr(port, "value"):
             error = getattr(port, "value", port)
             self._closePorts()
-            raise ListenError(f"cannot listen on {description!r}: {error}")
+            raise ListenError(description, error)
         return port
 
+    def _proxied(self, factory) -> ProxyHeaderFactory:
+        """The factory of a haproxy: listener: the PROXY header is due within header_timeout."""
+        return ProxyHeaderFactory(
+            factory,
+            clock=self.reactor,
+            timeout=lambda: self.runtime.headerTimeout,
+            refused=self._proxyHeaderRefused,
+        )
+
+    def _proxyHeaderRefused(self, peer, problem: str) -> None:
+        """A connection closed for want of a PROXY header: counted and logged, as a refusal."""
+        rt = self.runtime
+        rt.metrics.denied.labels("client").inc()
+        if rt.accessLog is not None:
+            rt.accessLog.record(
+                AccessRecord(
+                    start=time.time(),
+                    elapsed=0.0,
+                    client=getattr(peer, "host", "-"),
+                    code=0,
+                    size=0,
+                    method="-",
+                    url="-",
+                    user=None,
+                    action="TCP_DENIED",
+                    hierarchy="HIER_NONE/-",
+                    contentType="-",
+                    mode="local",
+                    reason=problem,
+                )
+            )
+
     def _metricsRoutes(self) -> dict[bytes, Handler]:
-        """What the metrics listener serves: the scrape path, and the MITM CA when there is one."""
+        """
+        What the metrics listener serves: the scrape path, /healthz, and the MITM CA while
+        interception is on (looked up per request: a reload may turn it on or off).
+        """
         if self.workers is None:
             scrape = metricsHandler(self.metrics.registry)
         else:
             from .workers import mergedMetricsHandler
 
             scrape = mergedMetricsHandler(self.metrics.registry, self.workers)
-        routes = {routePath(self.config.metrics.path): scrape}
-        interceptor = self.runtime.interceptor
-        if interceptor is not None:
+        return {
+            routePath(self.config.metrics.path): scrape,
+            b"/healthz": self._health,
             # Users fetch the CA to trust it: curl http://127.0.0.1:9530/ca.pem
-            routes[b"/ca.pem"] = staticHandler(b"application/x-pem-file", interceptor.ca.pem())
-            routes[b"/ca.der"] = staticHandler(b"application/x-x509-ca-cert", interceptor.ca.der())
-        return routes
+            b"/ca.pem": self._caHandler(b"application/x-pem-file", "pem"),
+            b"/ca.der": self._caHandler(b"application/x-x509-ca-cert", "der"),
+        }
 
-    def _closePorts(self) -> list:
-        ds = [defer.maybeDeferred(p.stopListening) for p in self.ports]
+    def _health(self, head) -> Answer:
+        """For load balancers and Kubernetes probes: 503 once draining has begun."""
+        if self.draining:
+            return 503, _TEXT, b"draining\n"
+        return 200, _TEXT, b"ok\n"
+
+    def _caHandler(self, contentType: bytes, form: str) -> Handler:
+        def serve(head) -> Answer:
+            interceptor = self.runtime.interceptor
+            if interceptor is None or not interceptor.config.enabled:
+                return _NOT_FOUND
+            return 200, contentType, getattr(interceptor.ca, form)()
+
+        return serve
+
+    def _closePorts(self, metrics: bool = True) -> list:
+        ports = self.proxyPorts + (self.metricsPorts if metrics else [])
+        ds = [defer.maybeDeferred(p.stopListening) for p in ports]
         if self.workers is not None:
             self.workers.listener.close()
         self.proxyPorts = []
-        self.metricsPorts = []
+        if metrics:
+            self.metricsPorts = []
         return ds
 
+    def reload(self) -> bool:
+        """
+        Re-read the configuration file and apply it (L{gateway.reload}); True if applied.
+        Also reopens the access log file. The embedding application's way to do what SIGHUP
+        does under twistd.
+        """
+        ok = self.reloader.reload()
+        self.reopenLogs()
+        return ok
+
+    def reopenLogs(self) -> None:
+        """Reopen the access log file by its name (after logrotate renamed it): SIGUSR1."""
+        logFile = self.runtime.accessLogFile
+        if logFile is not None:
+            logFile.reopen()
+
     def hangup(self) -> None:
-        """SIGHUP: re-read the htpasswd file, here and in the worker processes."""
-        if self.authenticator is not None:
-            self.authenticator.reload()
-        if self.workers is not None:
+        """
+        SIGHUP: reload here, then in the worker processes (each reads the file itself), only
+        when it worked here: a bad file is reported once, and every process keeps running
+        the same configuration.
+        """
+        if self.reload() and self.workers is not None:
             self.workers.hangup()
 
     @defer.inlineCallbacks
     def stopService(self):
         yield defer.maybeDeferred(super().stopService)
+        rt = self.runtime
+        self.draining = True
+        self.log.info(
+            "proxygate draining: not accepting; {count} connections get {grace} s to finish",
+            count=len(rt.connections),
+            grace=self.drainGrace,
+        )
+        self.signals.uninstall()
         workersStopped = self.workers.stop() if self.workers is not None else None
-        yield defer.DeferredList(self._closePorts())
-        if self.metricsFactory is not None:
-            # Scrapers keep their connections alive: close them, after any answer under way.
-            self.metricsFactory.closeConnections()
+        # The metrics listener stays open while draining: /healthz says 503 to the probes.
+        yield defer.DeferredList(self._closePorts(metrics=False))
         for timer in (self._flusher, self._authReloader):
             if timer is not None and timer.running:
                 timer.stop()
-        rt = self.runtime
         for conn in list(rt.connections):
             conn.drain()
         deadline = self.reactor.seconds() + self.drainGrace
@@ -226,14 +331,15 @@ class GatewayService(MultiService):
             yield task.deferLater(self.reactor, 0.01, lambda: None)
         if workersStopped is not None:
             yield workersStopped
-        if self.exitOnListenFailure and exitSignal(self.reactor) in (signal.SIGTERM, signal.SIGINT):
+        yield defer.DeferredList(self._closePorts())
+        if self.metricsFactory is not None:
+            # Scrapers keep their connections alive: close them, after any answer under way.
+            self.metricsFactory.closeConnections()
+        if self.ownsProcess and exitSignal(self.reactor) in (signal.SIGTERM, signal.SIGINT):
             # Run by twistd (the only caller that owns the process): SIGTERM/SIGINT asked
             # for this drained stop, which is a clean exit (status 0), not a death by signal.
             clearExitSignal(self.reactor)
-        if self._logFile is not None:
-            self._logFile.flush()
-            self._logFile.close()
-            self._logFile = None
+        rt.close()
 
 
 #: Listen backlog when the endpoint string names none. Twisted's default (50) drops the SYNs
@@ -245,7 +351,7 @@ _BACKLOG_ENDPOINTS = ("tcp:", "tcp6:", "ssl:", "unix:")
 
 
 def _withBacklog(description: str) -> str:
-    lowered = description.lower()
+    lowered = innerEndpoint(description).lower()
     if lowered.startswith(_BACKLOG_ENDPOINTS) and "backlog=" not in lowered:
         return f"{description}:backlog={LISTEN_BACKLOG}"
     return description

@@ -21,7 +21,16 @@ from attrs import field, frozen
 
 from gateway.policy import IPAddress, IPNetwork, normaliseNetwork, parseIP
 
-__all__ = ["NoProxy", "NoProxyEntry", "ProxyURL", "parseNoProxy", "parseProxyURL"]
+__all__ = [
+    "NoProxy",
+    "NoProxyEntry",
+    "ProxyURL",
+    "UpstreamRule",
+    "UpstreamRules",
+    "parseNoProxy",
+    "parseProxyURL",
+    "parseUpstreamRules",
+]
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -186,68 +195,73 @@ class NoProxy:
             return True
         if not self.entries:
             return False
-        host = host.strip().lower()
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        host = host.rstrip(".")
-        address = parseIP(host)
+        host, address = _normaliseHost(host)
         return any(entry.matches(host, address, port) for entry in self.entries)
 
 
-def _noProxyPort(text: str, item: str) -> int:
+def _normaliseHost(host: str) -> tuple[str, IPAddress | None]:
+    """A destination as the entries compare it: lower case, no brackets, no final dot."""
+    host = host.strip().lower()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    host = host.rstrip(".")
+    return host, parseIP(host)
+
+
+def _noProxyPort(text: str, item: str, kind: str) -> int:
     if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 65535):
-        raise ValueError(f"invalid no_proxy entry {item!r}: bad port")
+        raise ValueError(f"invalid {kind} {item!r}: bad port")
     return int(text)
 
 
-def _noProxyAddress(text: str, item: str, port: int | None) -> NoProxyEntry:
+def _noProxyAddress(text: str, item: str, port: int | None, kind: str) -> NoProxyEntry:
     if "/" in text:
         if port is not None:
-            raise ValueError(f"invalid no_proxy entry {item!r}: a network cannot have a port")
+            raise ValueError(f"invalid {kind} {item!r}: a network cannot have a port")
         address, _, prefix = text.partition("/")
         try:
             network = ipaddress.ip_network(f"{address}/{prefix}", strict=False)
         except ValueError:
-            raise ValueError(f"invalid no_proxy entry {item!r}: bad network") from None
+            raise ValueError(f"invalid {kind} {item!r}: bad network") from None
         return NoProxyEntry(network=normaliseNetwork(network), port=port)
     address = parseIP(text)
     if address is None:
-        raise ValueError(f"invalid no_proxy entry {item!r}: bad IP address")
+        raise ValueError(f"invalid {kind} {item!r}: bad IP address")
     return NoProxyEntry(network=ipaddress.ip_network(address), port=port)
 
 
-def _parseNoProxyEntry(item: str) -> NoProxyEntry | None:
-    """One entry; None for "*"."""
+def _parseNoProxyEntry(item: str, kind: str = "no_proxy entry") -> NoProxyEntry | None:
+    """One entry; None for "*". C{kind} names what it is in error messages."""
     text = item.strip().lower()
     if text == "*":
         return None
     if "://" in text:
-        raise ValueError(f"invalid no_proxy entry {item!r}: a URL; write the host name only")
+        raise ValueError(f"invalid {kind} {item!r}: a URL; write the host name only")
     port: int | None = None
     if text.startswith("["):
         end = text.find("]")
         if end < 0:
-            raise ValueError(f"invalid no_proxy entry {item!r}: unclosed '['")
+            raise ValueError(f"invalid {kind} {item!r}: unclosed '['")
         inner, rest = text[1:end], text[end + 1 :]
         if rest:
             if not rest.startswith(":"):
-                raise ValueError(f"invalid no_proxy entry {item!r}: junk after ']'")
-            port = _noProxyPort(rest[1:], item)
-        return _noProxyAddress(inner, item, port)
+                raise ValueError(f"invalid {kind} {item!r}: junk after ']'")
+            port = _noProxyPort(rest[1:], item, kind)
+        return _noProxyAddress(inner, item, port, kind)
     if text.count(":") >= 2 or "/" in text:
-        return _noProxyAddress(text, item, None)
+        return _noProxyAddress(text, item, None, kind)
     if ":" in text:
         text, _, portText = text.partition(":")
-        port = _noProxyPort(portText, item)
+        port = _noProxyPort(portText, item, kind)
     text = text.rstrip(".")
     if parseIP(text) is not None:
-        return _noProxyAddress(text, item, port)
+        return _noProxyAddress(text, item, port, kind)
     if text.startswith("*."):
         text = text[2:]
     elif text.startswith("."):
         text = text[1:]
     if not text or not _HOSTNAME.fullmatch(text):
-        raise ValueError(f"invalid no_proxy entry {item!r}: not a host, domain, IP or CIDR")
+        raise ValueError(f"invalid {kind} {item!r}: not a host, domain, IP or CIDR")
     return NoProxyEntry(domain=text, port=port)
 
 
@@ -268,3 +282,64 @@ def parseNoProxy(items: Iterable[str]) -> NoProxy:
             else:
                 entries.append(entry)
     return NoProxy(tuple(entries), matchAll)
+
+
+@frozen
+class UpstreamRule:
+    """
+    One line of C{[upstream] rules}: destinations matching C{pattern} (a no_proxy entry;
+    None is "*", everything) go through C{target}, or direct when it is None.
+    """
+
+    pattern: NoProxyEntry | None
+    target: ProxyURL | None
+
+
+@frozen
+class UpstreamRules:
+    """
+    The per-destination choice of upstream, tried before C{no_proxy} and C{proxy}: the
+    first rule whose pattern matches decides. Patterns read as no_proxy entries do (names
+    match names, no DNS is done; addresses and CIDRs match IP literals).
+    """
+
+    rules: tuple[UpstreamRule, ...] = ()
+
+    def find(self, host: str, port: int) -> int | None:
+        """The index of the first rule matching C{host}:C{port}, or None."""
+        if not self.rules:
+            return None
+        name, address = _normaliseHost(host)
+        for index, rule in enumerate(self.rules):
+            if rule.pattern is None or rule.pattern.matches(name, address, port):
+                return index
+        return None
+
+
+def parseUpstreamRules(lines: Iterable[str]) -> UpstreamRules:
+    """
+    Read C{[upstream] rules}: one C{PATTERN TARGET} per line, TARGET an upstream URL (as
+    C{proxy}) or C{direct}. Errors name the rule by its number and never quote a URL.
+    """
+    rules: list[UpstreamRule] = []
+    for line in lines:
+        fields = line.split()
+        if not fields:
+            continue
+        number = len(rules) + 1
+        if len(fields) != 2:
+            raise ValueError(
+                f"rule {number}: expected 'PATTERN TARGET' (TARGET an upstream URL or 'direct'), "
+                f"found {len(fields)} fields"
+            )
+        pattern, target = fields
+        if "://" in pattern or "@" in pattern:
+            # Never quoted: the fields may be swapped, and a URL may carry a password.
+            raise ValueError(f"rule {number}: the pattern is a URL; write PATTERN, then TARGET")
+        try:
+            entry = _parseNoProxyEntry(pattern, kind="pattern")
+            proxy = None if target.lower() == "direct" else parseProxyURL(target)
+        except ValueError as e:
+            raise ValueError(f"rule {number}: {e}") from None
+        rules.append(UpstreamRule(entry, proxy))
+    return UpstreamRules(tuple(rules))

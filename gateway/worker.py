@@ -5,8 +5,8 @@ by the master (L{gateway.workers.WorkerPool}), never by hand.
 It reads its start-up payload (configuration, inherited listening sockets, the master's
 addresses) from stdin, serves on the inherited sockets exactly as the master does, and
 sends its log and its metrics to the master over stdout. SIGTERM drains and stops it, as
-does the end of stdin (the master is gone); SIGHUP (or the master's C{H}) re-reads the
-htpasswd file.
+does the end of stdin (the master is gone); SIGHUP (or the master's C{H}) reloads the
+configuration file, as the master does (L{gateway.reload}).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import signal
 import sys
 
 from prometheus_client import generate_latest
@@ -22,7 +21,7 @@ from twisted.internet import defer, error, protocol, task
 from twisted.logger import Logger, eventAsText, globalLogBeginner
 from twisted.python.failure import Failure
 
-from .workers import FrameReader, InheritedListener, frame
+from .workers import FrameReader, InheritedListener, frame, workerConfig
 
 log = Logger(namespace="proxygate.workers")
 
@@ -68,7 +67,7 @@ class _Master(protocol.Protocol):
         if payload == b"M":
             self.send(b"M" + generate_latest(self.service.metrics.registry))
         elif payload == b"H":
-            self.service.hangup()
+            self.service.reload()
 
     def connectionLost(self, reason) -> None:
         self.connected = False
@@ -121,8 +120,12 @@ def main() -> None:
     stdio.StandardIO(master, stdin=0, stdout=out, reactor=reactor)
     globalLogBeginner.beginLoggingTo([master.observe], redirectStandardIO=False)
 
-    service = GatewayService(start["config"], reactor, drainGrace=start["drainGrace"])
+    service = GatewayService(
+        start["config"], reactor, drainGrace=start["drainGrace"], ownsProcess=True
+    )
     service.listenReactor = InheritedListener(reactor, start["fds"])
+    # A reload reads the master's file and runs it as the master runs its workers.
+    service.reloader.prepare = workerConfig
     master.service = service
     failed: list[Failure] = []
 
@@ -143,10 +146,6 @@ def main() -> None:
         d.addErrback(lambda failure: log.failure("proxygate worker stop", failure))
         return d.addCallback(lambda _: master.close())
 
-    def onHangup(signum, frame) -> None:
-        reactor.callFromThread(service.hangup)
-
-    signal.signal(signal.SIGHUP, onHangup)
     reactor.addSystemEventTrigger("before", "shutdown", stop)
     reactor.callWhenRunning(run)
     reactor.run()

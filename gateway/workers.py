@@ -13,7 +13,8 @@ CA before it starts any worker, and the workers load the same files.
 Master and worker talk over the worker's standard streams, in length-prefixed frames:
 
 - master -> worker (stdin): the start-up payload (pickled), then C{M} (send your metrics)
-  or C{H} (SIGHUP: re-read the htpasswd file).
+  or C{H} (SIGHUP, once the master's own reload succeeded: re-read the configuration file
+  and apply it, as the master did).
 - worker -> master (stdout): C{R} (serving), C{M} + its Prometheus text exposition,
   C{L} + one log event as JSON, which the master logs (its system tagged C{,workerN}),
   access lines included, so there is one log whatever its destination.
@@ -21,7 +22,12 @@ Master and worker talk over the worker's standard streams, in length-prefixed fr
 
 A worker drains and exits on SIGTERM, and when its stdin closes (the master is gone). The
 master's /metrics asks every worker for its exposition and adds them to its own, sample by
-sample (L{mergedMetricsHandler}): one scrape shows the totals.
+sample (L{mergedMetricsHandler}): one scrape shows the totals. Three kinds of figure are not
+added up, since a sum would mean nothing: the standard C{process_*} metrics (start time,
+memory, file descriptors of each process) keep one series per process with a C{worker}
+label ("0" is the master); C{proxygate_build_info} (the same in every process) and
+C{proxygate_config_reloads_total} (a SIGHUP is one reload of the service, which the master
+counts) are the master's.
 """
 
 from __future__ import annotations
@@ -45,7 +51,6 @@ from twisted.internet import defer, error, protocol, task
 from twisted.internet.abstract import isIPv6Address
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 
-from .accesslog import fileObserver
 from .config import Config
 from .metrics import encoderFor
 
@@ -194,24 +199,39 @@ class InheritedListener(_Listener):
 # -- metrics -------------------------------------------------------------------------------------
 
 
-def mergeExpositions(texts: list[str]) -> list[Metric]:
+#: Families that describe the service as a whole: the master's value is the value.
+MASTER_ONLY = frozenset({"proxygate_build_info", "proxygate_config_reloads"})
+#: Families that describe one process: one series per process (a C{worker} label).
+PER_PROCESS_PREFIX = "process_"
+
+
+def mergeExpositions(texts: list[str], processes: list[str] | None = None) -> list[Metric]:
     """
     Prometheus text expositions of several processes as one: samples with the same name
     and labels are added (counters, histogram buckets, sums and counts, and the gauges,
     which count open connections and tunnels); C{_created} timestamps keep the earliest.
+    The first text is the master's: L{MASTER_ONLY} families are taken from it alone. With
+    C{processes} (a name per text), C{process_*} samples get a C{worker} label instead of
+    being added.
     """
     merged: dict[tuple[str, str], tuple[Metric, dict]] = {}
-    for text in texts:
+    for position, text in enumerate(texts):
         for family in text_string_to_metric_families(text):
+            if position and family.name in MASTER_ONLY:
+                continue
+            extra = {}
+            if processes is not None and family.name.startswith(PER_PROCESS_PREFIX):
+                extra = {"worker": processes[position]}
             key = (family.name, family.type)
             if key not in merged:
                 merged[key] = (Metric(family.name, family.documentation, family.type), {})
             samples = merged[key][1]
             for sample in family.samples:
-                sampleKey = (sample.name, tuple(sorted(sample.labels.items())))
+                labels = {**sample.labels, **extra} if extra else sample.labels
+                sampleKey = (sample.name, tuple(sorted(labels.items())))
                 seen = samples.get(sampleKey)
                 if seen is None:
-                    samples[sampleKey] = (sample.labels, sample.value)
+                    samples[sampleKey] = (labels, sample.value)
                 elif sample.name.endswith("_created"):
                     samples[sampleKey] = (seen[0], min(seen[1], sample.value))
                 else:
@@ -249,8 +269,10 @@ def mergedMetricsHandler(registry, pool: WorkerPool) -> Handler:
         own = generate_latest(registry).decode("utf-8")
 
         def render(texts: list[str | None]) -> Answer:
-            answered = [text for text in texts if text is not None]
-            families = mergeExpositions([own, *answered])
+            answered = [(str(i), text) for i, text in enumerate(texts, 1) if text is not None]
+            families = mergeExpositions(
+                [own, *(text for _, text in answered)], ["0", *(i for i, _ in answered)]
+            )
             families += pool.families(processes=1 + len(answered))
             return 200, contentType, encoder(_Families(families))
 
@@ -456,13 +478,14 @@ class WorkerPool:
         self.selfAddresses: frozenset = frozenset()
         self.stopping = False
         self.restarts = 0
-        self._config = workerConfig(service.config)
 
     def payload(self, index: int, fds: list[int]) -> bytes:
         return pickle.dumps(
             {
                 "index": index,
-                "config": self._config,
+                # The service's configuration now: a worker restarted after a reload runs
+                # the reloaded one.
+                "config": workerConfig(self.service.config),
                 "fds": fds,
                 "selfAddresses": self.selfAddresses,
                 "drainGrace": self.service.drainGrace,
@@ -510,9 +533,9 @@ class WorkerPool:
             "text": record["x"],
             "worker": index,
         }
-        accessFile = getattr(self.service, "_logFile", None)
+        accessFile = self.service.runtime.accessLogFile
         if record["n"] == "proxygate.access" and accessFile is not None:
-            fileObserver(accessFile)(event)
+            accessFile.observe(event)
         else:
             globalLogPublisher(event)
 

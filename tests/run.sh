@@ -3,14 +3,15 @@
 # (bash tests/run.sh tests/test_connect.py runs one file; -k NAME, -x as pytest takes them)
 # - Debian packages used as real clients and peers: curl, openssl, tinyproxy, squid, apache2-utils,
 #   chromium (a headless browser driving apps behind the inbound gateway: tests/browser.py),
-#   prometheus (promtool checks and unit-tests the alert rules; a real Prometheus scrapes proxygate)
+#   prometheus (promtool checks and unit-tests the alert rules; a real Prometheus scrapes proxygate),
+#   haproxy (a load balancer sending the PROXY protocol), logrotate (etc/logrotate.d)
 # - a virtualenv (.venv, or $PROXYGATE_VENV) with proxygate and its test dependencies
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 for pair in curl:curl openssl:openssl tinyproxy:tinyproxy squid:squid htpasswd:apache2-utils \
-    chromium:chromium promtool:prometheus; do
+    chromium:chromium promtool:prometheus haproxy:haproxy logrotate:logrotate; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need+=("${pair#*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -18,8 +19,8 @@ if [ ${#need[@]} -gt 0 ]; then
     echo "tests/run.sh: missing ${need[*]}: install them (apt-get install ${need[*]})" >&2
     exit 1
   fi
-  # Installing squid/tinyproxy/prometheus must not start their system services (:3128, :8888,
-  # :9090).
+  # Installing squid/tinyproxy/prometheus/haproxy must not start their system services (:3128,
+  # :8888, :9090...).
   guard=""
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d

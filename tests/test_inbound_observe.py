@@ -7,7 +7,7 @@ import json
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.accesslog import AccessRecord, combinedLine, jsonLine, routeHierarchy, squidLine
+from gateway.accessrecord import AccessRecord, combinedLine, jsonLine, routeHierarchy, squidLine
 from gateway.metrics import Metrics
 
 

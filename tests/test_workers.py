@@ -150,7 +150,8 @@ def test_unsharedListenerKindIsOneLineError(tmp_path: Path) -> None:
     lines = out.stderr.decode().strip().splitlines()
     assert lines == [
         f"proxygate: {config}: [proxy] workers: 2 worker processes need tcp:, tcp6: or ssl: "
-        f"listeners, and listen 'unix:{tmp_path}/p.sock' is not one (use workers = 1 with it)"
+        f"listeners (also under haproxy:), and listen 'unix:{tmp_path}/p.sock' is not one "
+        "(use workers = 1 with it)"
     ]
     with pytest.raises(ConfigError, match=r"\[proxy\] workers: .*'unix:/x'"):
         parseConfig("[proxy]\nworkers = 2\nlisten = unix:/x")

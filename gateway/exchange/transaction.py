@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from ..accesslog import AccessRecord, hierarchy
+from ..accessrecord import AccessRecord, hierarchy
 from ..metrics import normaliseAPI
 from .problems import Problem
 

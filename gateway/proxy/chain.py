@@ -1,5 +1,6 @@
 """
-Chaining to an upstream proxy: which requests go through it, and how to dial through it.
+Chaining to upstream proxies: which requests go through which (C{[upstream] rules}, then
+C{no_proxy} and C{proxy}), and how to dial through one.
 
 Plain HTTP requests go to the upstream in absolute form on pooled connections to the
 upstream itself. CONNECT tunnels, and the origin legs of intercepted (MITM) tunnels, are
@@ -25,38 +26,40 @@ from ..upstream import ProxyURL
 from .dial import DialError, UpstreamRefused
 from .flow import noDelay
 
-__all__ = ["Upstream"]
+__all__ = ["Route", "Upstream"]
 
 _MAX_HEAD = 65536
 
 
-class Upstream:
-    """The configured upstream proxy and the no_proxy exceptions."""
+class Route:
+    """
+    One upstream proxy as the request path uses it: its URL, the Proxy-Authorization our
+    configuration gives it, its name for messages, its TLS (an https:// upstream), and how
+    to dial through it. Built once per distinct upstream URL when the configuration is
+    read, so choosing a route costs no allocation.
+    """
 
-    def __init__(self, config: UpstreamConfig) -> None:
-        self.proxy = config.proxy
-        self.noProxy = config.no_proxy
-        self.authorization = self.proxy.authorization() if self.proxy is not None else None
-        self._tls = None
-        if self.proxy is not None and self.proxy.scheme == "https":
-            self._tls = clientCreator(self.proxy.host, config.ca_certificate, config.verify)
-        self.label = bracketed(self.proxy.host) if self.proxy is not None else ""
+    __slots__ = ("authorization", "host", "label", "port", "proxy", "tls")
 
-    def routeFor(self, host: str, port: int) -> ProxyURL | None:
-        """The upstream to use for C{host}:C{port}, or None to go direct."""
-        if self.proxy is None or self.noProxy.matches(host, port):
-            return None
-        return self.proxy
+    def __init__(self, proxy: ProxyURL, caCertificate: str | None, verify: bool) -> None:
+        self.proxy = proxy
+        self.host = proxy.host
+        self.port = proxy.port
+        self.authorization = proxy.authorization()
+        self.label = bracketed(proxy.host)
+        self.tls = (
+            clientCreator(proxy.host, caCertificate, verify) if proxy.scheme == "https" else None
+        )
 
     def wrap(self, endpoint):
         """The endpoint of the upstream itself, with TLS when it is an https:// proxy."""
-        if self._tls is None:
+        if self.tls is None:
             return endpoint
-        return wrapEndpoint(self._tls)(endpoint)
+        return wrapEndpoint(self.tls)(endpoint)
 
     def dialProxy(self, dialer, protocol) -> defer.Deferred:
         """A connection to the upstream proxy itself (for absolute-form requests)."""
-        d = dialer.connect(self.proxy.host, self.proxy.port, protocol, self.wrap, checked=False)
+        d = dialer.connect(self.host, self.port, protocol, self.wrap, checked=False)
         d.addErrback(self._unreachable)
         return d
 
@@ -76,7 +79,7 @@ class Upstream:
             lines.append(b"Proxy-Authorization: " + self.authorization + b"\r\n")
         lines.append(b"\r\n")
         handshake = _TunnelHandshake(b"".join(lines), protocol, originTLS, self.proxy)
-        d = dialer.connect(self.proxy.host, self.proxy.port, handshake, self.wrap, checked=False)
+        d = dialer.connect(self.host, self.port, handshake, self.wrap, checked=False)
         d.addErrback(self._unreachable)
         timer = dialer.reactor.callLater(timeout, handshake.timedOut)
 
@@ -101,9 +104,42 @@ class Upstream:
             raise DialError(
                 e.reason,
                 e.status,
-                f"The upstream proxy {self.label}:{self.proxy.port} is unreachable: {e.message}",
+                f"The upstream proxy {self.label}:{self.port} is unreachable: {e.message}",
             )
         return failure
+
+
+class Upstream:
+    """
+    The routing of C{[upstream]}: C{rules} first (the first match decides), then
+    C{no_proxy} (direct), then C{proxy}.
+    """
+
+    def __init__(self, config: UpstreamConfig) -> None:
+        routes: dict[ProxyURL, Route] = {}
+
+        def route(proxy: ProxyURL | None) -> Route | None:
+            if proxy is None:
+                return None
+            if proxy not in routes:
+                routes[proxy] = Route(proxy, config.ca_certificate, config.verify)
+            return routes[proxy]
+
+        self.default = route(config.proxy)
+        self.noProxy = config.no_proxy
+        self.rules = config.rules
+        self.ruleRoutes = tuple(route(rule.target) for rule in config.rules.rules)
+        self.routes = tuple(routes.values())
+
+    def routeFor(self, host: str, port: int) -> Route | None:
+        """The upstream route for C{host}:C{port}, or None to go direct."""
+        if self.ruleRoutes:
+            index = self.rules.find(host, port)
+            if index is not None:
+                return self.ruleRoutes[index]
+        if self.default is None or self.noProxy.matches(host, port):
+            return None
+        return self.default
 
 
 @implementer(IHalfCloseableProtocol)

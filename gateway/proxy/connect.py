@@ -107,7 +107,7 @@ class Tunnel(Transaction):
         if route is None:
             d = rt.dialer.connect(self.host, self.port, origin)
         else:
-            d = rt.upstream.dialThrough(
+            d = route.dialThrough(
                 rt.dialer, self.host, self.port, origin, timeout=rt.dialer.connectTimeout
             )
         if stream is not None:

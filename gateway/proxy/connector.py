@@ -37,15 +37,15 @@ class OriginConnector:
             # Absolute form to the upstream proxy, on connections shared by every origin.
             conn = OriginConnection(
                 key,
-                f"the upstream proxy {rt.upstream.label}:{route.port}",
+                f"the upstream proxy {route.label}:{route.port}",
                 absolute=True,
-                authorization=rt.upstream.authorization,
+                authorization=route.authorization,
                 viaProxy=True,
             )
-            d = rt.upstream.dialProxy(rt.dialer, conn)
+            d = route.dialProxy(rt.dialer, conn)
         else:
             conn = OriginConnection(key, f"the origin {request.host}", viaProxy=True)
-            d = rt.upstream.dialThrough(
+            d = route.dialThrough(
                 rt.dialer,
                 request.host,
                 request.port,

@@ -12,6 +12,7 @@ used to reach anywhere else.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from ..config import MitmConfig
@@ -25,16 +26,30 @@ __all__ = ["Interceptor"]
 
 
 class Interceptor:
-    """The CA, the per-host server contexts and the interception decision."""
+    """
+    The CA, the per-host server contexts and the interception decision.
 
-    def __init__(self, config: MitmConfig, metrics: Metrics) -> None:
+    A reload builds a new one from the new C{[mitm]} section and the one running
+    (C{previous}): the CA and its minted contexts are kept when the CA files are the same
+    ones, unchanged. With C{enabled = off} it decrypts no new tunnel, and exists only when
+    interception was on before the reload: the tunnels decrypted until then still reach
+    their origins, verified as the new section says.
+    """
+
+    def __init__(
+        self, config: MitmConfig, metrics: Metrics, previous: Interceptor | None = None
+    ) -> None:
         self.config = config
-        self.ca = loadOrCreateCA(config.ca_cert, config.ca_key)
-        self.contexts = ServerContextCache(
-            self.ca,
-            onIssued=metrics.certificatesIssued.inc,
-            onHit=metrics.certificateCacheHits.inc,
-        )
+        if previous is not None and (not config.enabled or previous.source == _caSource(config)):
+            self.source, self.ca, self.contexts = previous.source, previous.ca, previous.contexts
+        else:
+            self.ca = loadOrCreateCA(config.ca_cert, config.ca_key)
+            self.source = _caSource(config)  # the files as created, when they were not there
+            self.contexts = ServerContextCache(
+                self.ca,
+                onIssued=metrics.certificatesIssued.inc,
+                onHit=metrics.certificateCacheHits.inc,
+            )
         self.bundle = config.upstream_ca_bundle
         self.verify = config.verify_upstream
         if self.bundle:
@@ -42,6 +57,8 @@ class Interceptor:
             clientCreator("localhost", self.bundle, self.verify)
 
     def intercepts(self, host: str) -> bool:
+        if not self.config.enabled:
+            return False
         if any(p.matchesName(host) or _addressMatch(p, host) for p in self.config.passthrough):
             return False
         return any(p.matchesName(host) or _addressMatch(p, host) for p in self.config.intercept)
@@ -56,6 +73,19 @@ class Interceptor:
     def originTLS(self, host: str) -> Callable:
         """Wraps an origin endpoint in TLS verified for C{host}."""
         return wrapEndpoint(self.originCreator(host))
+
+
+def _caSource(config: MitmConfig) -> tuple:
+    """The CA files and what they are now (inode, size, mtime): a change means reload it."""
+    signature = []
+    for path in (config.ca_cert, config.ca_key):
+        try:
+            st = os.stat(path)
+        except OSError:
+            signature.append((path, None))
+        else:
+            signature.append((path, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(signature)
 
 
 def _addressMatch(pattern, host: str) -> bool:

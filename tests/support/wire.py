@@ -118,7 +118,9 @@ class FakeDialer:
 
 def runtime(ini: str = "", authenticator=None) -> Runtime:
     config = parseConfig(BASE_INI + ini)
-    rt = Runtime(config, MemoryReactorClock(), Metrics(), RecordingLog(), authenticator)
+    rt = Runtime(config, MemoryReactorClock(), Metrics())
+    rt.accessLog = RecordingLog()
+    rt.authenticator = authenticator
     rt.connector = FakeConnector(rt)
     rt.dialer = FakeDialer()
     return rt

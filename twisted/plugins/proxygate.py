@@ -3,7 +3,10 @@ The twistd drop-in: ``twistd -n proxygate [--config proxygate.ini]``.
 
 Options become a configuration, the configuration becomes the service; nothing else lives
 here. A bad configuration ends start-up with one line on stderr and exit status 1, before
-anything listens.
+anything listens (and before twistd daemonizes or writes its pidfile). A listener that
+cannot open fails later, once twistd has daemonized: the service then raises, so that
+twistd reports it to the launching process (which exits 1 with the reason on its stderr)
+and removes the pidfile; with -n it ends the process with one line.
 """
 
 from __future__ import annotations
@@ -43,6 +46,13 @@ class Options(usage.Options):
         super().__init__()
         self["set"] = []
 
+    def opt_version(self) -> None:
+        """Print proxygate's version and exit."""
+        from gateway import __version__
+
+        print(f"proxygate {__version__}")
+        sys.exit(0)
+
     def opt_set(self, assignment: str) -> None:
         """Override one INI key, validated like the file's (repeatable): mitm.enabled=on"""
         name, sep, value = assignment.partition("=")
@@ -75,40 +85,22 @@ class ProxygateServiceMaker:
         from gateway.config import ConfigError
         from gateway.service import GatewayService
 
+        # twistd's own options: a daemon reports a failed start through twistd's status
+        # pipe (an exception), a foreground process with one line of its own.
+        twistd = getattr(options, "parent", None)
+        nodaemon = twistd is None or bool(twistd.get("nodaemon"))
         try:
-            service = GatewayService(options["loaded"], exitOnListenFailure=True)
+            service = GatewayService(
+                options["loaded"], exitOnListenFailure=nodaemon, ownsProcess=True
+            )
         except ConfigError as e:
             sys.exit(f"proxygate: {e}")
-        if service.authenticator is not None:
-            _reloadOnHangup(service)
         from twisted.internet import reactor
 
         from gateway.seam import dispatchDirectly
 
         dispatchDirectly(reactor)
         return service
-
-
-def _reloadOnHangup(service) -> None:
-    """
-    SIGHUP re-reads the htpasswd file (in the worker processes too, with [proxy] workers).
-    Installed here rather than in the service, since an application that embeds the
-    service owns its process's signals; installed once the reactor runs, after twistd and
-    the reactor have set up their own handlers.
-    """
-    import signal
-
-    from twisted.internet import reactor
-
-    def onHangup(signum, frame) -> None:
-        # A signal handler may interrupt the reactor anywhere: do the work on its next turn.
-        reactor.callFromThread(service.hangup)
-
-    def install() -> None:
-        if hasattr(signal, "SIGHUP"):
-            signal.signal(signal.SIGHUP, onHangup)
-
-    reactor.callWhenRunning(install)
 
 
 serviceMaker = ProxygateServiceMaker()
