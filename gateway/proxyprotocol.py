@@ -42,6 +42,8 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
+from .seam import replacePeer, replaceProtocol
+
 __all__ = [
     "ProxiedEndpoint",
     "ProxyHeader",
@@ -184,16 +186,15 @@ class ProxyHeaderReader(Protocol):
         self._buf = b""
         transport = self.transport
         if header.source is not None:
-            peer = _address(*header.source)
             # The connection's peer from now on, for every getPeer (the client protocol's,
-            # a TLS layer's above it). An attribute of this one transport object, so the
-            # transport stays a plain TCP connection (see the module docstring).
-            transport.getPeer = lambda: peer
+            # a TLS layer's above it), on this one transport object, so the transport stays
+            # a plain TCP connection (see the module docstring).
+            replacePeer(transport, _address(*header.source))
         protocol = self.factory.wrappedFactory.buildProtocol(transport.getPeer())
         if protocol is None:
             transport.loseConnection()
             return
-        transport.protocol = protocol  # a TCP connection delivers to its .protocol
+        replaceProtocol(transport, protocol)
         protocol.makeConnection(transport)
         if rest and transport.connected and not transport.disconnecting:
             protocol.dataReceived(rest)

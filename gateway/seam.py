@@ -13,10 +13,13 @@ how much), and nowhere else:
   reactor's C{_poller}, C{_selectables}, C{_doReadOrWrite}): get1k 108 -> 92 µs/request.
 - L{clearExitSignal}: twistd re-raises the signal it stopped on (C{_exitSignal}); a drained
   stop on SIGTERM is a clean exit.
-- L{replaceProtocol}: the protocol a TCP connection delivers to (C{transport.protocol}), for
-  a connection that starts TLS in the middle of its life without a protocol of its own that
-  can hand over (tests' STARTTLS-style servers; proxygate's own connections hand over through
-  L{gateway.proxy.tunnel.Stream} instead).
+- L{replaceProtocol}: the protocol a TCP connection delivers to (C{transport.protocol}): a
+  C{haproxy:} listener hands the connection to the client protocol once the PROXY header is
+  read, so that the client protocol's transport is the plain TCP connection (and
+  L{writeNow}'s fast path applies); a STARTTLS-style server (tests) starts TLS mid-life.
+  proxygate's own connections hand over to raw bytes through
+  L{gateway.proxy.tunnel.Stream} instead.
+- L{replacePeer}: that connection's peer from then on is the address in the PROXY header.
 
 L{problems} lists what the installed Twisted lacks of these shapes. Each user checks its
 own shape before it takes the fast path and falls back to the public API otherwise, so a
@@ -35,6 +38,7 @@ __all__ = [
     "clearExitSignal",
     "dispatchDirectly",
     "problems",
+    "replacePeer",
     "replaceProtocol",
     "widenReads",
     "writeNow",
@@ -203,3 +207,11 @@ def replaceProtocol(transport, protocol) -> None:
         transport.wrappedProtocol = protocol
     else:
         transport.protocol = protocol
+
+
+def replacePeer(transport, address) -> None:
+    """
+    Make C{transport.getPeer()} answer C{address} from now on, on this transport object
+    only (an instance attribute over the class's method).
+    """
+    transport.getPeer = lambda: address
