@@ -173,6 +173,7 @@ class MetricsServerProtocol(Protocol):
     def __init__(self, factory: MetricsServerFactory) -> None:
         self.factory = factory
         self._buffer = b""
+        self._scanned = 0  # bytes of _buffer already searched for an incomplete head
         self._timer = None
         self._pending = False  # an asynchronous answer is on its way
         self._serving = False  # inside _serveBuffered (answers that arrive then are not re-entered)
@@ -272,9 +273,13 @@ class MetricsServerProtocol(Protocol):
     def _takeHead(self) -> RequestHead | None:
         """The next complete, acceptable head out of the buffer; None (maybe refused) if none."""
         try:
-            block, self._buffer = splitRequestHead(self._buffer, MAX_HEAD_SIZE, _TOO_LARGE)
+            block, self._buffer = splitRequestHead(
+                self._buffer, MAX_HEAD_SIZE, _TOO_LARGE, self._scanned
+            )
             if block is None:
+                self._scanned = len(self._buffer)
                 return None
+            self._scanned = 0
             head = parseRequestHead(block)
             _checkHead(head)
         except HTTPError as e:

@@ -52,6 +52,7 @@ class ClientConnection(Protocol):
         self.rt = rt
         self._state = _HEAD
         self._buf = b""
+        self._scanned = 0  # bytes of _buf already searched for an incomplete head
         self._body = None  # body reader of the request being read
         self.exchange = None  # ForwardExchange or a CONNECT attempt
         self.splice = None
@@ -238,9 +239,13 @@ class ClientConnection(Protocol):
 
     def _readHead(self) -> None:
         try:
-            block, self._buf = splitRequestHead(self._buf, self.rt.maxHeaderSize, _TOO_LARGE)
+            block, self._buf = splitRequestHead(
+                self._buf, self.rt.maxHeaderSize, _TOO_LARGE, self._scanned
+            )
             if block is None:
+                self._scanned = len(self._buf)  # a trickled head: scan only what comes next
                 return
+            self._scanned = 0
             head = parseRequestHead(block, self.rt.maxHeaders)
         except HTTPError as e:
             self._reject(e)
