@@ -12,19 +12,22 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_left
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import (
+    CONTENT_TYPE_PLAIN_0_0_4,
+    choose_encoder,
+    generate_latest,
+)
 from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from .http1.parse import RequestHead
     from .metricsserver import Answer, Handler
 
-__all__ = ["Metrics", "encoderFor", "metricsHandler", "normaliseAPI"]
+__all__ = ["TEXT_FORMAT", "Metrics", "expose", "metricsHandler", "normaliseAPI"]
 
 _METHODS = frozenset(
     b"GET HEAD POST PUT DELETE OPTIONS TRACE PATCH CONNECT PROPFIND PROPPATCH MKCOL COPY MOVE "
@@ -252,23 +255,34 @@ class _LiveCollector:
         yield transferred
 
 
-def encoderFor(head: RequestHead) -> tuple[Callable[[Any], bytes], bytes]:
+#: The text format, for scrapers that ask for nothing else or for something this client
+#: library cannot give.
+TEXT_FORMAT = CONTENT_TYPE_PLAIN_0_0_4.encode("ascii")
+
+
+def expose(head: RequestHead, registry) -> tuple[bytes, bytes]:
     """
-    The exposition format a scraper asks for in its Accept field: OpenMetrics or the text
-    format (prometheus_client decides), as (encoder of a registry, Content-Type).
+    The exposition of C{registry} in the format a scraper's Accept field asks for, as
+    (Content-Type, body): OpenMetrics or the text format, as prometheus_client decides.
+
+    prometheus_client raises on some Accept values (C{version=a} compared with a tuple:
+    TypeError), and might on others in later versions; a scrape must not become a 500 for
+    that, so anything it cannot serve gets the text format, which every scraper reads.
     """
     accept = b", ".join(head.values(b"accept")).decode("latin-1")
-    encoder, contentType = choose_encoder(accept)
-    # latin-1: the type echoes the client's version parameter, which may hold obs-text.
-    return encoder, contentType.encode("latin-1")
+    try:
+        encoder, contentType = choose_encoder(accept)
+        # latin-1: the type echoes the client's version parameter, which may hold obs-text.
+        return contentType.encode("latin-1"), encoder(registry)
+    except Exception:
+        return TEXT_FORMAT, generate_latest(registry)
 
 
 def metricsHandler(registry: CollectorRegistry) -> Handler:
     """The scrape route of a single process: the registry, rendered now."""
 
     def scrape(head: RequestHead) -> Answer:
-        encoder, contentType = encoderFor(head)
-        return 200, contentType, encoder(registry)
+        return (200, *expose(head, registry))
 
     return scrape
 

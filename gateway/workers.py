@@ -47,7 +47,7 @@ from twisted.logger import Logger, LogLevel, globalLogPublisher
 
 from .accesslog import fileObserver
 from .config import Config
-from .metrics import encoderFor
+from .metrics import expose
 from .proxy.tunnel import ABORT_GRACE
 
 if TYPE_CHECKING:
@@ -246,14 +246,13 @@ def mergedMetricsHandler(registry, pool: WorkerPool) -> Handler:
     """
 
     def scrape(head: RequestHead) -> defer.Deferred[Answer]:
-        encoder, contentType = encoderFor(head)
         own = generate_latest(registry).decode("utf-8")
 
         def render(texts: list[str | None]) -> Answer:
             answered = [text for text in texts if text is not None]
             families = mergeExpositions([own, *answered])
             families += pool.families(processes=1 + len(answered))
-            return 200, contentType, encoder(_Families(families))
+            return (200, *expose(head, _Families(families)))
 
         def failed(failure) -> Answer:
             pool.log.failure("merging the workers' metrics", failure)
