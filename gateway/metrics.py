@@ -10,7 +10,6 @@ never competes with DNS look-ups for the reactor's threads.
 
 from __future__ import annotations
 
-import re
 from bisect import bisect_left
 from typing import TYPE_CHECKING
 
@@ -22,6 +21,8 @@ from prometheus_client.exposition import (
     generate_latest,
 )
 from prometheus_client.utils import floatToGoString
+
+from .apinames import normaliseAPI
 
 if TYPE_CHECKING:
     from .http1.parse import RequestHead
@@ -98,11 +99,16 @@ class Metrics:
         self.fromUpstream.value += fromUpstream
         self.toClient.value += toClient
 
-    def api(self, host: str, api: str, code: int, seconds: float, requestBytes: int) -> None:
+    def api(
+        self, host: str, api: str, method: bytes, code: int, seconds: float, requestBytes: int
+    ) -> None:
         """
-        Per-API figures of decrypted traffic. The number of (host, api) pairs is capped:
-        past the cap, new pairs are counted as host="other", api="other", so a client
-        inventing paths or names cannot grow the scrape without bound.
+        Per-API figures of decrypted traffic (C{api} from L{normaliseAPI}). The number of
+        (host, api) pairs is capped: past the cap, new pairs are counted as host="other",
+        api="other", so a client inventing paths or names cannot grow the scrape without
+        bound. The method is a label of the request counter only (GET, PUT and DELETE on
+        one path are different APIs), folded to the known methods like
+        proxygate_requests_total's, so it multiplies those series by a fixed bound at most.
         """
         apis = self.live.apis
         key = (host, api)
@@ -116,7 +122,8 @@ class Metrics:
         figures.latency.observe(seconds)
         figures.requestBytes += requestBytes
         codes = figures.codes
-        codes[code] = codes.get(code, 0) + 1
+        key = (method if method in _METHODS else b"OTHER", code)
+        codes[key] = codes.get(key, 0) + 1
 
 
 class _Count:
@@ -151,7 +158,7 @@ class _API:
     __slots__ = ("codes", "latency", "requestBytes")
 
     def __init__(self) -> None:
-        self.codes: dict[int, int] = {}
+        self.codes: dict[tuple[bytes, int], int] = {}
         self.latency = _Histogram()
         self.requestBytes = 0
 
@@ -227,8 +234,8 @@ class _LiveCollector:
         apis = sorted(self.apis.items())
         apiRequests = CounterMetricFamily(
             "proxygate_api_requests",
-            "Decrypted (MITM) requests by host, API and status.",
-            labels=["host", "api", "code"],
+            "Decrypted (MITM) requests by host, API, method and status.",
+            labels=["host", "api", "method", "code"],
         )
         apiBytes = CounterMetricFamily(
             "proxygate_api_request_bytes",
@@ -236,8 +243,8 @@ class _LiveCollector:
             labels=["host", "api"],
         )
         for (host, api), figures in apis:
-            for code, count in sorted(figures.codes.items()):
-                apiRequests.add_metric([host, api, str(code)], count)
+            for (method, code), count in sorted(figures.codes.items()):
+                apiRequests.add_metric([host, api, method.decode("ascii"), str(code)], count)
             apiBytes.add_metric([host, api], figures.requestBytes)
         yield apiRequests
         yield _histogram(
@@ -285,33 +292,3 @@ def metricsHandler(registry: CollectorRegistry) -> Handler:
         return (200, *expose(head, registry))
 
     return scrape
-
-
-_ID_SEGMENT = re.compile(
-    r"[0-9]+|[0-9a-fA-F]{8,}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
-    r"[0-9a-fA-F]{12}|[A-Za-z0-9_\-]{24,}"
-)
-
-
-_apis: dict[bytes, str] = {}
-
-
-def normaliseAPI(path: bytes) -> str:
-    """
-    The API a request calls, for metric labels: the path without its query, with
-    segments that look like identifiers (numbers, hex, UUIDs, long tokens) folded to
-    C{:id}, and at most four segments kept, so one endpoint is one series.
-
-    Results are remembered per path (clients repeat them), in a memo emptied when full.
-    """
-    path = path.split(b"?", 1)[0]
-    api = _apis.get(path)
-    if api is None:
-        text = path.decode("ascii", "replace")
-        segments = [s for s in text.split("/") if s][:4]
-        folded = [":id" if _ID_SEGMENT.fullmatch(s) else s[:40] for s in segments]
-        api = "/" + "/".join(folded)
-        if len(_apis) >= 4096:
-            _apis.clear()
-        _apis[path] = api
-    return api

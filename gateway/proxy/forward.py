@@ -506,7 +506,12 @@ class ForwardExchange:
         m.request(self.mode, self.head.method, self.code, elapsed)
         if self.mode == "mitm":
             m.api(
-                self.target.host, normaliseAPI(self.target.path), self.code, elapsed, self.received
+                self.target.host,
+                normaliseAPI(self.target.path),
+                self.head.method,
+                self.code,
+                elapsed,
+                self.received,
             )
         m.moved(self.received, self.sentUpstream, self.sent, self.sent)
         if rt.accessLog is not None:
