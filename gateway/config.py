@@ -294,8 +294,17 @@ def _ports(value: str, baseDir: str) -> tuple[tuple[int, int], ...]:
     return policy.parsePortRanges(_items(value))
 
 
-def _patterns(value: str, baseDir: str) -> tuple[policy.HostPattern, ...]:
+def _denyPatterns(value: str, baseDir: str) -> tuple[policy.HostPattern, ...]:
     return policy.parseHostPatterns(_items(value))
+
+
+def _patterns(value: str, baseDir: str) -> tuple[policy.HostPattern, ...]:
+    patterns = _denyPatterns(value, baseDir)
+    if any(p.kind == "self" for p in patterns):
+        raise ValueError(
+            f"'{policy.SELF}' (this host's addresses) is a keyword of deny_destinations only"
+        )
+    return patterns
 
 
 _BOOLEANS = {
@@ -422,7 +431,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
         "allow_destinations": ("", _patterns),
         "deny_destinations": (
             "127.0.0.0/8 ::1/128 169.254.0.0/16 fe80::/10 0.0.0.0/8",
-            _patterns,
+            _denyPatterns,
         ),
         "via": ("proxygate", _via),
         "forwarded_for": ("off", _boolean),

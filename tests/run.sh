@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Install what the tests need, then run them: bash tests/run.sh [pytest args...]
-# - Debian packages used as real clients and peers: curl, openssl, tinyproxy, squid, apache2-utils
+# - Debian packages used as real clients and peers: curl, openssl, tinyproxy, squid, apache2-utils,
+#   iproute2 (network namespaces for the `self` destination tests)
 # - a virtualenv (.venv, or $PROXYGATE_VENV) with proxygate and its test dependencies
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pair in curl:curl openssl:openssl tinyproxy:tinyproxy squid:squid htpasswd:apache2-utils; do
+for pair in curl:curl openssl:openssl tinyproxy:tinyproxy squid:squid htpasswd:apache2-utils ip:iproute2; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need+=("${pair#*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -12,6 +12,7 @@ from twisted.logger import Logger
 
 from ..accesslog import AccessLog
 from ..config import Config, ConfigError
+from ..interfaces import localNetworks
 from ..metrics import Metrics
 from ..policy import DestinationPolicy
 from ..tls.contexts import CAError
@@ -57,6 +58,9 @@ class Runtime:
         self.clientCIDRs = p.allowed_client_cidrs
         self.connectPorts = p.connect_ports
         self.destinations = DestinationPolicy(p.allow_destinations, p.deny_destinations)
+        if self.destinations.usesSelf():
+            # `self` in deny_destinations: this host's interface addresses, read now.
+            self.destinations = self.destinations.withLocalNetworks(localNetworks())
         self.maxHeaderSize = p.max_header_size
         self.maxHeaders = 100
         self.maxConnections = p.max_connections
