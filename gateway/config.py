@@ -98,6 +98,8 @@ class MitmConfig:
     passthrough: tuple[policy.HostPattern, ...]
     upstream_ca_bundle: str | None
     verify_upstream: bool
+    #: (DNS domains, IP networks) a CA proxygate creates is constrained to; None: none.
+    name_constraints: tuple[tuple[str, ...], tuple[policy.IPNetwork, ...]] | None = None
 
 
 @frozen
@@ -294,6 +296,37 @@ def _ports(value: str, baseDir: str) -> tuple[tuple[int, int], ...]:
     return policy.parsePortRanges(_items(value))
 
 
+def _nameConstraints(
+    value: str, baseDir: str
+) -> tuple[tuple[str, ...], tuple[policy.IPNetwork, ...]] | None:
+    """
+    DNS domains (example.com or .example.com: both mean it and every subdomain, as an
+    X.509 dNSName constraint does) and optional CIDRs or addresses.
+    """
+    items = _items(value)
+    if not items:
+        return None
+    domains: list[str] = []
+    networks: list[policy.IPNetwork] = []
+    for item in items:
+        pattern = policy.parseHostPattern(item)
+        if pattern.kind == "network":
+            assert pattern.network is not None
+            networks.append(pattern.network)
+        elif pattern.kind in ("exact", "suffix"):
+            domains.append(pattern.name)
+        else:
+            raise ValueError(
+                f"{item!r}: name constraints are domains (example.com: it and its "
+                "subdomains) and CIDRs, no wildcards or keywords"
+            )
+    if not domains:
+        raise ValueError(
+            "at least one DNS domain is needed (IP ranges alone would leave every name open)"
+        )
+    return tuple(dict.fromkeys(domains)), tuple(dict.fromkeys(networks))
+
+
 def _denyPatterns(value: str, baseDir: str) -> tuple[policy.HostPattern, ...]:
     return policy.parseHostPatterns(_items(value))
 
@@ -460,6 +493,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
         "passthrough": ("", _patterns),
         "upstream_ca_bundle": ("", _optionalPath),
         "verify_upstream": ("on", _boolean),
+        "name_constraints": ("", _nameConstraints),
     },
     "metrics": {
         "listen": ("tcp:9530:interface=127.0.0.1", _endpoints),
@@ -636,6 +670,7 @@ def parseConfig(
             passthrough=v["mitm.passthrough"],
             upstream_ca_bundle=v["mitm.upstream_ca_bundle"],
             verify_upstream=v["mitm.verify_upstream"],
+            name_constraints=v["mitm.name_constraints"],
         ),
         metrics=MetricsConfig(listen=v["metrics.listen"], path=v["metrics.path"]),
         log=LogConfig(access_log=v["log.access_log"], format=v["log.format"]),
