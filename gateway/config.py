@@ -124,6 +124,17 @@ class Config:
     log: LogConfig
     path: str | None
 
+    def usesTLS(self) -> bool:
+        """
+        Whether this configuration makes TLS contexts: ssl: listeners, interception, an
+        https:// upstream proxy (what the TLS groups of L{gateway.tls.groups} apply to).
+        """
+        listeners = any(
+            d.strip().removeprefix("haproxy:").startswith("ssl:") for d in self.proxy.listen
+        )
+        upstreamTLS = self.upstream.proxy is not None and self.upstream.proxy.scheme == "https"
+        return listeners or self.mitm.enabled or upstreamTLS
+
     def selfAddresses(self) -> frozenset[SelfAddress]:
         """
         The (interface, port) pairs of the proxy and metrics listeners, for

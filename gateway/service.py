@@ -22,6 +22,7 @@ from .metricsserver import Handler, MetricsServerFactory, routePath, staticHandl
 from .proxy.client import ClientFactory
 from .proxy.runtime import Runtime
 from .proxy.tunnel import ABORT_GRACE
+from .tls.groups import checkGroups
 
 __all__ = ["GatewayService", "ListenError", "makeService"]
 
@@ -131,6 +132,10 @@ class GatewayService(MultiService):
             )
         if self.workers is not None:
             self.workers.start(addresses)
+        if self.config.usesTLS():
+            # Under twistd the process was started so that this holds (see the plugin);
+            # an application embedding the service is told when it does not.
+            checkGroups()
 
     def _listen(self) -> None:
         """

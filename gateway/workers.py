@@ -49,6 +49,7 @@ from .accesslog import fileObserver
 from .config import Config
 from .metrics import expose
 from .proxy.tunnel import ABORT_GRACE
+from .tls.groups import childEnvironment
 
 if TYPE_CHECKING:
     from .http1.parse import RequestHead
@@ -284,7 +285,7 @@ def _childEnvironment() -> dict[str, str]:
     The master's environment; the folder holding the C{gateway} package is added to
     PYTHONPATH (last) when a plain C{python -m gateway.worker} would not find it.
     """
-    env = dict(os.environ)
+    env = childEnvironment(dict(os.environ))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     known = {os.path.abspath(p) for p in [*paths, os.getcwd(), *site.getsitepackages()]}

@@ -75,6 +75,13 @@ class ProxygateServiceMaker:
         from gateway.config import ConfigError
         from gateway.service import GatewayService
 
+        if options["loaded"].usesTLS():
+            # TLS key exchange groups: X25519, P-256, P-384 only. Python's ssl cannot set
+            # them on a context, OpenSSL's configuration can, read at process start: this
+            # re-executes the process once with OPENSSL_CONF set (gateway/tls/groups.py).
+            from gateway.tls.groups import ensureLimited
+
+            ensureLimited()
         try:
             service = GatewayService(options["loaded"], exitOnListenFailure=True)
         except ConfigError as e:
