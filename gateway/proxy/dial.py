@@ -65,7 +65,7 @@ class DialFailure:
         if isinstance(error, DestinationDenied):
             self.status, self.message = 403, f"Destination denied: {error.detail}"
             self.proxyStatus, self.action = "destination_ip_prohibited", "TCP_DENIED"
-            self.result, self.metric = "denied", ("denied", "destination")
+            self.result, self.metric = "denied", ("denied", error.reason)
         elif isinstance(error, UpstreamRefused):
             self.status, self.message = 502, error.message
             self.proxyStatus, self.result = "connection_refused", "upstream_refused"
@@ -85,11 +85,15 @@ class DialFailure:
 
 
 class DestinationDenied(Exception):
-    """The destination policy refused every address of the target."""
+    """
+    The destination policy refused every address of the target, or (C{reason="port"}) the
+    port: the denied_total label.
+    """
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, reason: str = "destination") -> None:
         super().__init__(detail)
         self.detail = detail
+        self.reason = reason
 
 
 class _OneShot(Factory):
