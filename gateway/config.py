@@ -73,6 +73,10 @@ class ProxyConfig:
     max_header_size: int
     max_connections: int
     workers: int = 1
+    #: ftp:// through the proxy (GET and HEAD), and the ports it may reach.
+    ftp: bool = True
+    ftp_ports: tuple[tuple[int, int], ...] = ((21, 21), (1024, 65535))
+    ftp_data_ports: tuple[tuple[int, int], ...] = ((1024, 65535),)
 
 
 @frozen
@@ -485,6 +489,9 @@ SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
         "max_header_size": ("65536", _positiveInteger),
         "max_connections": ("10000", _positiveInteger),
         "workers": ("1", _workers),
+        "ftp": ("on", _boolean),
+        "ftp_ports": ("21 1024-65535", _ports),
+        "ftp_data_ports": ("1024-65535", _ports),
     },
     "auth": {
         "htpasswd": ("", _optionalPath),
@@ -665,6 +672,9 @@ def parseConfig(
             max_header_size=v["proxy.max_header_size"],
             max_connections=v["proxy.max_connections"],
             workers=v["proxy.workers"],
+            ftp=v["proxy.ftp"],
+            ftp_ports=v["proxy.ftp_ports"],
+            ftp_data_ports=v["proxy.ftp_data_ports"],
         ),
         auth=AuthConfig(htpasswd=v["auth.htpasswd"], realm=v["auth.realm"]),
         upstream=UpstreamConfig(

@@ -556,3 +556,42 @@ def test_listingTextLineEnds():
     out = text.feed(b"a\r\nb\r") + text.feed(b"\nc\r\n\r") + text.feed(b"") + text.flush()
     assert out == b"a\nb\nc\n\r"
     assert text.feed(b"x\ry\r\n") == b"x\ry\n"
+
+
+def test_settingsFromConfig():
+    from gateway.config import parseConfig
+
+    proxy = parseConfig(
+        "[proxy]\nftp_ports = 21 2121\nftp_data_ports = 30000-31000\nidle_timeout = 60\n"
+    ).proxy
+    assert FTPSettings.fromConfig(proxy) == FTPSettings(
+        ports=((21, 21), (2121, 2121)), dataPorts=((30000, 31000),), timeout=60.0
+    )
+    defaults = parseConfig("").proxy
+    assert defaults.ftp is True
+    assert FTPSettings.fromConfig(defaults) == FTPSettings()
+
+
+# -- FTP through a CONNECT tunnel (works without the ftp:// gateway) -------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_curlProxytunnelThroughConnect(ftpServer, startProxy):
+    """
+    curl --proxytunnel: the control connection and each passive data connection are
+    CONNECT tunnels, so connect_ports must hold the FTP port and the passive ports.
+    """
+    proxy = startProxy("[proxy]\ndeny_destinations = 169.254.0.0/16\nconnect_ports = 1024-65535\n")
+    url = f"ftp://127.0.0.1:{ftpServer}/pub/hello.txt"
+    out, err, code = yield getProcessOutputAndValue(
+        "/usr/bin/curl", ["-sS", "--max-time", "10", "--proxytunnel", "-x", proxy.url, url]
+    )
+    assert code == 0, err
+    assert out == b"hello, ftp\n"
+    assert sum("CONNECT 127.0.0.1:" in line for line in proxy.accessLines()) == 2
+    # With only 443 (the default), the control connection's CONNECT is refused.
+    closed = startProxy("[proxy]\ndeny_destinations = 169.254.0.0/16\n")
+    out, err, code = yield getProcessOutputAndValue(
+        "/usr/bin/curl", ["-sS", "--max-time", "10", "--proxytunnel", "-x", closed.url, url]
+    )
+    assert code != 0 and b"403" in err
