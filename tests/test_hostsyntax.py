@@ -192,3 +192,30 @@ def test_fieldShapesGet400AtOnceAndNoTraceback(startProxy):
     proxy.settle()
     log = proxy.log()
     assert "Unhandled error" not in log and "Traceback" not in log, log
+
+
+def test_randomAuthoritiesNeverCrashTheProxy(startProxy):
+    """
+    300 random authorities, biased to the shapes that broke (brackets, dots, colons, hex),
+    as absolute targets, Host fields and CONNECT targets: each is answered at once (400, or
+    403 since only a name nobody asks for is allowed: no name reaches this machine's DNS),
+    and the log has no traceback.
+    """
+    import random
+
+    rnd = random.Random(19)
+    alphabet = "[]:.0123456789abcdefx-_%@"
+    proxy = startProxy("[proxy]\nallow_destinations = example.invalid\nconnect_ports = 443\n")
+    for i in range(300):
+        host = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(1, 40))).encode()
+        if i % 3 == 0:
+            raw = b"GET http://" + host + b"/ HTTP/1.1\r\nHost: x\r\n\r\n"
+        elif i % 3 == 1:
+            raw = b"GET http://192.0.2.1/ HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+        else:
+            raw = b"CONNECT " + host + b":443 HTTP/1.1\r\nHost: x\r\n\r\n"
+        status, body, seconds = _ask(proxy.port, raw)
+        assert status in (400, 403), (raw, status, body)
+        assert seconds < 2, (raw, seconds)
+    proxy.settle()
+    assert "Traceback" not in proxy.log() and "Unhandled error" not in proxy.log()
