@@ -71,6 +71,9 @@ VERSION = b"FTP"
 #: Continuation lines one reply may have (a server sending endless "123-" lines must not
 #: grow memory without bound).
 MAX_REPLY_LINES = 1000
+#: Replies to a command the server does not have (EPSV on an RFC 959 server): 500-504,
+#: and 522 (RFC 2428: network protocol not supported).
+_NOT_UNDERSTOOD = frozenset({500, 501, 502, 504, 522})
 _TEXT = b"text/plain; charset=utf-8"
 _REASONS = {401: b"Unauthorized", 404: b"Not Found", 405: b"Method Not Allowed"}
 
@@ -396,8 +399,8 @@ class FTPFetch:
         """EPSV (else PASV), the port checked, a connection to the control's address."""
         try:
             lines = yield self._command("EPSV", "other")
-        except _Outcome:
-            if self._timedOut or self._controlGone:
+        except _Outcome as outcome:
+            if outcome.code not in _NOT_UNDERSTOOD:
                 raise
             lines = yield self._command("PASV", "other")  # RFC 959 servers without EPSV
         try:
