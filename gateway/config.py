@@ -81,6 +81,10 @@ class ProxyConfig:
     max_header_size: int
     max_connections: int
     workers: int = 1
+    #: ftp:// through the proxy (GET and HEAD), and the ports it may reach.
+    ftp: bool = True
+    ftp_ports: tuple[tuple[int, int], ...] = ((21, 21), (1024, 65535))
+    ftp_data_ports: tuple[tuple[int, int], ...] = ((1024, 65535),)
 
 
 @frozen
@@ -107,6 +111,8 @@ class MitmConfig:
     passthrough: tuple[policy.HostPattern, ...]
     upstream_ca_bundle: str | None
     verify_upstream: bool
+    #: (DNS domains, IP networks) a CA proxygate creates is constrained to; None: none.
+    name_constraints: tuple[tuple[str, ...], tuple[policy.IPNetwork, ...]] | None = None
 
 
 @frozen
@@ -164,6 +170,17 @@ class Config:
     #: with, so a reload of the file applies them again. Hidden from repr: a value may be
     #: an upstream URL with its password.
     overrides: tuple[tuple[tuple[str, str], str], ...] = field(default=(), repr=False, eq=False)
+
+    def usesTLS(self) -> bool:
+        """
+        Whether this configuration makes TLS contexts: ssl: listeners, interception, an
+        https:// upstream proxy (what the TLS groups of L{gateway.tls.groups} apply to).
+        """
+        listeners = any(
+            d.strip().removeprefix("haproxy:").startswith("ssl:") for d in self.proxy.listen
+        )
+        upstreamTLS = self.upstream.proxy is not None and self.upstream.proxy.scheme == "https"
+        return listeners or self.mitm.enabled or upstreamTLS
 
     def selfAddresses(self) -> frozenset[SelfAddress]:
         """
@@ -359,8 +376,48 @@ def _ports(value: str, baseDir: str) -> tuple[tuple[int, int], ...]:
     return policy.parsePortRanges(_items(value))
 
 
-def _patterns(value: str, baseDir: str) -> tuple[policy.HostPattern, ...]:
+def _nameConstraints(
+    value: str, baseDir: str
+) -> tuple[tuple[str, ...], tuple[policy.IPNetwork, ...]] | None:
+    """
+    DNS domains (example.com or .example.com: both mean it and every subdomain, as an
+    X.509 dNSName constraint does) and optional CIDRs or addresses.
+    """
+    items = _items(value)
+    if not items:
+        return None
+    domains: list[str] = []
+    networks: list[policy.IPNetwork] = []
+    for item in items:
+        pattern = policy.parseHostPattern(item)
+        if pattern.kind == "network":
+            assert pattern.network is not None
+            networks.append(pattern.network)
+        elif pattern.kind in ("exact", "suffix"):
+            domains.append(pattern.name)
+        else:
+            raise ValueError(
+                f"{item!r}: name constraints are domains (example.com: it and its "
+                "subdomains) and CIDRs, no wildcards or keywords"
+            )
+    if not domains:
+        raise ValueError(
+            "at least one DNS domain is needed (IP ranges alone would leave every name open)"
+        )
+    return tuple(dict.fromkeys(domains)), tuple(dict.fromkeys(networks))
+
+
+def _denyPatterns(value: str, baseDir: str) -> tuple[policy.HostPattern, ...]:
     return policy.parseHostPatterns(_items(value))
+
+
+def _patterns(value: str, baseDir: str) -> tuple[policy.HostPattern, ...]:
+    patterns = _denyPatterns(value, baseDir)
+    if any(p.kind == "self" for p in patterns):
+        raise ValueError(
+            f"'{policy.SELF}' (this host's addresses) is a keyword of deny_destinations only"
+        )
+    return patterns
 
 
 _BOOLEANS = {
@@ -585,7 +642,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
         "allow_destinations": ("", _patterns),
         "deny_destinations": (
             "127.0.0.0/8 ::1/128 169.254.0.0/16 fe80::/10 0.0.0.0/8",
-            _patterns,
+            _denyPatterns,
         ),
         "via": ("proxygate", _via),
         "forwarded_for": ("off", _boolean),
@@ -595,6 +652,9 @@ SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
         "max_header_size": ("65536", _positiveInteger),
         "max_connections": ("10000", _positiveInteger),
         "workers": ("1", _workers),
+        "ftp": ("on", _boolean),
+        "ftp_ports": ("21 1024-65535", _ports),
+        "ftp_data_ports": ("1024-65535", _ports),
     },
     "auth": {
         "htpasswd": ("", _optionalPath),
@@ -615,6 +675,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
         "passthrough": ("", _patterns),
         "upstream_ca_bundle": ("", _optionalPath),
         "verify_upstream": ("on", _boolean),
+        "name_constraints": ("", _nameConstraints),
     },
     "metrics": {
         "listen": ("tcp:9530:interface=127.0.0.1", _endpoints),
@@ -897,6 +958,9 @@ def parseConfig(
             max_header_size=v["proxy.max_header_size"],
             max_connections=v["proxy.max_connections"],
             workers=v["proxy.workers"],
+            ftp=v["proxy.ftp"],
+            ftp_ports=v["proxy.ftp_ports"],
+            ftp_data_ports=v["proxy.ftp_data_ports"],
         ),
         auth=AuthConfig(htpasswd=v["auth.htpasswd"], realm=v["auth.realm"]),
         upstream=UpstreamConfig(
@@ -914,6 +978,7 @@ def parseConfig(
             passthrough=v["mitm.passthrough"],
             upstream_ca_bundle=v["mitm.upstream_ca_bundle"],
             verify_upstream=v["mitm.verify_upstream"],
+            name_constraints=v["mitm.name_constraints"],
         ),
         metrics=MetricsConfig(listen=v["metrics.listen"], path=v["metrics.path"]),
         log=LogConfig(access_log=v["log.access_log"], format=v["log.format"]),

@@ -10,23 +10,27 @@ never competes with DNS look-ups for the reactor's threads.
 
 from __future__ import annotations
 
-import re
 from bisect import bisect_left
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Info, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import (
+    CONTENT_TYPE_PLAIN_0_0_4,
+    choose_encoder,
+    generate_latest,
+)
 from prometheus_client.utils import floatToGoString
 
 from ._version import __version__
+from .apinames import normaliseAPI
 
 if TYPE_CHECKING:
     from .http1.parse import RequestHead
     from .metricsserver import Answer, Handler
 
-__all__ = ["Metrics", "encoderFor", "metricsHandler", "normaliseAPI"]
+__all__ = ["TEXT_FORMAT", "Metrics", "expose", "metricsHandler", "normaliseAPI"]
 
 _METHODS = frozenset(
     b"GET HEAD POST PUT DELETE OPTIONS TRACE PATCH CONNECT PROPFIND PROPPATCH MKCOL COPY MOVE "
@@ -140,11 +144,16 @@ class Metrics:
         """A route is gone (a reload removed it): its backends' gauges go with it."""
         self.watchBackends(route, {})
 
-    def api(self, host: str, api: str, code: int, seconds: float, requestBytes: int) -> None:
+    def api(
+        self, host: str, api: str, method: bytes, code: int, seconds: float, requestBytes: int
+    ) -> None:
         """
-        Per-API figures of decrypted traffic. The number of (host, api) pairs is capped:
-        past the cap, new pairs are counted as host="other", api="other", so a client
-        inventing paths or names cannot grow the scrape without bound.
+        Per-API figures of decrypted traffic (C{api} from L{normaliseAPI}). The number of
+        (host, api) pairs is capped: past the cap, new pairs are counted as host="other",
+        api="other", so a client inventing paths or names cannot grow the scrape without
+        bound. The method is a label of the request counter only (GET, PUT and DELETE on
+        one path are different APIs), folded to the known methods like
+        proxygate_requests_total's, so it multiplies those series by a fixed bound at most.
         """
         apis = self.live.apis
         key = (host, api)
@@ -158,7 +167,8 @@ class Metrics:
         figures.latency.observe(seconds)
         figures.requestBytes += requestBytes
         codes = figures.codes
-        codes[code] = codes.get(code, 0) + 1
+        key = (method if method in _METHODS else b"OTHER", code)
+        codes[key] = codes.get(key, 0) + 1
 
 
 class _Count:
@@ -193,7 +203,7 @@ class _API:
     __slots__ = ("codes", "latency", "requestBytes")
 
     def __init__(self) -> None:
-        self.codes: dict[int, int] = {}
+        self.codes: dict[tuple[bytes, int], int] = {}
         self.latency = _Histogram()
         self.requestBytes = 0
 
@@ -272,8 +282,8 @@ class _LiveCollector:
         apis = sorted(self.apis.items())
         apiRequests = CounterMetricFamily(
             "proxygate_api_requests",
-            "Decrypted (MITM) requests by host, API and status.",
-            labels=["host", "api", "code"],
+            "Decrypted (MITM) requests by host, API, method and status.",
+            labels=["host", "api", "method", "code"],
         )
         apiBytes = CounterMetricFamily(
             "proxygate_api_request_bytes",
@@ -281,8 +291,8 @@ class _LiveCollector:
             labels=["host", "api"],
         )
         for (host, api), figures in apis:
-            for code, count in sorted(figures.codes.items()):
-                apiRequests.add_metric([host, api, str(code)], count)
+            for (method, code), count in sorted(figures.codes.items()):
+                apiRequests.add_metric([host, api, method.decode("ascii"), str(code)], count)
             apiBytes.add_metric([host, api], figures.requestBytes)
         yield apiRequests
         yield _histogram(
@@ -326,52 +336,33 @@ class _LiveCollector:
         yield up
 
 
-def encoderFor(head: RequestHead) -> tuple[Callable[[Any], bytes], bytes]:
+#: The text format, for scrapers that ask for nothing else or for something this client
+#: library cannot give.
+TEXT_FORMAT = CONTENT_TYPE_PLAIN_0_0_4.encode("ascii")
+
+
+def expose(head: RequestHead, registry) -> tuple[bytes, bytes]:
     """
-    The exposition format a scraper asks for in its Accept field: OpenMetrics or the text
-    format (prometheus_client decides), as (encoder of a registry, Content-Type).
+    The exposition of C{registry} in the format a scraper's Accept field asks for, as
+    (Content-Type, body): OpenMetrics or the text format, as prometheus_client decides.
+
+    prometheus_client raises on some Accept values (C{version=a} compared with a tuple:
+    TypeError), and might on others in later versions; a scrape must not become a 500 for
+    that, so anything it cannot serve gets the text format, which every scraper reads.
     """
     accept = b", ".join(head.values(b"accept")).decode("latin-1")
-    encoder, contentType = choose_encoder(accept)
-    # latin-1: the type echoes the client's version parameter, which may hold obs-text.
-    return encoder, contentType.encode("latin-1")
+    try:
+        encoder, contentType = choose_encoder(accept)
+        # latin-1: the type echoes the client's version parameter, which may hold obs-text.
+        return contentType.encode("latin-1"), encoder(registry)
+    except Exception:
+        return TEXT_FORMAT, generate_latest(registry)
 
 
 def metricsHandler(registry: CollectorRegistry) -> Handler:
     """The scrape route of a single process: the registry, rendered now."""
 
     def scrape(head: RequestHead) -> Answer:
-        encoder, contentType = encoderFor(head)
-        return 200, contentType, encoder(registry)
+        return (200, *expose(head, registry))
 
     return scrape
-
-
-_ID_SEGMENT = re.compile(
-    r"[0-9]+|[0-9a-fA-F]{8,}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
-    r"[0-9a-fA-F]{12}|[A-Za-z0-9_\-]{24,}"
-)
-
-
-_apis: dict[bytes, str] = {}
-
-
-def normaliseAPI(path: bytes) -> str:
-    """
-    The API a request calls, for metric labels: the path without its query, with
-    segments that look like identifiers (numbers, hex, UUIDs, long tokens) folded to
-    C{:id}, and at most four segments kept, so one endpoint is one series.
-
-    Results are remembered per path (clients repeat them), in a memo emptied when full.
-    """
-    path = path.split(b"?", 1)[0]
-    api = _apis.get(path)
-    if api is None:
-        text = path.decode("ascii", "replace")
-        segments = [s for s in text.split("/") if s][:4]
-        folded = [":id" if _ID_SEGMENT.fullmatch(s) else s[:40] for s in segments]
-        api = "/" + "/".join(folded)
-        if len(_apis) >= 4096:
-            _apis.clear()
-        _apis[path] = api
-    return api

@@ -21,6 +21,7 @@ from attrs import evolve, field, frozen
 
 __all__ = [
     "ALLOWED",
+    "SELF",
     "Decision",
     "DestinationPolicy",
     "HostPattern",
@@ -70,6 +71,7 @@ def _deny(reason: Reason, detail: str) -> Decision:
 
 _IPV4_PART = re.compile(r"0[xX][0-9a-fA-F]*|0[0-7]*|[1-9][0-9]*")
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
 
 
 def _inetAtonPart(part: str) -> int | None:
@@ -167,7 +169,10 @@ def _show(text: str, limit: int = 255) -> str:
 
 _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 
-PatternKind = Literal["any", "exact", "suffix", "wildcard", "network"]
+PatternKind = Literal["any", "exact", "suffix", "wildcard", "network", "self"]
+
+#: The keyword of deny_destinations for every address of this host's own interfaces.
+SELF = "self"
 
 
 def _normaliseName(host: str) -> str:
@@ -189,7 +194,9 @@ class HostPattern:
 
     kinds: "any" (*), "exact" (example.com), "suffix" (.example.com: the name
     and its subdomains), "wildcard" (*.example.com: subdomains only, at any
-    depth), "network" (a CIDR or a single address).  C{name} is lower-case
+    depth), "network" (a CIDR or a single address), "self" (the keyword
+    C{self}: every address of this host's interfaces, which the policy learns
+    with L{DestinationPolicy.withLocalNetworks}; it matches no name).  C{name} is lower-case
     ASCII without the leading "." or "*." and without a trailing dot.
     """
 
@@ -200,6 +207,8 @@ class HostPattern:
     def __str__(self) -> str:
         if self.kind == "any":
             return "*"
+        if self.kind == "self":
+            return SELF
         if self.kind == "suffix":
             return "." + self.name
         if self.kind == "wildcard":
@@ -218,7 +227,7 @@ class HostPattern:
         """Case-insensitive, one trailing dot ignored; network patterns never match names."""
         if self.kind == "any":
             return True
-        if self.kind == "network":
+        if self.kind == "network" or self.kind == "self":
             return False
         host = _normaliseName(host)
         if self.kind == "exact":
@@ -272,6 +281,8 @@ def parseHostPattern(text: str) -> HostPattern:
         raise ValueError("invalid host pattern '': empty")
     if text == "*":
         return HostPattern("any")
+    if text == SELF:
+        return HostPattern("self")
     if "/" in text:
         return _parseNetworkPattern(text, original)
     address = parseIP(text)
@@ -406,9 +417,14 @@ def _normaliseSelfAddress(item: SelfAddress) -> set[SelfAddress]:
 def _denyCandidates(address: IPAddress) -> tuple[IPAddress, ...]:
     """
     The address and what it stands for: a NAT64 address (64:ff9b::7f00:1) is
-    translated to its embedded IPv4 by the network, so deny rules see both.
+    translated to its embedded IPv4 by the network, and an IPv4-compatible one
+    (::127.0.0.1, deprecated by RFC 4291 §2.5.5.1 but still accepted by parsers and
+    by some stacks' tunnels) names the IPv4 inside, so deny rules see both. :: and
+    ::1 are themselves (unspecified, loopback), not 0.0.0.0 and 0.0.0.1.
     """
-    if isinstance(address, ipaddress.IPv6Address) and address in _NAT64:
+    if isinstance(address, ipaddress.IPv6Address) and (
+        address in _NAT64 or (address in _IPV4_COMPATIBLE and int(address) > 1)
+    ):
         return (address, ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
     return (address,)
 
@@ -438,6 +454,10 @@ class DestinationPolicy:
     allow: tuple[HostPattern, ...]
     deny: tuple[HostPattern, ...]
     selfAddresses: frozenset[SelfAddress] = field(default=frozenset())
+    #: What the C{self} deny pattern covers: this host's interface addresses (read at
+    #: start-up, L{gateway.interfaces.localNetworks}); loopback and the unspecified
+    #: addresses whatever this holds.
+    localNetworks: tuple[IPNetwork, ...] = ()
     # Decisions are pure functions of (host, [ip,] port) and this frozen value, and the
     # same few destinations come back on every request: remember them (bounded).
     _names: dict = field(factory=dict, init=False, eq=False, repr=False)
@@ -453,6 +473,19 @@ class DestinationPolicy:
         for item in addrs:
             extra |= _normaliseSelfAddress(item)
         return evolve(self, selfAddresses=self.selfAddresses | extra)
+
+    def withLocalNetworks(self, networks: Iterable[IPNetwork]) -> DestinationPolicy:
+        """This policy with C{self} covering C{networks} (this host's interface addresses)."""
+        return evolve(self, localNetworks=tuple(networks))
+
+    def usesSelf(self) -> bool:
+        """Whether deny_destinations holds the C{self} keyword (the caller reads addresses)."""
+        return any(p.kind == "self" for p in self.deny)
+
+    def _isLocal(self, address: IPAddress) -> bool:
+        if address.is_loopback or address.is_unspecified:
+            return True
+        return any(address.version == net.version and address in net for net in self.localNetworks)
 
     def _allowNetworks(self) -> bool:
         return any(p.kind == "network" for p in self.allow)
@@ -523,12 +556,14 @@ class DestinationPolicy:
         shown = _show(host) if host == ip else f"{_show(host)} ({_show(ip)})"
         if address is None:
             return _deny("destination", f"destination {shown}: {_show(ip)} is not an address")
-        if self._isSelf(address, port):
+        if any(self._isSelf(c, port) for c in _denyCandidates(address)):
             return _deny("destination", f"destination {shown} port {port} is this proxy itself")
         candidates = _denyCandidates(address)
         for pattern in self.deny:
-            if (isName and pattern.matchesName(host)) or any(
-                pattern.matchesAddress(c) for c in candidates
+            if (
+                (isName and pattern.matchesName(host))
+                or any(pattern.matchesAddress(c) for c in candidates)
+                or (pattern.kind == "self" and any(self._isLocal(c) for c in candidates))
             ):
                 return _deny(
                     "destination", f"destination {shown} is denied by deny_destinations ({pattern})"

@@ -28,6 +28,7 @@ from .proxy.tunnel import ABORT_GRACE
 from .proxyprotocol import ProxyHeaderFactory
 from .reload import Reloader, SignalHandlers
 from .seam import clearExitSignal, exitSignal
+from .tls.groups import checkGroups
 
 __all__ = ["GatewayService", "ListenError", "makeService"]
 
@@ -148,6 +149,10 @@ class GatewayService(MultiService):
             )
         if self.workers is not None:
             self.workers.start(addresses)
+        if self.config.usesTLS():
+            # Under twistd the process was started so that this holds (see the plugin);
+            # an application embedding the service is told when it does not.
+            checkGroups()
 
     def _every(self, seconds: float, f) -> task.LoopingCall:
         call = task.LoopingCall(f)

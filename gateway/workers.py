@@ -52,7 +52,8 @@ from twisted.internet.abstract import isIPv6Address
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 
 from .config import Config
-from .metrics import encoderFor
+from .metrics import expose
+from .tls.groups import childEnvironment
 
 if TYPE_CHECKING:
     from .http1.parse import RequestHead
@@ -265,7 +266,6 @@ def mergedMetricsHandler(registry, pool: WorkerPool) -> Handler:
     """
 
     def scrape(head: RequestHead) -> defer.Deferred[Answer]:
-        encoder, contentType = encoderFor(head)
         own = generate_latest(registry).decode("utf-8")
 
         def render(texts: list[str | None]) -> Answer:
@@ -274,7 +274,7 @@ def mergedMetricsHandler(registry, pool: WorkerPool) -> Handler:
                 [own, *(text for _, text in answered)], ["0", *(i for i, _ in answered)]
             )
             families += pool.families(processes=1 + len(answered))
-            return 200, contentType, encoder(_Families(families))
+            return (200, *expose(head, _Families(families)))
 
         def failed(failure) -> Answer:
             pool.log.failure("merging the workers' metrics", failure)
@@ -306,7 +306,7 @@ def _childEnvironment() -> dict[str, str]:
     The master's environment; the folder holding the C{gateway} package is added to
     PYTHONPATH (last) when a plain C{python -m gateway.worker} would not find it.
     """
-    env = dict(os.environ)
+    env = childEnvironment(dict(os.environ))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     known = {os.path.abspath(p) for p in [*paths, os.getcwd(), *site.getsitepackages()]}

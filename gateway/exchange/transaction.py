@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 from ..accessrecord import AccessRecord, hierarchy
-from ..metrics import normaliseAPI
+from ..apinames import normaliseAPI
 from .problems import Problem
 
 __all__ = ["Transaction"]
@@ -101,7 +101,9 @@ class Transaction:
             metrics.request(self.mode, self.method, self.code, elapsed)
             api = self.apiKey()
             if api is not None:
-                metrics.api(api[0], normaliseAPI(api[1]), self.code, elapsed, self.received)
+                metrics.api(
+                    api[0], normaliseAPI(api[1]), self.method, self.code, elapsed, self.received
+                )
             fromUpstream = 0 if self.answered else self.sent
             metrics.moved(self.received, self.sentUpstream, fromUpstream, self.sent)
         log = env.accessLog

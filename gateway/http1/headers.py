@@ -5,10 +5,12 @@ target forms it accepts. Pure functions over plain lists of (name, value) pairs.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import time
 from email.utils import formatdate
 
+from ..policy import parseIP
 from .parse import Headers, HTTPError, splitTokens
 
 __all__ = [
@@ -126,6 +128,7 @@ def bracketed(host: str) -> str:
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _HOST = re.compile(rb"[A-Za-z0-9._\-]+")
+_NUMERIC = re.compile(rb"[0-9]+|0[xX][0-9a-fA-F]*")
 
 
 _authorities: dict[tuple[bytes, int | None], tuple[str, int]] = {}
@@ -161,8 +164,15 @@ def _parseAuthority(authority: bytes, defaultPort: int | None) -> tuple[str, int
             raise HTTPError(400, "unterminated IPv6 literal")
         host = authority[1:close]
         rest = authority[close + 1 :]
+        # Brackets hold an IPv6 address and nothing else (RFC 3986 §3.2.2; no zone id, no
+        # IPvFuture): `[dead.beef]` or `[::ffff:127.0.0..0.1]` must not reach the resolver
+        # as a name, where IDNA encoding raises instead of failing the look-up.
         if not host or not all(c in b"0123456789abcdefABCDEF:." for c in host):
             raise HTTPError(400, "invalid IPv6 literal")
+        try:
+            ipaddress.IPv6Address(host.decode("ascii"))
+        except ValueError:
+            raise HTTPError(400, "invalid IPv6 literal") from None
         if rest and not rest.startswith(b":"):
             raise HTTPError(400, "junk after the IPv6 literal")
         portText = rest[1:] if rest else None
@@ -177,9 +187,14 @@ def _parseAuthority(authority: bytes, defaultPort: int | None) -> tuple[str, int
             raise HTTPError(400, "invalid character in the host")
         # No name resolves with an empty or over-long label (`a..b`, `.a`, 64 characters),
         # and the resolver does not fail them cleanly (getaddrinfo's idna encoding raises).
-        labels = (host[:-1] if host.endswith(b".") else host).split(b".")
-        if not all(0 < len(label) < 64 for label in labels):
+        name = host[:-1] if host.endswith(b".") else host
+        labels = name.split(b".")
+        if len(name) > 253 or not all(0 < len(label) < 64 for label in labels):
             raise HTTPError(400, "invalid host name")
+        # A name ending in a number is an IPv4 address to every URL parser (WHATWG "ends in
+        # a number"), and no top-level domain is numeric: `1.2.3.999` is no name either.
+        if _NUMERIC.fullmatch(labels[-1]) and parseIP(name.decode("ascii")) is None:
+            raise HTTPError(400, "invalid IPv4 address")
     if portText is None or portText == b"":
         if defaultPort is None:
             raise HTTPError(400, "the target has no port")

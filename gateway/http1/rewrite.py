@@ -148,7 +148,7 @@ def requestHeadBytes(
         path = request.path if request.path != b"*" else b""
         lines = [
             request.method,
-            b" http://",
+            b" ftp://" if request.scheme == "ftp" else b" http://",
             request.authority,
             path,
             b" HTTP/1.1\r\nHost: ",

@@ -26,6 +26,7 @@ from ..exchange.problems import Problem, problemForStatus
 from ..exchange.targets import forwardTarget, maxForwards, tunnelTarget
 from ..exchange.transaction import Transaction
 from ..http1.framing import LAST_CHUNK, NONE, encodeChunk, requestFraming
+from ..http1.headers import Target
 from ..http1.parse import (
     HTTPError,
     RequestHead,
@@ -80,6 +81,7 @@ class ClientConnection(Protocol):
         self.exchange = None  # the Exchange or Tunnel the current request is in
         self.stream: Stream | None = None
         self.nestedConnection: ClientConnection | None = None
+        self._scanned = 0  # bytes of _buf already searched for an incomplete head
         self.persistent = True
         self.version = b"HTTP/1.1"
         self.pauser: ReadPauser | None = None
@@ -285,9 +287,13 @@ class ClientConnection(Protocol):
     def _readHead(self) -> None:
         rt = self.rt
         try:
-            block, self._buf = splitRequestHead(self._buf, rt.maxHeaderSize, _TOO_LARGE)
+            block, self._buf = splitRequestHead(
+                self._buf, rt.maxHeaderSize, _TOO_LARGE, self._scanned
+            )
             if block is None:
+                self._scanned = len(self._buf)  # a trickled head: scan only what comes next
                 return
+            self._scanned = 0
             head = parseRequestHead(block, rt.maxHeaders)
         except HTTPError as e:
             self._reject(problemForStatus(e.status, e.reason))
@@ -380,11 +386,15 @@ class ClientConnection(Protocol):
                 user=user,
             )
             return
+        connector = mode = None
         try:
-            if tunnel is None:
-                target = forwardTarget(head)
-            else:
+            if tunnel is not None:
                 target = tunnelTarget(head, tunnel.host, tunnel.port)
+            elif head.target[:6].lower() == b"ftp://" and rt.config.proxy.ftp:
+                target, connector = _ftpTarget(rt, head)
+                mode = "ftp"
+            else:
+                target = forwardTarget(head)
             framing = requestFraming(head)
             final = maxForwards(head)
         except HTTPError as e:
@@ -415,7 +425,9 @@ class ClientConnection(Protocol):
             if values:
                 upgrade = b", ".join(values)
         request = requestFromHead(head, target, framing, tokens, upgrade)
-        exchange = Exchange(rt, self, request, mode=self.mode, user=user)
+        exchange = Exchange(
+            rt, self, request, mode=mode or self.mode, user=user, connector=connector
+        )
         self.exchange = exchange
         if framing.kind == NONE:
             self._state = WAIT
@@ -658,6 +670,20 @@ class ClientConnection(Protocol):
             stream.idle()
         else:
             self.transport.abortConnection()
+
+
+def _ftpTarget(rt, head: RequestHead):
+    """
+    An ftp:// request (what C{ftp_proxy} clients send): its target, and the connector that
+    holds the URL's credentials (which never travel in the request).
+    """
+    from ..exchange.targets import checkHost
+    from ..ftp.connector import FTPConnector
+    from ..ftp.url import parseFTPTarget
+
+    checkHost(head)
+    t = parseFTPTarget(head.target)
+    return Target("ftp", t.host, t.port, t.path, t.authority), FTPConnector(rt, t.credentials)
 
 
 def _hasBody(head: RequestHead) -> bool:

@@ -88,6 +88,18 @@ class Tunnel(Transaction):
             return
         mitm = rt.interceptor
         if mitm is not None and mitm.intercepts(self.host):
+            if not mitm.permits(self.host):
+                # Inspection was asked for, and the CA may not sign for this host: refused,
+                # never relayed blind.
+                self._refuse(
+                    Problem(
+                        403,
+                        "destination",
+                        f"Destination denied: the proxy's CA may not certify {self.host} "
+                        "([mitm] name_constraints), and the tunnel would be inspected.",
+                    )
+                )
+                return
             self._intercept(mitm)
         else:
             self._dial(None)

@@ -73,6 +73,8 @@ def problemFor(error: Exception) -> Problem:
     "internal" problem, which the caller logs with its traceback.
     """
     if isinstance(error, DestinationDenied):
+        if error.reason == "port":
+            return Problem(403, "port", f"Destination denied: {error.detail}")
         return Problem(403, "destination_ip", f"Destination denied: {error.detail}")
     if isinstance(error, UpstreamRefused):
         return Problem(502, "upstream_refused", error.message)
@@ -82,11 +84,15 @@ def problemFor(error: Exception) -> Problem:
 
 
 class DestinationDenied(Exception):
-    """The destination policy refused every address of the target."""
+    """
+    The destination policy refused every address of the target, or (C{reason="port"}) the
+    port: the denied_total label.
+    """
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, reason: str = "destination") -> None:
         super().__init__(detail)
         self.detail = detail
+        self.reason = reason
 
 
 class _OneShot(Factory):
@@ -135,8 +141,14 @@ class Resolver:
         now = time.monotonic()
         if hit is not None and hit[0] > now:
             return defer.succeed(hit[1])
+        problem = _unresolvable(host)
+        if problem is not None:
+            return defer.fail(DialError("dns", 502, f"cannot resolve host {host!r}: {problem}"))
         receiver = _Collect()
-        self._reactor.nameResolver.resolveHostName(receiver, host, 0, transportSemantics="TCP")
+        try:
+            self._reactor.nameResolver.resolveHostName(receiver, host, 0, transportSemantics="TCP")
+        except Exception as e:
+            return defer.fail(DialError("dns", 502, f"cannot resolve host {host!r}: {e}"))
 
         def store(addresses: list[str]) -> list[str]:
             if addresses:
@@ -147,6 +159,26 @@ class Resolver:
             return addresses
 
         return receiver.done.addCallback(store)
+
+
+def _unresolvable(host: str) -> str | None:
+    """
+    Why getaddrinfo would raise for C{host} instead of failing the look-up, or None.
+
+    Twisted's resolver turns only C{gaierror} into "no addresses": anything else raised in
+    its thread (IDNA's UnicodeError for an empty or over-long label) is an unhandled error
+    in a Deferred, and the look-up never completes (a 504 after connect_timeout instead of
+    a 502 now). The request parser refuses such names already (400); this is the second
+    line for every other caller (an upstream proxy's host, an FTP server's).
+    """
+    if not host or "\x00" in host:
+        return "empty name or NUL"
+    try:
+        # What socket.getaddrinfo does with a str host, the one step that raises.
+        host.encode("idna")
+    except (UnicodeError, ValueError) as e:
+        return str(e) or "not a valid host name"
+    return None
 
 
 def _isLocalAddress(ip: str) -> bool:

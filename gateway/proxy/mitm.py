@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from ..config import MitmConfig
 from ..metrics import Metrics
-from ..tls.ca import loadOrCreateCA
+from ..tls.ca import NameConstraints, loadOrCreateCA
 from ..tls.contexts import clientCreator
 from ..tls.hostcontexts import ServerContextCache
 from ..tls.layer import wrapEndpoint
@@ -43,7 +43,10 @@ class Interceptor:
         if previous is not None and (not config.enabled or previous.source == _caSource(config)):
             self.source, self.ca, self.contexts = previous.source, previous.ca, previous.contexts
         else:
-            self.ca = loadOrCreateCA(config.ca_cert, config.ca_key)
+            constraints = None
+            if config.name_constraints is not None:
+                constraints = NameConstraints(*config.name_constraints)
+            self.ca = loadOrCreateCA(config.ca_cert, config.ca_key, constraints)
             self.source = _caSource(config)  # the files as created, when they were not there
             self.contexts = ServerContextCache(
                 self.ca,
@@ -62,6 +65,14 @@ class Interceptor:
         if any(p.matchesName(host) or _addressMatch(p, host) for p in self.config.passthrough):
             return False
         return any(p.matchesName(host) or _addressMatch(p, host) for p in self.config.intercept)
+
+    def permits(self, host: str) -> bool:
+        """
+        Whether the CA may certify C{host} ([mitm] name_constraints, or those of a CA made
+        elsewhere): a CONNECT to a host it may not is refused (403) rather than relayed
+        blind, since the admin asked for it to be inspected.
+        """
+        return self.ca.permits(host)
 
     def serverCreator(self, host: str):
         return self.contexts.serverCreator(host)

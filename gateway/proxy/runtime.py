@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from ..accesslog import AccessLog, AccessLogFile
 from ..config import Config, ConfigError
 from ..exchange.answers import answer
+from ..interfaces import localNetworks
 from ..metrics import Metrics
 from ..policy import DestinationPolicy
 from ..tls.contexts import CAError
@@ -71,6 +72,9 @@ class Settings:
         interceptor = _interceptor(config, rt.metrics, current, where)
         authenticator = _authenticator(config, rt.reactor, where)
         destinations = DestinationPolicy(p.allow_destinations, p.deny_destinations)
+        if destinations.usesSelf():
+            # `self` in deny_destinations: this host's interface addresses, read now.
+            destinations = destinations.withLocalNetworks(localNetworks())
         if rt.selfAddresses:
             destinations = destinations.withSelfAddresses(rt.selfAddresses)
         via = p.via.encode("ascii") if p.via else b""

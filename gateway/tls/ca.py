@@ -12,7 +12,9 @@ instead of a traceback from deep inside C{cryptography}.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
 from attrs import frozen
@@ -25,7 +27,14 @@ from twisted.logger import Logger
 
 from gateway.tls.contexts import CAError
 
-__all__ = ["CAError", "CertificateAuthority", "createCA", "loadOrCreateCA"]
+__all__ = [
+    "CAError",
+    "CertificateAuthority",
+    "NameConstraints",
+    "createCA",
+    "loadOrCreateCA",
+    "permittedBy",
+]
 
 _log = Logger()
 
@@ -38,6 +47,83 @@ CA_LIFETIME = timedelta(days=3650)
 #: How far back a new certificate's notBefore is placed, so that clients whose
 #: clocks run a little slow do not reject it as "not yet valid".
 BACKDATE = timedelta(days=1)
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@frozen
+class NameConstraints:
+    """
+    What a CA may certify ([mitm] name_constraints): DNS domains (each with all its
+    subdomains, as X.509 dNSName constraints mean) and optionally IP networks. Without
+    networks, no IP address at all may be certified: an X.509 name constraint that
+    permits only DNS names leaves IP addresses unconstrained, so the CA excludes them
+    explicitly (0.0.0.0/0 and ::/0).
+    """
+
+    domains: tuple[str, ...]
+    networks: tuple[IPNetwork, ...] = ()
+
+    def extension(self) -> x509.NameConstraints:
+        permitted: list[x509.GeneralName] = [x509.DNSName(d) for d in self.domains]
+        permitted += [x509.IPAddress(n) for n in self.networks]
+        excluded = None
+        if not self.networks:
+            excluded = [
+                x509.IPAddress(ipaddress.IPv4Network("0.0.0.0/0")),
+                x509.IPAddress(ipaddress.IPv6Network("::/0")),
+            ]
+        return x509.NameConstraints(permitted_subtrees=permitted, excluded_subtrees=excluded)
+
+    def __str__(self) -> str:
+        return " ".join([*self.domains, *(str(n) for n in self.networks)])
+
+
+def _hostIdentity(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | str:
+    text = host.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        return ipaddress.ip_address(text.split("%", 1)[0] if ":" in text else text)
+    except ValueError:
+        return text.rstrip(".").lower()
+
+
+def _nameIn(name: str, constraint: str) -> bool:
+    """RFC 5280 §4.2.1.10: the name, or it with labels added to the left ('.x': only those)."""
+    constraint = constraint.lower()
+    if constraint.startswith("."):
+        return name.endswith(constraint)
+    return not constraint or name == constraint or name.endswith("." + constraint)
+
+
+def _subtrees(subtrees: Iterable[x509.GeneralName] | None, kind: type) -> list:
+    return [general.value for general in subtrees or () if isinstance(general, kind)]
+
+
+def permittedBy(constraints: x509.NameConstraints | None, host: str) -> bool:
+    """
+    Whether a leaf for C{host} (a DNS name or an IP literal) satisfies C{constraints},
+    as a client checking the chain will decide: a name must fall in a permitted dNSName
+    subtree when there are any, and in no excluded one; an address likewise for iPAddress
+    subtrees. No constraints: anything.
+    """
+    if constraints is None:
+        return True
+    identity = _hostIdentity(host)
+    if isinstance(identity, str):
+        kind, inside = x509.DNSName, lambda value: _nameIn(identity, value)
+    else:
+        kind = x509.IPAddress
+
+        def inside(network) -> bool:
+            return network.version == identity.version and identity in network
+
+    permitted = _subtrees(constraints.permitted_subtrees, kind)
+    if permitted and not any(inside(value) for value in permitted):
+        return False
+    return not any(inside(value) for value in _subtrees(constraints.excluded_subtrees, kind))
 
 
 @frozen
@@ -66,12 +152,30 @@ class CertificateAuthority:
         """
         return self.cert.public_bytes(serialization.Encoding.DER)
 
+    def nameConstraints(self) -> x509.NameConstraints | None:
+        """The certificate's name constraints extension, if it has one."""
+        try:
+            return self.cert.extensions.get_extension_for_class(x509.NameConstraints).value
+        except x509.ExtensionNotFound:
+            return None
+
+    def permits(self, host: str) -> bool:
+        """
+        Whether this CA may certify C{host}: clients reject a leaf outside the CA's name
+        constraints, so proxygate never mints one (a pure function of the certificate).
+        """
+        return permittedBy(self.nameConstraints(), host)
+
 
 def _utcNow() -> datetime:
     return datetime.now(UTC)
 
 
-def createCA(commonName: str = "proxygate CA", now: datetime | None = None) -> CertificateAuthority:
+def createCA(
+    commonName: str = "proxygate CA",
+    now: datetime | None = None,
+    nameConstraints: NameConstraints | None = None,
+) -> CertificateAuthority:
     """
     Create a new self-signed interception CA.
 
@@ -83,6 +187,9 @@ def createCA(commonName: str = "proxygate CA", now: datetime | None = None) -> C
     @param commonName: The subject CN users will see in their trust stores.
     @param now: The creation time (default: the current time); injectable so
         the function stays pure and testable.
+    @param nameConstraints: What the CA may certify, as a critical X.509 name
+        constraints extension (RFC 5280 §4.2.1.10), so that its key, if stolen, signs
+        for nothing else that clients accept; None: unconstrained.
     @return: The new CA.
     """
     if now is None:
@@ -95,7 +202,7 @@ def createCA(commonName: str = "proxygate CA", now: datetime | None = None) -> C
         ]
     )
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -123,12 +230,16 @@ def createCA(commonName: str = "proxygate CA", now: datetime | None = None) -> C
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
             critical=False,
         )
-        .sign(key, hashes.SHA256())
     )
+    if nameConstraints is not None:
+        builder = builder.add_extension(nameConstraints.extension(), critical=True)
+    cert = builder.sign(key, hashes.SHA256())
     return CertificateAuthority(cert=cert, key=key)
 
 
-def loadOrCreateCA(certPath: str, keyPath: str) -> CertificateAuthority:
+def loadOrCreateCA(
+    certPath: str, keyPath: str, nameConstraints: NameConstraints | None = None
+) -> CertificateAuthority:
     """
     Load the CA from C{certPath}/C{keyPath}, or create and write one when
     neither file exists.
@@ -143,12 +254,27 @@ def loadOrCreateCA(certPath: str, keyPath: str) -> CertificateAuthority:
     overwritten.  C{certPath} and C{keyPath} may name the same file; it then
     holds both PEM blocks and is written with mode 0600.
 
+    C{nameConstraints} go into a CA created here only: a CA that exists was made and
+    installed elsewhere, and is used as it is (a warning says so when its constraints
+    differ from the configured ones).
+
     @raise CAError: With one line naming the file and the problem.
     """
     certExists = os.path.lexists(certPath)
     keyExists = os.path.lexists(keyPath)
     if certExists and keyExists:
-        return _loadCA(certPath, keyPath)
+        ca = _loadCA(certPath, keyPath)
+        if nameConstraints is not None and ca.nameConstraints() != nameConstraints.extension():
+            _log.warn(
+                "[mitm] name_constraints ({wanted}) apply only to a CA proxygate creates; "
+                "the existing CA {certPath} has {have}: remove {certPath} and {keyPath} to "
+                "have a constrained CA created (and install it in your clients again)",
+                wanted=str(nameConstraints),
+                have="other constraints" if ca.nameConstraints() else "none",
+                certPath=certPath,
+                keyPath=keyPath,
+            )
+        return ca
     if certExists:
         raise CAError(
             f"{keyPath}: CA key file is missing but the certificate {certPath} exists; "
@@ -159,7 +285,7 @@ def loadOrCreateCA(certPath: str, keyPath: str) -> CertificateAuthority:
             f"{certPath}: CA certificate file is missing but the key {keyPath} exists; "
             f"supply the matching certificate, or remove {keyPath} to have a new CA created"
         )
-    ca = createCA()
+    ca = createCA(nameConstraints=nameConstraints)
     _writeCA(ca, certPath, keyPath)
     _log.info(
         "Created a new MITM CA: certificate {certPath}, key {keyPath}; "

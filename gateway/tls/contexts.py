@@ -31,6 +31,8 @@ from collections.abc import Callable
 
 from twisted.logger import Logger
 
+from .groups import applyGroups
+
 __all__ = [
     "HTTP11",
     "CAError",
@@ -84,6 +86,7 @@ def newServerContext() -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= _SERVER_OPTIONS
     ctx.set_ciphers(MODERN_CIPHERS)
+    applyGroups(ctx)
     ctx.num_tickets = 0
     ctx.set_alpn_protocols([HTTP11])
     return ctx
@@ -198,6 +201,7 @@ def _clientContext(caBundle: str | None, verify: bool) -> ssl.SSLContext:
         return ctx
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    applyGroups(ctx)
     ctx.set_alpn_protocols([HTTP11])
     if not verify:
         ctx.check_hostname = False

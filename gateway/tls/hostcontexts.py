@@ -112,9 +112,13 @@ class ServerContextCache:
 
         @param host: A DNS name or IP literal (case, a trailing dot and IPv6
             brackets do not matter).
-        @raise ValueError: If C{host} is not a valid DNS name or IP literal.
+        @raise ValueError: If C{host} is not a valid DNS name or IP literal, or one the
+            CA's name constraints do not permit (no such leaf is ever minted: clients
+            would reject it, and it would be a certificate for a name the CA must not sign).
         """
         key = normalizeHost(host)
+        if key not in self._entries and not self.ca.permits(key):
+            raise ValueError(f"{host!r} is outside the CA's name constraints")
         now = self._clock()
         entry = self._entries.get(key)
         if entry is not None and now - entry.issuedAt < MAX_LEAF_AGE:
@@ -174,7 +178,12 @@ class ServerContextCache:
                 defaultHost = getattr(tls, "proxygateDefaultHost", None)
                 if defaultHost is None:
                     return
-                context = self.contextFor(defaultHost)
+                try:
+                    context = self.contextFor(defaultHost)
+                except ValueError as e:
+                    # Outside the name constraints: no certificate, the handshake fails.
+                    _log.info("MITM: no certificate for a TLS client: {why}", why=str(e))
+                    return
             tls.context = context
         except Exception:
             _log.failure("MITM: cannot select a certificate for a TLS client")

@@ -153,15 +153,21 @@ def mintLeaf(
     # 128 random bits; OR-ing the bottom bit keeps it non-zero as RFC 5280
     # requires, and 16 bytes stays under the 20-octet limit.
     serial = int.from_bytes(os.urandom(16), "big") | 1
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(identity)[:64])])
+    if not isinstance(identity, str) and ca.nameConstraints() is not None:
+        # OpenSSL checks a leaf's CN against the CA's DNS name constraints when the leaf
+        # has no DNS SAN, and "10.1.2.3" reads as a DNS name there: an address leaf of a
+        # constrained CA has an empty subject, with the SAN critical (RFC 5280 §4.2.1.6).
+        subject = x509.Name([])
     builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(identity)[:64])]))
+        .subject_name(subject)
         .issuer_name(ca.cert.subject)
         .public_key(leafKey.public_key())
         .serial_number(serial)
         .not_valid_before(notBefore)
         .not_valid_after(notAfter)
-        .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([san]), critical=not subject)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(

@@ -89,6 +89,13 @@ class ProxygateServiceMaker:
         # pipe (an exception), a foreground process with one line of its own.
         twistd = getattr(options, "parent", None)
         nodaemon = twistd is None or bool(twistd.get("nodaemon"))
+        if options["loaded"].usesTLS():
+            # TLS key exchange groups: X25519, P-256, P-384 only. Python's ssl cannot set
+            # them on a context, OpenSSL's configuration can, read at process start: this
+            # re-executes the process once with OPENSSL_CONF set (gateway/tls/groups.py).
+            from gateway.tls.groups import ensureLimited
+
+            ensureLimited()
         try:
             service = GatewayService(
                 options["loaded"], exitOnListenFailure=nodaemon, ownsProcess=True
