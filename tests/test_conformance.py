@@ -47,8 +47,10 @@ from tests.support.recorder import (
 
 # -- the proxy and the origin ---------------------------------------------------------------
 
+# ftp = off: the rows are HTTP's; with it off an ftp:// URL is refused like any other scheme
+# (A8). The FTP gateway, on by default, has tests/test_ftp_proxy.py.
 INI = LOOPBACK_INI.replace("connect_ports = 1-65535", "connect_ports = 1024-65535") + (
-    "header_timeout = 5\nidle_timeout = 20\nconnect_timeout = 1\n"
+    "header_timeout = 5\nidle_timeout = 20\nconnect_timeout = 1\nftp = off\n"
 )
 
 

@@ -1148,7 +1148,6 @@ GARBAGE = [
     pytest.param(b"GET http://{o}/ HTTP/1.1\r\nHost : {o}\r\n\r\n", 400, id="space-before-colon"),
     pytest.param(b"GET http://{o}/#frag HTTP/1.1\r\nHost: {o}\r\n\r\n", 400, id="fragment"),
     pytest.param(b"GET http://u:p@{o}/ HTTP/1.1\r\nHost: {o}\r\n\r\n", 400, id="userinfo"),
-    pytest.param(b"GET ftp://{o}/f HTTP/1.1\r\nHost: {o}\r\n\r\n", 400, id="ftp-scheme"),
     pytest.param(b"GET gopher://{o}/ HTTP/1.1\r\nHost: {o}\r\n\r\n", 400, id="gopher-scheme"),
     pytest.param(b"GET file:///etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n", 400, id="file-scheme"),
     pytest.param(b"GET http://{o}/ HTTP/2.0\r\nHost: {o}\r\n\r\n", 505, id="http2-version"),

@@ -47,7 +47,7 @@ from gateway.ftp.replies import (
     statusFor,
 )
 from gateway.http1.parse import HTTPError
-from gateway.message import UNKNOWN, Request
+from gateway.message import NO_BODY, UNKNOWN, Request
 from gateway.policy import DestinationPolicy
 from gateway.proxy.dial import Dialer
 from tests.support.ftpserver import PASSWORD, USER, layout, listen
@@ -351,7 +351,7 @@ def test_loginFromAuthorization(ftpServer):
 def test_head(ftpServer):
     r = yield fetch(request(b"HEAD", ftpServer, b"/pub/data.bin"))
     assert r.outcome == ("end",) and r.head.status == 200
-    assert (r.head.length, r.head.statedLength) == (0, b"256000") and r.body == b""
+    assert (r.head.length, r.head.statedLength) == (NO_BODY, b"256000") and r.body == b""
     listing = yield fetch(request(b"HEAD", ftpServer, b"/pub/"))
     assert listing.head.status == 200 and listing.body == b""
     missing = yield fetch(request(b"HEAD", ftpServer, b"/pub/nope"))

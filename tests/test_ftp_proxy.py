@@ -176,7 +176,7 @@ def test_metricsAndAccessLog(ftpProxy, ftpServer):
         )
     )
     log = ftpProxy.log()
-    assert f"ftp://127.0.0.1:{ftpServer.port}/private.txt" in log
+    assert f"ftp://127.0.0.1:{ftpServer.port}/private.txt - HIER_DIRECT/127.0.0.1" in log
     assert PASSWORD not in log and f"{USER}:" not in log
 
 

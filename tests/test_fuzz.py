@@ -543,7 +543,9 @@ def rec():
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory):
-    ini = LOOPBACK_INI + "header_timeout = 3\nidle_timeout = 10\n"
+    # ftp = off: the campaign is about HTTP framing; an ftp:// target would open an FTP
+    # session to the recording origin (tests/test_ftp_proxy.py has the FTP gateway).
+    ini = LOOPBACK_INI + "header_timeout = 3\nidle_timeout = 10\nftp = off\n"
     p = ProxyProcess(tmp_path_factory.mktemp("fuzz"), ini).start()
     yield p
     p.stop()

@@ -412,6 +412,9 @@ class _Interceptor:
     def intercepts(self, host: str) -> bool:
         return True
 
+    def permits(self, host: str) -> bool:
+        return True
+
     def serverCreator(self, host: str):
         return object()
 

@@ -175,6 +175,7 @@ class Exchange(Transaction):
         self.phase = RESPONDING
         self.code = status
         self.contentType = response.contentType
+        self.ip = self.upstream.ip  # a side that dials after it is attached (FTP) knows it now
         if self.request.upgrade is not None:
             self.env.metrics.upgrades.labels("refused").inc()
         self.downstream.sendHead(response)
