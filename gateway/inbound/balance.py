@@ -282,6 +282,13 @@ class Pool:
         nextPick = self.pick((), (*tried, backend))
         return None if nextPick is None else nextPick.backend
 
+    def repin(self, backend: Backend) -> Pick:
+        """
+        The pick of a request that failed over to C{backend}: on a sticky route its client
+        is pinned to it (the backend it was pinned to, if any, is down).
+        """
+        return Pick(backend, self._setCookie(backend) if self.balance == "sticky" else None)
+
     def _order(self) -> list[Backend]:
         """The backends in round-robin order from the cursor."""
         start = self._next % len(self.backends)

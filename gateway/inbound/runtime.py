@@ -99,6 +99,10 @@ class Inbound:
         """See L{RouteTable.match}; a L{Routed}'s C{route} is a L{Route}."""
         return self.table.match(authority, target)
 
+    def namesHost(self, host: str) -> bool:
+        """See L{RouteTable.namesHost}."""
+        return self.table.namesHost(host)
+
     def healthChecker(self, reactor=None) -> HealthChecker:
         """The active checks of the routes that have a C{health_check} (an IService)."""
         from .health import HealthChecker
