@@ -398,6 +398,19 @@ def test_routeTimeoutIsTheIdleLimit(gw: Gateway) -> None:
     assert client.value() == b""
     gw.clock.advance(0.2)  # the route's timeout = 5, not [proxy] idle_timeout
     assert client.value().startswith(b"HTTP/1.1 504 Gateway Timeout\r\n")
+    # the next request of the connection is held to it as well
+    conn, client = gw.connect()
+    for _ in range(2):
+        client.clear()
+        conn.dataReceived(head(b"/s/"))
+        if gw.dials.pending:
+            backend, _ = gw.dials.connect()
+        gw.clock.advance(1)
+        backend.dataReceived(RESPONSE)
+        assert client.value().startswith(b"HTTP/1.1 200 OK\r\n")
+    conn.dataReceived(head(b"/s/"))
+    gw.clock.advance(5.1)
+    assert b"504 Gateway Timeout" in client.value()
 
 
 def test_forwardProxyRequestsAreRefused(gw: Gateway) -> None:

@@ -132,7 +132,6 @@ class ReverseConnection(ClientConnection):
         self.scheme = scheme
 
     def _dispatch(self, head: RequestHead, tokens, user: str | None) -> None:
-        rt = self.rt
         if head.method == b"CONNECT":
             self._answer(
                 head, Problem(405, "proxy_request", _NOT_A_PROXY), close=True, extraFields=_ALLOW
@@ -142,49 +141,65 @@ class ReverseConnection(ClientConnection):
             authority, target, absolute = gatewayTarget(head)
             framing = requestFraming(head)
             final = maxForwards(head)
+            inbound = self.rt.inbound
+            if absolute and not inbound.namesHost(hostKey(authority)):
+                result = Problem(400, "proxy_request", _NOT_A_PROXY)
+            elif final is not None:
+                result = Problem(final, "max_forwards", "Max-Forwards reached zero at proxygate.")
+            else:
+                result = inbound.match(authority, target)
         except HTTPError as e:
             self._reject(problemForStatus(e.status, e.reason), head)
             return
-        close = not self.persistent or framing.kind != NONE
-        url = publicURL(self.scheme, authority, target)
-        inbound = rt.inbound
-        if absolute and not inbound.namesHost(hostKey(authority)):
-            self._answer(head, Problem(400, "proxy_request", _NOT_A_PROXY), close=close, url=url)
+        if type(result) is Routed:
+            if result.route.config.auth:
+                self._logIn(head, tokens, framing, authority, result)
+            else:
+                self._forward(head, tokens, framing, authority, result, None)
             return
-        if final is not None:
-            problem = Problem(final, "max_forwards", "Max-Forwards reached zero at proxygate.")
-            self._answer(head, problem, close=close, url=url)
-            return
-        try:
-            result = inbound.match(authority, target)
-        except HTTPError as e:
-            self._reject(problemForStatus(e.status, e.reason), head)
-            return
+        extraFields = ()
         if result is None:
-            problem = Problem(404, "no_route", "No route of this gateway serves this URL.")
-            self._answer(head, problem, close=close, url=url)
-            return
-        if isinstance(result, Redirect):
+            result = Problem(404, "no_route", "No route of this gateway serves this URL.")
+        elif isinstance(result, Redirect):
             location = result.location
-            problem = Problem(
+            extraFields = [(b"Location", location)]
+            result = Problem(
                 result.status(head.method),
                 "redirect",
                 f"This is served under {location.decode('ascii', 'replace')}.",
             )
-            self._answer(head, problem, close=close, extraFields=[(b"Location", location)], url=url)
-            return
-        if result.route.config.auth:
-            self._logIn(head, tokens, framing, authority, result, url)
-        else:
-            self._forward(head, tokens, framing, authority, result, url, None)
+        self._local(head, result, framing, authority, target, extraFields)
+
+    def _local(
+        self,
+        head: RequestHead,
+        problem: Problem,
+        framing: Framing,
+        authority: bytes,
+        target: bytes,
+        extraFields=(),
+        routed: Routed | None = None,
+        user: str | None = None,
+        close: bool = False,
+    ) -> None:
+        """The gateway's own answer (and its record: the route's, when one was matched)."""
+        self._answer(
+            head,
+            problem,
+            close=close or not self.persistent or framing.kind != NONE,
+            extraFields=extraFields,
+            url=publicURL(self.scheme, authority, target),
+            user=user,
+            route=None if routed is None else routed.route.name,
+        )
 
     def _logIn(
-        self, head: RequestHead, tokens, framing: Framing, authority: bytes, routed: Routed, url
+        self, head: RequestHead, tokens, framing: Framing, authority: bytes, routed: Routed
     ) -> None:
         """Edge authentication: the user's Authorization against [auth]'s htpasswd."""
         values = head.values(b"authorization")
         d = self.rt.users.authenticate(values[0] if len(values) == 1 else None)
-        args = (head, tokens, framing, authority, routed, url)
+        args = (head, tokens, framing, authority, routed)
         if d.called:  # a cached credential: at once
             result: list = []
             d.addBoth(result.append)
@@ -201,24 +216,15 @@ class ReverseConnection(ClientConnection):
         self.pauser.resume(PIPELINE)
         self._loggedIn(user, *args)
 
-    def _loggedIn(
-        self, user, head: RequestHead, tokens, framing, authority, routed: Routed, url
-    ) -> None:
+    def _loggedIn(self, user, head: RequestHead, tokens, framing, authority, routed) -> None:
         if isinstance(user, str):
-            self._forward(head, tokens, framing, authority, routed, url, user)
+            self._forward(head, tokens, framing, authority, routed, user)
             return
-        self._answer(
-            head,
-            Problem(
-                401,
-                "unauthorized",
-                "This page needs you to log in: send your user name and password.",
-            ),
-            close=not self.persistent or framing.kind != NONE,
-            extraFields=[(b"WWW-Authenticate", self.rt.users.challenge())],
-            url=url,
-            route=routed.route.name,
+        problem = Problem(
+            401, "unauthorized", "This page needs you to log in: send your user name and password."
         )
+        challenge = [(b"WWW-Authenticate", self.rt.users.challenge())]
+        self._local(head, problem, framing, authority, routed.publicTarget, challenge, routed)
 
     def _forward(
         self,
@@ -227,7 +233,6 @@ class ReverseConnection(ClientConnection):
         framing: Framing,
         authority: bytes,
         routed: Routed,
-        url: str,
         user: str | None,
     ) -> None:
         """The request is the route's: check its body and backends, then the exchange."""
@@ -241,7 +246,9 @@ class ReverseConnection(ClientConnection):
                 f"The request body ({framing.length} bytes) is larger than route {name} "
                 f"accepts ({route.config.max_body_size} bytes).",
             )
-            self._answer(head, problem, close=True, url=url, user=user, route=name)
+            self._local(
+                head, problem, framing, authority, routed.publicTarget, (), routed, user, True
+            )
             return
         pool = route.pool
         pick = pool.pick(head.values(b"cookie") if pool.balance == "sticky" else ())
@@ -249,15 +256,8 @@ class ReverseConnection(ClientConnection):
             problem = Problem(
                 503, "unavailable", f"Every backend of route {name} is down: retry later."
             )
-            self._answer(
-                head,
-                problem,
-                close=not self.persistent or framing.kind != NONE,
-                extraFields=[(b"Retry-After", b"%d" % pool.retryAfter())],
-                url=url,
-                user=user,
-                route=name,
-            )
+            retry = [(b"Retry-After", b"%d" % pool.retryAfter())]
+            self._local(head, problem, framing, authority, routed.publicTarget, retry, routed, user)
             return
         upgrade = upgradeOffer(head, framing) if b"upgrade" in tokens else None
         backend = pick.backend.url
@@ -273,9 +273,11 @@ class ReverseConnection(ClientConnection):
             publicTarget=routed.publicTarget,
             user=user,
         )
-        # The route's idle limit, for its body, its response and its WebSocket.
-        self.idleTimeout = route.config.timeout
-        self._arm("idle", self.idleTimeout)
+        # The route's idle limit, for its body, its response and its WebSocket (the
+        # connection's own was armed when the head was read).
+        timeout = self.idleTimeout = route.config.timeout
+        if timeout != self.rt.idleTimeout:
+            self._arm("idle", timeout)
         body = None
         if framing.kind != NONE:
             body = framing.reader()
