@@ -92,7 +92,7 @@ class Transaction:
         """For decrypted traffic: the (host, path) whose per-API figures it adds to."""
         return None
 
-    def answer(self, problem: Problem, size: int, url: str) -> None:
+    def localAnswer(self, problem: Problem, size: int, url: str) -> None:
         """The proxy answered C{problem} itself, with a body of C{size} bytes."""
         self.problem = problem
         self.code = problem.status
@@ -128,6 +128,10 @@ class Transaction:
             metrics.moved(self.received, self.sentUpstream, fromUpstream, self.sent)
         log = env.accessLog
         if log is not None:
+            if route is None:
+                where = hierarchy(self.ip, self.viaProxy)
+            else:
+                where = routeHierarchy(route, self.backend)
             log.record(
                 AccessRecord(
                     start=self.wallStart,
@@ -139,9 +143,7 @@ class Transaction:
                     url=self.logURL(),
                     user=self.user,
                     action=action,
-                    hierarchy=hierarchy(self.ip, self.viaProxy)
-                    if route is None
-                    else routeHierarchy(route, self.backend),
+                    hierarchy=where,
                     contentType=self.contentType.decode("latin-1"),
                     mode=self.logMode,
                     reason=problem.code if problem is not None else None,

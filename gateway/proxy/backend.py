@@ -122,4 +122,4 @@ class BackendConnector:
             return
         public.count(exchange.env.metrics)  # each backend that failed is an upstream error
         exchange.moveTo(nextBackend)
-        self.open(request, exchange, fresh=True)
+        self.open(request, exchange)  # its kept-alive connections are as good as any

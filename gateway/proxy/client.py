@@ -633,7 +633,7 @@ class ClientConnection(Protocol):
         if route is None:
             t.logMode = "local"
         t.route = route
-        t.answer(
+        t.localAnswer(
             problem,
             size,
             url if url is not None else (_safeTarget(head) if head is not None else "-"),
