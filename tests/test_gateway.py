@@ -164,6 +164,19 @@ def test_forwardListenerNeverServesRoutes(startGateway, backend) -> None:
     assert app.requests == []
 
 
+def test_gatewayLetsInItsOwnClientCIDRs(startGateway, backend) -> None:
+    app = backend("app")
+    gw = startGateway(
+        f"[route app]\nmatch = /\nbackends = {app.url}\n",
+        reverse="allowed_client_cidrs = 10.0.0.0/8",
+    )
+    r = client().get(gw.gateway + "/")
+    assert r.status_code == 403 and r.headers["Connection"] == "close"
+    assert app.requests == []
+    # the proxy's own allowed_client_cidrs (loopback by default) are not the gateway's
+    assert client().get(gw.url, timeout=10).status_code == 400
+
+
 # -- pools ------------------------------------------------------------------------------------
 
 
@@ -423,7 +436,7 @@ def test_staticHeadersTLSTerminationAndRouteMetrics(startGateway, backend, tmp_p
     assert f["x-rsc-request"] == f"https://localhost:{gw.gatewayPort}/rstudio/p/1?a=b"
     assert (f["x-forwarded-proto"], f["x-forwarded-port"]) == ("https", str(gw.gatewayPort))
     assert "/evil" not in json.dumps(doc["headers"])
-    assert "Secure" in s.cookies.list_domains() or any(c.secure for c in s.cookies)
+    assert [c.secure for c in s.cookies] == [True]  # the sticky pin, over https only
     assert gw.metric("proxygate_route_requests_total", route="rstudio", code="200") == 3
     assert gw.metric("proxygate_route_request_duration_seconds_count", route="rstudio") == 3
     assert gw.metric("proxygate_requests_total", mode="reverse", method="GET", code="200") == 3
