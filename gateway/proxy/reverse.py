@@ -19,8 +19,6 @@ backend down (503 with Retry-After). A chunked body is counted as it streams, an
 
 from __future__ import annotations
 
-from twisted.logger import Logger
-
 from ..exchange.answers import answer
 from ..exchange.problems import Problem, problemForStatus
 from ..exchange.targets import gatewayTarget, maxForwards
@@ -56,7 +54,6 @@ class ReverseRuntime:
     routed exchange (L{gateway.exchange.exchange.Exchange}).
     """
 
-    log = Logger(namespace="proxygate.gateway")
     answer = staticmethod(answer)
 
     def __init__(self, runtime, config, inbound) -> None:
