@@ -147,6 +147,8 @@ class Response:
 #: Reason phrases of the statuses the proxy itself answers with (RFC 9110 §15).
 REASONS = {
     200: b"OK",
+    301: b"Moved Permanently",
+    308: b"Permanent Redirect",
     400: b"Bad Request",
     401: b"Unauthorized",
     403: b"Forbidden",

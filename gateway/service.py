@@ -2,8 +2,9 @@
 The proxy as a Twisted service: what `twistd proxygate` runs, and what an existing Twisted
 application attaches with C{makeService(config).setServiceParent(application)}.
 
-The service owns everything it opens: the proxy listeners, the metrics listener, every
-client and origin connection, the access log file. Stopping it stops accepting, lets
+The service owns everything it opens: the proxy listeners, the inbound gateway's listeners
+(C{[reverse] listen}) with their routes and health checks, the metrics listener, every
+client, origin and backend connection, the access log file. Stopping it stops accepting, lets
 exchanges in flight finish and tunnels run for a grace period (the metrics listener still
 answers, /healthz with 503), then closes what is left. L{GatewayService.reload} applies an
 edited configuration file without a restart (L{gateway.reload}).
@@ -19,7 +20,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from .accesslog import AccessRecord
-from .config import Config, innerEndpoint, loadConfig, serverEndpoint
+from .config import Config, endpointParts, innerEndpoint, loadConfig, serverEndpoint
 from .metrics import Metrics, metricsHandler
 from .metricsserver import Answer, Handler, MetricsServerFactory, routePath
 from .proxy.client import ClientFactory
@@ -55,8 +56,10 @@ _NOT_FOUND: Answer = (404, _TEXT, b"not found\n")
 class GatewayService(MultiService):
     """
     @ivar runtime: what the connections share (metrics, pool, policies).
+    @ivar reverse: what the inbound gateway's connections share (its routes, the backends'
+        pool), or None without C{[reverse] listen}.
     @ivar ports: the listening ports once started, proxy listeners first.
-    @ivar proxyPorts, metricsPorts: the same, split by role.
+    @ivar proxyPorts, metricsPorts, reversePorts: the same, split by role.
     @ivar draining: stopping: no new connections, the open ones finishing.
     @ivar exitOnListenFailure: a listener that cannot open ends the process with one line
         (twistd -n) instead of raising L{ListenError} (to its caller: an application, or a
@@ -79,6 +82,12 @@ class GatewayService(MultiService):
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
+        if config.reverse.listen:
+            from .inbound.runtime import settleStickySecret
+
+            # Before anything copies the configuration (the workers get it pickled): every
+            # process must set and follow the same sticky cookies.
+            config = settleStickySecret(config)
         self.config = config
         self.reactor = reactor
         self.drainGrace = drainGrace
@@ -90,12 +99,24 @@ class GatewayService(MultiService):
         self.metrics = Metrics()
         self.proxyPorts: list = []
         self.metricsPorts: list = []
+        self.reversePorts: list = []
         self.metricsFactory: MetricsServerFactory | None = None
         self._flusher = None
         self._authReloader = None
         self.runtime = Runtime(config, reactor, self.metrics)
         self.reloader = Reloader(self)
         self.signals = SignalHandlers(reactor, self.hangup, self.reopenLogs)
+        self.reverse = None
+        self.healthChecker = None
+        if config.reverse.listen:
+            from .inbound.runtime import Inbound
+            from .proxy.reverse import ReverseRuntime
+
+            inbound = Inbound(config, reactor.seconds)
+            inbound.watch(self.metrics)
+            self.reverse = ReverseRuntime(self.runtime, config, inbound)
+            self.healthChecker = inbound.healthChecker(reactor)
+            self.healthChecker.setServiceParent(self)
         # [proxy] workers > 1: worker processes share the proxy listeners (gateway.workers).
         self.listenReactor = reactor
         self.workers = None
@@ -112,7 +133,7 @@ class GatewayService(MultiService):
 
     @property
     def ports(self) -> list:
-        return self.proxyPorts + self.metricsPorts
+        return self.proxyPorts + self.metricsPorts + self.reversePorts
 
     def startService(self) -> None:
         super().startService()
@@ -139,6 +160,21 @@ class GatewayService(MultiService):
         for port in self.proxyPorts:
             h = port.getHost()
             self.log.info("proxygate listening on {host}:{port}", host=h.host, port=h.port)
+        for port in self.reversePorts:
+            h = port.getHost()
+            self.log.info(
+                "proxygate gateway listening on {host}:{port} ({routes} routes)",
+                host=h.host,
+                port=h.port,
+                routes=len(self.config.routes),
+            )
+        if self.reverse is not None and self.config.reverse.http2:
+            self.log.info(
+                "[reverse] http2 = on: takes effect once proxygate speaks HTTP/2; "
+                "the gateway serves HTTP/1.1 until then"
+            )
+        if self.reverse is None and self.config.routes:
+            self.log.warn("[route] sections are not served: [reverse] listen is empty")
         for port in self.metricsPorts:
             h = port.getHost()
             self.log.info(
@@ -178,6 +214,15 @@ class GatewayService(MultiService):
         factory = ClientFactory(self.runtime)
         for description in self.config.proxy.listen:
             self.proxyPorts.append(self._listenOne(description, factory, self.listenReactor))
+        if self.reverse is not None:
+            from .proxy.reverse import ReverseFactory
+
+            # After the proxy's, in the same order in every process: workers adopt the
+            # shared sockets in the order the master bound them.
+            for description in self.config.reverse.listen:
+                scheme = "https" if endpointParts(description)[0] == "ssl" else "http"
+                gateway = ReverseFactory(self.reverse, scheme)
+                self.reversePorts.append(self._listenOne(description, gateway, self.listenReactor))
         if self.config.metrics.listen:
             # A slow or idle scrape connection gets what a proxy client gets for its head.
             self.metricsFactory = MetricsServerFactory(
@@ -270,13 +315,14 @@ class GatewayService(MultiService):
         return serve
 
     def _closePorts(self, metrics: bool = True) -> list:
-        ports = self.proxyPorts + (self.metricsPorts if metrics else [])
+        ports = self.proxyPorts + self.reversePorts + (self.metricsPorts if metrics else [])
         ds = [defer.maybeDeferred(p.stopListening) for p in ports]
         if self.workers is not None:
             self.workers.listener.close()
         self.proxyPorts = []
         if metrics:
             self.metricsPorts = []
+        self.reversePorts = []
         return ds
 
     def reload(self) -> bool:
@@ -304,6 +350,29 @@ class GatewayService(MultiService):
         if self.reload() and self.workers is not None:
             self.workers.hangup()
 
+    def reloadRoutes(self, config: Config) -> None:
+        """
+        Serve the routes of C{config} from now on: the hook for a reload of the whole INI
+        (SIGHUP), in each process. Backends that stay keep their up/down state, removed
+        routes leave the metrics, the health checks follow the new routes, the sticky secret
+        stays unless the file sets one. Requests in flight finish on the routes they started
+        on. C{[reverse] listen} itself needs a restart: without a gateway, nothing happens.
+        """
+        if self.reverse is None:
+            return
+        from .inbound.runtime import Inbound, settleStickySecret
+
+        config = settleStickySecret(config, running=self.config)
+        old = self.reverse.inbound
+        new = Inbound(config, self.reactor.seconds, previous=old)
+        new.watch(self.metrics, previous=old)
+        self.reverse.inbound = new
+        self.reverse.clientCIDRs = config.reverse.allowed_client_cidrs
+        if self.healthChecker is not None:
+            self.healthChecker.disownServiceParent()
+        self.healthChecker = new.healthChecker(self.reactor)
+        self.healthChecker.setServiceParent(self)
+
     @defer.inlineCallbacks
     def stopService(self):
         yield defer.maybeDeferred(super().stopService)
@@ -329,6 +398,8 @@ class GatewayService(MultiService):
         for conn in list(rt.connections):
             conn.shutdown()
         rt.pool.closeAll()
+        if self.reverse is not None:
+            self.reverse.pool.closeAll()
         # Let the aborts run their connectionLost before reporting stopped; a tunnel that
         # cannot flush (its reader stopped reading) is cut off by its splice in ABORT_GRACE.
         deadline = self.reactor.seconds() + ABORT_GRACE + 0.5

@@ -204,13 +204,19 @@ class InheritedListener(_Listener):
 MASTER_ONLY = frozenset({"proxygate_build_info", "proxygate_config_reloads"})
 #: Families that describe one process: one series per process (a C{worker} label).
 PER_PROCESS_PREFIX = "process_"
+#: Gauges that are a state every process has of its own, not a count to add up: each
+#: process runs its own health checks and passive marking of the inbound gateway's backends,
+#: so a backend is shown up (1) only while every process takes it, and down (0) as soon as
+#: one has marked it down.
+_LOWEST = frozenset({"proxygate_backend_up"})
 
 
 def mergeExpositions(texts: list[str], processes: list[str] | None = None) -> list[Metric]:
     """
     Prometheus text expositions of several processes as one: samples with the same name
     and labels are added (counters, histogram buckets, sums and counts, and the gauges,
-    which count open connections and tunnels); C{_created} timestamps keep the earliest.
+    which count open connections and tunnels), but for the state gauges of L{_LOWEST},
+    which keep the lowest value; C{_created} timestamps keep the earliest.
     The first text is the master's: L{MASTER_ONLY} families are taken from it alone. With
     C{processes} (a name per text), C{process_*} samples get a C{worker} label instead of
     being added.
@@ -233,7 +239,7 @@ def mergeExpositions(texts: list[str], processes: list[str] | None = None) -> li
                 seen = samples.get(sampleKey)
                 if seen is None:
                     samples[sampleKey] = (labels, sample.value)
-                elif sample.name.endswith("_created"):
+                elif sample.name.endswith("_created") or sample.name in _LOWEST:
                     samples[sampleKey] = (seen[0], min(seen[1], sample.value))
                 else:
                     samples[sampleKey] = (seen[0], seen[1] + sample.value)

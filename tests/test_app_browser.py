@@ -1,7 +1,7 @@
 """
-The test infrastructure for the inbound gateway's end-to-end tests, exercised directly (no
-proxygate yet): the Shiny app harness, and the headless browser driving the app's
-WebSocket-driven UI and a file upload the way a user does.
+A real data-science app behind the inbound gateway: the Shiny app harness and the headless
+browser exercised directly, then the app behind a route with its prefix, loaded in chromium
+through proxygate: its WebSocket-driven UI and a file upload work as they do directly.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 import websocket
 
-from tests.support import payload
+from tests.support import LOOPBACK_INI, payload, waitFor
 from tests.support.appserver import ShinyApp
 from tests.support.browser import CHROMIUM, Chromium, PageError
 
@@ -61,10 +61,8 @@ def test_browserEvaluatesAndReportsConsoleErrors(browser: Chromium) -> None:
         page.waitFor("false", timeout=0.3)
 
 
-@needsChromium
-def test_browserDrivesTheShinyApp(app: ShinyApp, browser: Chromium, tmp_path) -> None:
-    page = browser.page()
-    page.navigate(app.url + "/")
+def driveTheApp(page, tmp_path) -> None:
+    """What a user does with the app: change an input, see the output, upload a file."""
     # the output is rendered by the server and arrives over the session's WebSocket
     page.waitFor("document.querySelector('#doubled').textContent === 'doubled: 42'")
     page.evaluate("$('#n').val(5).trigger('change'); true")
@@ -76,3 +74,51 @@ def test_browserDrivesTheShinyApp(app: ShinyApp, browser: Chromium, tmp_path) ->
     expected = f"uploaded data.bin: {len(data)} bytes sha256 {hashlib.sha256(data).hexdigest()}"
     page.waitFor(f"document.querySelector('#uploaded').textContent === {expected!r}")
     assert [e for e in page.consoleErrors() if "favicon" not in e] == []
+
+
+@needsChromium
+def test_browserDrivesTheShinyApp(app: ShinyApp, browser: Chromium, tmp_path) -> None:
+    page = browser.page()
+    page.navigate(app.url + "/")
+    driveTheApp(page, tmp_path)
+
+
+@needsChromium
+def test_browserDrivesTheShinyAppThroughTheGateway(
+    app: ShinyApp, browser: Chromium, startProxy, tmp_path
+) -> None:
+    gateway = startProxy(
+        LOOPBACK_INI
+        + f"""
+[reverse]
+listen = tcp:0:interface=127.0.0.1
+
+[route shiny]
+match = /apps/shiny/
+backends = {app.url}
+balance = sticky
+max_body_size = 200M
+timeout = 3600
+"""
+    )
+    port = gateway.gatewayPorts[0]
+    page = browser.page()
+    page.navigate(f"http://127.0.0.1:{port}/apps/shiny/")
+    assert page.evaluate("location.pathname") == "/apps/shiny/"
+    driveTheApp(page, tmp_path)
+    # the sticky pin the gateway set is scoped to the app's prefix
+    cookies = page.send("Network.getCookies", urls=[f"http://127.0.0.1:{port}/apps/shiny/"])
+    assert [c["name"] for c in cookies["cookies"]] == ["proxygate_shiny"]
+    browser.stop()  # the session's WebSocket closes: its line is written
+    websocketLine = waitFor(
+        lambda: [x for x in gateway.accessLines() if "/101 " in x and "/websocket/" in x]
+    )
+    assert (
+        f"http://127.0.0.1:{port}/apps/shiny/websocket/ - shiny/127.0.0.1:{app.port}"
+        in (websocketLine[0])
+    )
+    lines = gateway.accessLines()
+    routed = [line for line in lines if f" shiny/127.0.0.1:{app.port} " in line]
+    assert any(" POST " in line and "/upload/" in line for line in routed)
+    # every request under the prefix went to the app (a browser's /favicon.ico is a 404)
+    assert len(routed) == len([line for line in lines if f":{port}/apps/shiny/" in line])

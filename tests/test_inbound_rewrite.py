@@ -239,3 +239,19 @@ def test_stickyCookieIsAdded() -> None:
     out = respond(fields, setCookie=b"proxygate_r=abc; Path=/rstudio")
     assert out == [(b"Set-Cookie", b"app=1"), (b"Set-Cookie", b"proxygate_r=abc; Path=/rstudio")]
     assert fields == [(b"Set-Cookie", b"app=1")]
+
+
+def test_whatClientsSendIsRememberedWithinBounds() -> None:
+    rewriter = RequestRewriter(b"X-Forwarded-User")
+    long = b"X-" + b"a" * 300
+    for _ in range(2):
+        out = rewriter.fields(
+            [(long, b"1"), (b"Remote-User", b"root")],
+            client="192.0.2.1",
+            scheme="http",
+            authority=b"h" * 300,
+        )
+        assert (long, b"1") in out and (b"Remote-User", b"root") not in out
+    assert long not in rewriter._verdicts and rewriter._forwarding == {}
+    rewriter.fields([], client="192.0.2.1", scheme="http", authority=b"gw")
+    assert len(rewriter._forwarding) == 1

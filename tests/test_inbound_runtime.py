@@ -6,6 +6,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from gateway.config import parseConfig
+from gateway.http1.parse import HTTPError
 from gateway.inbound.health import HealthChecker
 from gateway.inbound.routes import Redirect, Routed
 from gateway.inbound.runtime import Inbound, settleStickySecret
@@ -140,3 +141,20 @@ def test_watchExportsEveryBackendAndForgetsRemovedRoutes() -> None:
     text = generate_latest(metrics.registry).decode()
     assert 'route="jupyter"' not in text
     assert 'proxygate_backend_up{backend="http://b",route="rstudio"} 1.0' in text
+
+
+def test_matchesAreRememberedWithinBounds() -> None:
+    from gateway.inbound.runtime import MEMO_LENGTH, MEMO_SIZE
+
+    inbound = Inbound(config(), Clock())
+    first = inbound.match(b"gw", b"/rstudio/x")
+    assert inbound.match(b"gw", b"/rstudio/x") is first  # remembered
+    long = b"/rstudio/" + b"a" * MEMO_LENGTH
+    assert inbound.match(b"gw", long).route.name == "rstudio"
+    assert (b"gw", long) not in inbound._memo  # too long to keep
+    for i in range(MEMO_SIZE + 10):
+        inbound.match(b"gw", b"/rstudio/%d" % i)
+    assert len(inbound._memo) <= MEMO_SIZE
+    with pytest.raises(HTTPError):
+        inbound.match(b"gw", b"/rstudio/../etc")
+    assert (b"gw", b"/rstudio/../etc") not in inbound._memo

@@ -34,7 +34,8 @@ def answer(
         (b"Content-Type", _TEXT),
         (b"Cache-Control", b"no-store"),
     ]
-    if problem.code != "max_forwards":
+    if problem.proxyStatus != "proxy_internal_response":
+        # Not an error (a Max-Forwards answer, a redirect): nothing to report.
         fields.append((b"Proxy-Status", b"proxygate; error=" + problem.proxyStatus.encode()))
     fields.extend(extraFields)
     reason = REASONS.get(status, b"Error")

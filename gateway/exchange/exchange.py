@@ -262,6 +262,11 @@ class Exchange(Transaction):
         self.phase = DONE
         if problem is None:
             problem = Problem(0, "client_gone", "The client closed the connection.")
+        elif self.code == 0 and problem.status:
+            # Nothing was answered yet: the downstream answers the problem itself (a 400
+            # for bad chunked framing, a 413 for a body over a route's limit).
+            self.code = problem.status
+            self.answered = True
         self.problem = problem
         self.record()
 

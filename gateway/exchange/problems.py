@@ -35,6 +35,12 @@ CODES: dict[str, tuple[str, str, tuple[str, str] | None]] = {
     "not_a_proxy_request": ("http_request_error", "TAG_NONE", None),
     "method": ("http_request_denied", "TCP_DENIED", None),
     "max_forwards": ("proxy_internal_response", "TAG_NONE", None),
+    # the inbound gateway's own answers
+    "no_route": ("destination_not_found", "TAG_NONE", None),
+    "redirect": ("proxy_internal_response", "TCP_REDIRECT", None),
+    "unauthorized": ("http_request_denied", "TCP_DENIED", ("denied", "auth")),
+    "unavailable": ("destination_unavailable", "TCP_MISS", None),
+    "proxy_request": ("http_request_denied", "TCP_DENIED", None),
     # reaching or talking to the next hop
     "dns": ("dns_error", "TCP_MISS", ("upstream", "dns")),
     "refused": ("connection_refused", "TCP_MISS", ("upstream", "refused")),

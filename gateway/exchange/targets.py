@@ -5,6 +5,8 @@ every downstream wire (an HTTP/2 stream presents its pseudo-headers as a head to
 - L{forwardTarget}: an absolute-form request to the forward proxy (RFC 9112 §3.2.2).
 - L{tunnelTarget}: a request decrypted inside an intercepted tunnel, which only ever
   reaches the tunnel's own origin, whatever its Host says.
+- L{gatewayTarget}: a request to the inbound gateway (a reverse listener), which serves
+  its routes only.
 - L{maxForwards}: TRACE and OPTIONS with Max-Forwards (RFC 9110 §7.6.2).
 """
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 from ..http1.headers import Target, bracketed, parseAbsoluteTarget, parseAuthority
 from ..http1.parse import HTTPError, RequestHead
 
-__all__ = ["checkHost", "forwardTarget", "maxForwards", "tunnelTarget"]
+__all__ = ["checkHost", "forwardTarget", "gatewayTarget", "maxForwards", "tunnelTarget"]
 
 
 def checkHost(head: RequestHead) -> None:
@@ -70,6 +72,33 @@ def tunnelTarget(head: RequestHead, host: str, port: int) -> Target:
         path = path[len(expected) :] or b"/"
     checkHost(head)
     return Target("https", host, port, path, authority.encode("ascii"))
+
+
+def gatewayTarget(head: RequestHead) -> tuple[bytes, bytes, bool]:
+    """
+    The authority (what the backend gets as Host) and the origin-form target of a request
+    to the inbound gateway, and whether it came in absolute form: the gateway serves that
+    only for a host a route names, since any other is a forward-proxy request.
+
+    Origin form takes the Host field (empty without one: HTTP/1.0); absolute form
+    (C{http://} or C{https://}) its own authority, whatever Host says (RFC 9112 §3.2.2).
+
+    @raise HTTPError: 400 for a bad target or Host.
+    """
+    checkHost(head)
+    target = head.target
+    if target[:1] == b"/" or target == b"*":
+        hosts = head.values(b"host")
+        return (hosts[0] if hosts else b""), target, False
+    if target[:8].lower() != b"https://":
+        parsed = parseAbsoluteTarget(target)
+        return parsed.hostHeader, parsed.path, True
+    rest = target[8:]
+    parsed = parseAbsoluteTarget(b"http://" + rest)  # the same rules, the port aside
+    end = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
+    host, port = parseAuthority(rest[:end], 443)
+    authority = bracketed(host) if port == 443 else f"{bracketed(host)}:{port}"
+    return authority.encode("ascii"), parsed.path, True
 
 
 def maxForwards(head: RequestHead) -> int | None:

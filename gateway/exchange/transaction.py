@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from ..accessrecord import AccessRecord, hierarchy
+from ..accessrecord import AccessRecord, hierarchy, routeHierarchy
 from ..apinames import normaliseAPI
 from .problems import Problem
 
@@ -30,10 +30,14 @@ class Transaction:
         C{sentUpstream}: of those, the bytes that reached the next hop.
     @ivar problem: why it was refused or failed, if it was.
     @ivar answered: the proxy answered itself: what was sent came from no upstream.
+    @ivar route: the inbound gateway's route that served it (its name), else None: then it
+        is also counted in the route's own metrics, and logged with the route and
+        C{backend} (the backend's URL as in the INI, None when none was chosen).
     """
 
     __slots__ = (
         "answered",
+        "backend",
         "client",
         "code",
         "contentType",
@@ -44,6 +48,7 @@ class Transaction:
         "mode",
         "problem",
         "received",
+        "route",
         "sent",
         "sentUpstream",
         "started",
@@ -74,6 +79,8 @@ class Transaction:
         self.problem: Problem | None = None
         self.url = "-"
         self.answered = False
+        self.route: str | None = None
+        self.backend: str | None = None
 
     def logURL(self) -> str:
         """The URL of the access line (no query, no credentials)."""
@@ -82,6 +89,15 @@ class Transaction:
     def apiKey(self) -> tuple[str, bytes] | None:
         """For decrypted traffic: the (host, path) whose per-API figures it adds to."""
         return None
+
+    def localAnswer(self, problem: Problem, size: int, url: str) -> None:
+        """The proxy answered C{problem} itself, with a body of C{size} bytes."""
+        self.problem = problem
+        self.code = problem.status
+        self.sent = size
+        self.answered = True
+        self.contentType = b"text/plain" if size else b""
+        self.url = url
 
     def record(self, action: str | None = None, counted: bool = True) -> None:
         """
@@ -97,8 +113,12 @@ class Transaction:
         problem = self.problem
         if action is None:
             action = problem.action if problem is not None else "TCP_MISS"
+        route = self.route
         if counted:
-            metrics.request(self.mode, self.method, self.code, elapsed)
+            if route is None:
+                metrics.request(self.mode, self.method, self.code, elapsed)
+            else:
+                metrics.routed(route, self.method, self.code, elapsed)
             api = self.apiKey()
             if api is not None:
                 metrics.api(
@@ -108,6 +128,10 @@ class Transaction:
             metrics.moved(self.received, self.sentUpstream, fromUpstream, self.sent)
         log = env.accessLog
         if log is not None:
+            if route is None:
+                where = hierarchy(self.ip, self.viaProxy)
+            else:
+                where = routeHierarchy(route, self.backend)
             log.record(
                 AccessRecord(
                     start=time.time() - elapsed,
@@ -119,11 +143,13 @@ class Transaction:
                     url=self.logURL(),
                     user=self.user,
                     action=action,
-                    hierarchy=hierarchy(self.ip, self.viaProxy),
+                    hierarchy=where,
                     contentType=self.contentType.decode("latin-1"),
                     mode=self.logMode,
                     reason=problem.code if problem is not None else None,
                     detail=problem.detail if problem is not None else None,
                     version=self.version.decode("ascii", "replace"),
+                    route=route,
+                    backend=self.backend,
                 )
             )

@@ -27,6 +27,7 @@ __all__ = [
     "responseHeadBytes",
     "reusable",
     "splitResponseHead",
+    "upgradeOffer",
 ]
 
 #: Request fields the proxy writes itself: Host always, Max-Forwards on TRACE and OPTIONS
@@ -81,6 +82,18 @@ def delivery(response: Response, clientVersion: bytes) -> tuple[bool, bool]:
     if clientVersion == b"HTTP/1.1":
         return True, False
     return False, True
+
+
+def upgradeOffer(head: RequestHead, framing: Framing) -> bytes | None:
+    """
+    The protocols a request whose Connection names C{upgrade} asks to switch to (its Upgrade
+    values), or None: only HTTP/1.1 requests without a body may switch (a body would be read
+    two ways).
+    """
+    if framing.kind != NONE or head.version != b"HTTP/1.1":
+        return None
+    values = head.values(b"upgrade")
+    return b", ".join(values) if values else None
 
 
 def requestFromHead(

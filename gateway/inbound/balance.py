@@ -282,6 +282,13 @@ class Pool:
         nextPick = self.pick((), (*tried, backend))
         return None if nextPick is None else nextPick.backend
 
+    def repin(self, backend: Backend) -> Pick:
+        """
+        The pick of a request that failed over to C{backend}: on a sticky route its client
+        is pinned to it (the backend it was pinned to, if any, is down).
+        """
+        return Pick(backend, self._setCookie(backend) if self.balance == "sticky" else None)
+
     def _order(self) -> list[Backend]:
         """The backends in round-robin order from the cursor."""
         start = self._next % len(self.backends)
@@ -291,9 +298,15 @@ class Pool:
         self._next = self.backends.index(backend) + 1
 
     def _roundRobin(self, tried: Collection[Backend]) -> Backend | None:
-        for backend in self._order():
-            if backend not in tried and self.available(backend):
-                self._advancePast(backend)
+        # Per request: no list built, the cursor's backend first (it is usually up).
+        backends = self.backends
+        count = len(backends)
+        start = self._next % count
+        for step in range(count):
+            index = (start + step) % count
+            backend = backends[index]
+            if backend not in tried and (backend.up or self.available(backend)):
+                self._next = index + 1
                 return backend
         return None
 

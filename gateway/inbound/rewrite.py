@@ -122,6 +122,8 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 #: Names a request_headers line may not set: the side frames the message and writes Host.
 _RESERVED = HOP_BY_HOP | {b"host", b"content-length", b"transfer-encoding"}
 _DEFAULT_PORTS = {"http": b"80", "https": b"443"}
+#: The longest field name or Host a rewriter remembers: longer ones are worked out each time.
+_KEPT = 256
 
 
 @frozen
@@ -247,6 +249,7 @@ class RequestRewriter:
         # The forwarding fields a request_headers line sets instead of the gateway.
         self._overridden = frozenset(_normalName(t.name) for t in self.templates)
         self._verdicts: dict[bytes, bool] = {}  # field spelling -> dropped
+        self._forwarding: dict[tuple, Fields] = {}  # (client, scheme, Host, prefix) -> fields
 
     def fields(
         self,
@@ -272,18 +275,33 @@ class RequestRewriter:
         @param publicTarget: the path and query the client asked for (C{{url}}).
         @param user: the user edge auth verified, or None.
         """
-        out = [field for field in fields if not self._dropped(field[0])]
+        verdicts = self._verdicts
+        out = []
+        for field in fields:
+            dropped = verdicts.get(field[0])
+            if dropped is None:
+                dropped = self._dropped(field[0])
+            if not dropped:
+                out.append(field)
         schemeBytes = scheme.encode("ascii")
-        forwarding = [
-            (b"X-Forwarded-For", client.encode("ascii", "replace")),
-            (b"X-Forwarded-Proto", schemeBytes),
-            (b"X-Forwarded-Host", authority),
-            (b"X-Forwarded-Port", forwardedPort(authority, scheme)),
-        ]
-        if stripped is not None:
-            forwarding.append((b"X-Forwarded-Prefix", stripped))
-        if self._overridden:
-            forwarding = [f for f in forwarding if f[0].lower() not in self._overridden]
+        key = (client, scheme, authority, stripped)
+        forwarding = self._forwarding.get(key)
+        if forwarding is None:
+            # The same for every request of a connection: made once, kept (bounded).
+            forwarding = [
+                (b"X-Forwarded-For", client.encode("ascii", "replace")),
+                (b"X-Forwarded-Proto", schemeBytes),
+                (b"X-Forwarded-Host", authority),
+                (b"X-Forwarded-Port", forwardedPort(authority, scheme)),
+            ]
+            if stripped is not None:
+                forwarding.append((b"X-Forwarded-Prefix", stripped))
+            if self._overridden:
+                forwarding = [f for f in forwarding if f[0].lower() not in self._overridden]
+            if len(authority) <= _KEPT:
+                if len(self._forwarding) >= 1024:
+                    self._forwarding.clear()
+                self._forwarding[key] = forwarding
         out += forwarding
         if user is not None and self.userHeader:
             value = user.encode("utf-8")
@@ -304,9 +322,11 @@ class RequestRewriter:
     def _dropped(self, name: bytes) -> bool:
         verdict = self._verdicts.get(name)
         if verdict is None:
-            if len(self._verdicts) >= 1024:
-                self._verdicts.clear()
-            verdict = self._verdicts[name] = _normalName(name) in self._drop
+            verdict = _normalName(name) in self._drop
+            if len(name) <= _KEPT:  # what clients send must not fill memory
+                if len(self._verdicts) >= 1024:
+                    self._verdicts.clear()
+                self._verdicts[name] = verdict
         return verdict
 
 

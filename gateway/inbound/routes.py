@@ -259,6 +259,13 @@ class RouteTable:
     def __len__(self) -> int:
         return len(self._anyHost) + sum(len(t) for t in self._byHost.values())
 
+    def namesHost(self, host: str) -> bool:
+        """
+        Whether a route names C{host} (as L{hostKey} spells it): an absolute-form request
+        to any other host is a forward-proxy request, which a gateway does not serve.
+        """
+        return host in self._byHost
+
     def match(self, authority: bytes, target: bytes) -> Routed | Redirect | None:
         """
         The route for a request to C{authority} (its Host) for the origin-form C{target}

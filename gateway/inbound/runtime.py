@@ -23,7 +23,13 @@ if TYPE_CHECKING:
     from ..metrics import Metrics
     from .health import HealthChecker
 
-__all__ = ["Inbound", "Route", "settleStickySecret"]
+__all__ = ["MEMO_SIZE", "Inbound", "Route", "settleStickySecret"]
+
+#: (Host, target) pairs whose route is remembered (L{Inbound.match}), if they are at most
+#: MEMO_LENGTH bytes together: a few MB at worst, whatever clients send.
+MEMO_SIZE = 2048
+MEMO_LENGTH = 512
+_UNKNOWN = object()
 
 
 class Route:
@@ -83,6 +89,7 @@ class Inbound:
         ]
         self.byName = {route.name: route for route in self.routes}
         self.table = RouteTable(self.routes)
+        self._memo: dict[tuple[bytes, bytes], Routed | Redirect | None] = {}
         if previous is not None:
             for route in self.routes:
                 old = previous.byName.get(route.name)
@@ -96,8 +103,26 @@ class Inbound:
                         backend.fails, backend.passes = was.fails, was.passes
 
     def match(self, authority: bytes, target: bytes) -> Routed | Redirect | None:
-        """See L{RouteTable.match}; a L{Routed}'s C{route} is a L{Route}."""
-        return self.table.match(authority, target)
+        """
+        See L{RouteTable.match}; a L{Routed}'s C{route} is a L{Route}. Answers are
+        remembered per (Host, target): clients repeat them, and a dictionary look-up is a
+        fraction of a walk down the path (short ones only, and the memo is emptied when
+        full, so what clients send cannot grow it).
+        """
+        key = (authority, target)
+        memo = self._memo
+        result = memo.get(key, _UNKNOWN)
+        if result is _UNKNOWN:
+            result = self.table.match(authority, target)  # raises before anything is kept
+            if len(target) + len(authority) <= MEMO_LENGTH:
+                if len(memo) >= MEMO_SIZE:
+                    memo.clear()
+                memo[key] = result
+        return result
+
+    def namesHost(self, host: str) -> bool:
+        """See L{RouteTable.namesHost}."""
+        return self.table.namesHost(host)
 
     def healthChecker(self, reactor=None) -> HealthChecker:
         """The active checks of the routes that have a C{health_check} (an IService)."""

@@ -39,6 +39,7 @@ from ..http1.rewrite import (
     keepAlive,
     requestFromHead,
     responseHeadBytes,
+    upgradeOffer,
 )
 from ..message import Response
 from ..policy import checkClient
@@ -71,6 +72,8 @@ class ClientConnection(Protocol):
         X-Forwarded-For.
     @ivar tunnel: the intercepted CONNECT this connection runs inside, or None.
     @ivar mode: the metrics mode of its requests (forward, or mitm inside a tunnel).
+    @ivar idleTimeout: how long the current request's body, response or tunnel may sit
+        idle ([proxy] idle_timeout; a reverse listener's route sets its own).
     """
 
     def __init__(self, rt, tunnel: Tunnel | None = None) -> None:
@@ -78,6 +81,7 @@ class ClientConnection(Protocol):
         self.tunnel = tunnel
         self.mode = "forward" if tunnel is None else "mitm"
         self.client = "-" if tunnel is None else tunnel.client
+        self.idleTimeout = rt.idleTimeout
         self.exchange = None  # the Exchange or Tunnel the current request is in
         self.stream: Stream | None = None
         self.nestedConnection: ClientConnection | None = None
@@ -206,7 +210,7 @@ class ClientConnection(Protocol):
 
     def touch(self) -> None:
         """Activity on a body or tunnel: push the idle deadline out."""
-        self._deadline = self.rt.reactor.seconds() + self.rt.idleTimeout
+        self._deadline = self.rt.reactor.seconds() + self.idleTimeout
 
     def _timerFired(self) -> None:
         self._timer = None
@@ -419,21 +423,21 @@ class ClientConnection(Protocol):
                     user=user,
                 )
                 return
-        upgrade = None
-        if b"upgrade" in tokens and framing.kind == NONE and head.version == b"HTTP/1.1":
-            values = head.values(b"upgrade")
-            if values:
-                upgrade = b", ".join(values)
+        upgrade = upgradeOffer(head, framing) if b"upgrade" in tokens else None
         request = requestFromHead(head, target, framing, tokens, upgrade)
         exchange = Exchange(
             rt, self, request, mode=mode or self.mode, user=user, connector=connector
         )
+        self._run(exchange, None if framing.kind == NONE else framing.reader())
+
+    def _run(self, exchange, body) -> None:
+        """Start C{exchange}; C{body} reads the request's body from here (None: it has none)."""
         self.exchange = exchange
-        if framing.kind == NONE:
+        if body is None:
             self._state = WAIT
         else:
             self._state = BODY
-            self._body = framing.reader()
+            self._body = body
         exchange.begin()
         if self._state == BODY and self._buf:
             rest, self._buf = self._buf, b""
@@ -442,7 +446,7 @@ class ClientConnection(Protocol):
             self.pauser.pause(PIPELINE)
 
     def _feedBody(self, data: bytes) -> None:
-        self._deadline = self.rt.reactor.seconds() + self.rt.idleTimeout
+        self._deadline = self.rt.reactor.seconds() + self.idleTimeout
         try:
             body, done, rest = self._body.feed(data)
         except HTTPError as e:
@@ -490,7 +494,7 @@ class ClientConnection(Protocol):
 
     def sendData(self, data: bytes) -> None:
         # A response still flowing is not idle: push the idle deadline out.
-        self._deadline = self.rt.reactor.seconds() + self.rt.idleTimeout
+        self._deadline = self.rt.reactor.seconds() + self.idleTimeout
         if self._chunked:
             data = encodeChunk(data)
         held = self._held
@@ -537,7 +541,7 @@ class ClientConnection(Protocol):
         """Become a byte stream (a 101 relayed, a CONNECT established)."""
         self._state = STREAM
         self.exchange = None
-        self._arm("idle", self.rt.idleTimeout)
+        self._arm("idle", self.idleTimeout)
         self.pauser.resume(PIPELINE)
         rest, self._buf = self._buf, b""
         stream = self.stream = Stream(self.transport, self.pauser, self.touch, rest, self)
@@ -613,10 +617,11 @@ class ClientConnection(Protocol):
         extraFields=(),
         url: str | None = None,
         user: str | None = None,
+        route: str | None = None,
     ) -> None:
         """A complete local answer to a parsed request; the connection may live on."""
         size = self.refuse(problem, close, extraFields, head.method == b"HEAD")
-        self._localLog(head, problem, size, url=url, user=user)
+        self._localLog(head, problem, size, url=url, user=user, route=route)
 
     def _reject(
         self, problem: Problem, head: RequestHead | None = None, user: str | None = None
@@ -635,19 +640,24 @@ class ClientConnection(Protocol):
         counted: bool = True,
         url: str | None = None,
         user: str | None = None,
+        route: str | None = None,
     ) -> None:
-        """Count and log an answer the proxy made itself."""
+        """
+        Count and log an answer the proxy made itself. C{route}: the inbound gateway's route
+        the request matched (it is logged as a request of the route, not as a local one).
+        """
         rt = self.rt
         method = head.method if head is not None else b"-"
         version = head.version if head is not None else b"HTTP/1.1"
         t = Transaction(rt, self.client, method, self.mode, user, version)
-        t.logMode = "local"
-        t.problem = problem
-        t.code = problem.status
-        t.sent = size
-        t.answered = True
-        t.contentType = b"text/plain" if size else b""
-        t.url = url if url is not None else (_safeTarget(head) if head is not None else "-")
+        if route is None:
+            t.logMode = "local"
+        t.route = route
+        t.localAnswer(
+            problem,
+            size,
+            url if url is not None else (_safeTarget(head) if head is not None else "-"),
+        )
         problem.count(rt.metrics)
         t.record(counted=counted)
 

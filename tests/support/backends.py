@@ -228,6 +228,7 @@ class EchoBackend:
         self.healthy = True
         self.requests: list[dict] = []
         self.websockets = 0
+        self.accepted = 0  # connections accepted: how many a client (a gateway's pool) opened
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._server: _Server | None = None
@@ -274,6 +275,7 @@ class EchoBackend:
     def _opened(self, conn: socket.socket) -> None:
         with self._lock:
             self._connections.add(conn)
+            self.accepted += 1
 
     def _closed(self, conn: socket.socket) -> None:
         with self._lock:

@@ -47,6 +47,7 @@ connect_ports = 1-65535
 #: up to the end of the line, so that a line being written is not read as a shorter port.
 _LISTENING = re.compile(r"\] proxygate listening on (\S+):(\d+)\r?\n")
 _METRICS = re.compile(r"\] proxygate metrics on http://(\S+):(\d+)/")
+_GATEWAY = re.compile(r"\] proxygate gateway listening on (\S+):(\d+) ")
 
 _names = itertools.count(1)
 
@@ -155,6 +156,7 @@ class ProxyProcess:
         self.host = "127.0.0.1"
         self.port: int | None = None
         self.metricsPort: int | None = None
+        self.gatewayPorts: list[int] = []
 
     @property
     def url(self) -> str:
@@ -188,6 +190,8 @@ class ProxyProcess:
         self.ports = proxies
         self.host, self.port = proxies[0]
         self.metricsPort = metrics[0] if metrics else None
+        # [reverse] listeners are logged between the proxy's and the metrics listener's.
+        self.gatewayPorts = [int(port) for _, port in _GATEWAY.findall(self.log())]
 
     def log(self) -> str:
         try:

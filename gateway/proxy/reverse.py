@@ -1,0 +1,297 @@
+# -*- test-case-name: tests.test_inbound_gateway -*-
+"""
+The inbound gateway's front door: a connection on a C{[reverse] listen} endpoint, and the
+downstream side of each routed exchange.
+
+It is the forward proxy's client connection (head limits and timers, keep-alive and
+pipelining, the downstream side of an exchange, the proxy's own answers) with one thing
+changed, the dispatch: a request goes to the route the table picks for its Host and path,
+never to a host it names, and the credentials a route asks for are the user's (401 with
+C{WWW-Authenticate}, the C{Authorization} field), not a proxy's (407). CONNECT and
+absolute-form requests for hosts no route names are forward-proxy requests: refused. (The
+forward listeners, the other way round, never consult the routes.)
+
+Between routing and the exchange, in this order, as the gateway's own answers: the route's
+login (401), a stated body over C{max_body_size} (413, before any backend is dialled), every
+backend down (503 with Retry-After). A chunked body is counted as it streams, and cut with
+413 when it passes the limit.
+"""
+
+from __future__ import annotations
+
+from ..exchange.answers import answer
+from ..exchange.problems import Problem, problemForStatus
+from ..exchange.targets import gatewayTarget, maxForwards
+from ..http1.framing import CHUNKED, LENGTH, NONE, Framing, requestFraming
+from ..http1.headers import Target
+from ..http1.parse import HTTPError, RequestHead
+from ..http1.rewrite import requestFromHead, upgradeOffer
+from ..inbound.exchange import RoutedExchange, publicURL
+from ..inbound.routes import Redirect, Routed, hostKey
+from ..tls.contexts import clientCreator
+from ..tls.layer import wrapEndpoint
+from .backend import BackendConnector
+from .client import CLOSED, WAIT, ClientConnection, ClientFactory
+from .flow import PIPELINE
+from .origin import OriginPool
+
+__all__ = ["LimitedBody", "ReverseConnection", "ReverseFactory", "ReverseRuntime"]
+
+_NOT_A_PROXY = (
+    "This is the inbound gateway of proxygate: it serves its routes, and is not a forward "
+    "proxy. Use proxygate's proxy listener as your http_proxy instead."
+)
+_ALLOW = [(b"Allow", b"GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH")]
+
+
+class ReverseRuntime:
+    """
+    What the connections of the C{[reverse]} listeners share: the proxy's runtime where it
+    applies (metrics, access log, clock, head limits and timeouts, the connection limit and
+    the set of open connections, so one drain stops both kinds; the dialer and its resolver
+    cache), and their own: the client CIDRs, the routes (C{inbound}, replaced by a reload),
+    the backends' keep-alive pool and the connector over it. Also the environment of every
+    routed exchange (L{gateway.exchange.exchange.Exchange}).
+    """
+
+    answer = staticmethod(answer)
+
+    def __init__(self, runtime, config, inbound) -> None:
+        self.inbound = inbound
+        self.reactor = runtime.reactor
+        self.metrics = runtime.metrics
+        self.accessLog = runtime.accessLog
+        self.now = runtime.now
+        self.connections = runtime.connections
+        self.maxConnections = runtime.maxConnections
+        self.maxHeaderSize = runtime.maxHeaderSize
+        self.maxHeaders = runtime.maxHeaders
+        self.headerTimeout = runtime.headerTimeout
+        self.idleTimeout = runtime.idleTimeout
+        self.clientCIDRs = config.reverse.allowed_client_cidrs
+        # Credentials are a route's business (401, Authorization), never the listener's
+        # (407, Proxy-Authorization): the connection asks no one; the routes ask `users`.
+        self.authenticator = None
+        self.users = runtime.authenticator
+        # The route's rewriter writes X-Forwarded-For and its family. Via goes to backends
+        # (RFC 9110 §7.6.3: a gateway MUST send it on requests and MAY on responses) and
+        # not to clients: an app's public face carries no proxy banner.
+        self.forwardedFor = False
+        self.viaRequest = runtime.viaRequest
+        self.viaResponse: dict[bytes, list] = {}
+        self.splice = runtime.splice
+        self.dialer = runtime.dialer
+        self.pool = OriginPool(self.reactor)
+        self.connector = BackendConnector(self.pool, self.dialBackend)
+
+    def dialBackend(self, url, caBundle: str | None, protocol):
+        """
+        Connect C{protocol} to a backend: its address as configured (trusted, so the
+        destination policy does not apply), TLS verified against C{caBundle} for https://.
+        """
+        wrap = None
+        if url.scheme == "https":
+            wrap = wrapEndpoint(clientCreator(url.host, caBundle, True))
+        return self.dialer.connect(url.host, url.port, protocol, wrap, checked=False)
+
+
+class LimitedBody:
+    """A chunked request body counted as it streams: past the route's limit, a 413 cut."""
+
+    __slots__ = ("count", "limit", "reader", "route")
+
+    def __init__(self, reader, limit: int, route: str) -> None:
+        self.reader = reader
+        self.limit = limit
+        self.route = route
+        self.count = 0
+
+    def feed(self, data: bytes) -> tuple[bytes, bool, bytes]:
+        body, done, rest = self.reader.feed(data)
+        self.count += len(body)
+        if self.count > self.limit:
+            raise HTTPError(
+                413,
+                f"the request body is larger than route {self.route} accepts ({self.limit} bytes)",
+            )
+        return body, done, rest
+
+
+class ReverseConnection(ClientConnection):
+    """
+    @ivar scheme: C{https} on an ssl: listener, else C{http}: what X-Forwarded-Proto says,
+        and the scheme of the public URLs.
+    """
+
+    def __init__(self, rt: ReverseRuntime, scheme: str = "http") -> None:
+        super().__init__(rt)
+        self.mode = "reverse"
+        self.scheme = scheme
+
+    def _dispatch(self, head: RequestHead, tokens, user: str | None) -> None:
+        if head.method == b"CONNECT":
+            self._answer(
+                head, Problem(405, "proxy_request", _NOT_A_PROXY), close=True, extraFields=_ALLOW
+            )
+            return
+        try:
+            authority, target, absolute = gatewayTarget(head)
+            framing = requestFraming(head)
+            final = maxForwards(head)
+            inbound = self.rt.inbound
+            if absolute and not inbound.namesHost(hostKey(authority)):
+                result = Problem(400, "proxy_request", _NOT_A_PROXY)
+            elif final is not None:
+                result = Problem(final, "max_forwards", "Max-Forwards reached zero at proxygate.")
+            else:
+                result = inbound.match(authority, target)
+        except HTTPError as e:
+            self._reject(problemForStatus(e.status, e.reason), head)
+            return
+        if type(result) is Routed:
+            if result.route.config.auth:
+                self._logIn(head, tokens, framing, authority, result)
+            else:
+                self._forward(head, tokens, framing, authority, result, None)
+            return
+        extraFields = ()
+        if result is None:
+            result = Problem(404, "no_route", "No route of this gateway serves this URL.")
+        elif isinstance(result, Redirect):
+            location = result.location
+            extraFields = [(b"Location", location)]
+            result = Problem(
+                result.status(head.method),
+                "redirect",
+                f"This is served under {location.decode('ascii', 'replace')}.",
+            )
+        self._local(head, result, framing, authority, target, extraFields)
+
+    def _local(
+        self,
+        head: RequestHead,
+        problem: Problem,
+        framing: Framing,
+        authority: bytes,
+        target: bytes,
+        extraFields=(),
+        routed: Routed | None = None,
+        user: str | None = None,
+        close: bool = False,
+    ) -> None:
+        """The gateway's own answer (and its record: the route's, when one was matched)."""
+        self._answer(
+            head,
+            problem,
+            close=close or not self.persistent or framing.kind != NONE,
+            extraFields=extraFields,
+            url=publicURL(self.scheme, authority, target),
+            user=user,
+            route=None if routed is None else routed.route.name,
+        )
+
+    def _logIn(
+        self, head: RequestHead, tokens, framing: Framing, authority: bytes, routed: Routed
+    ) -> None:
+        """Edge authentication: the user's Authorization against [auth]'s htpasswd."""
+        values = head.values(b"authorization")
+        d = self.rt.users.authenticate(values[0] if len(values) == 1 else None)
+        args = (head, tokens, framing, authority, routed)
+        if d.called:  # a cached credential: at once
+            result: list = []
+            d.addBoth(result.append)
+            self._loggedIn(result[0], *args)
+            return
+        # A password check in a thread: read nothing more (a body, a next request) until then.
+        self._state = WAIT
+        self.pauser.pause(PIPELINE)
+        d.addBoth(self._checked, *args)
+
+    def _checked(self, user, *args) -> None:
+        if self._state == CLOSED:
+            return
+        self.pauser.resume(PIPELINE)
+        self._loggedIn(user, *args)
+
+    def _loggedIn(self, user, head: RequestHead, tokens, framing, authority, routed) -> None:
+        if isinstance(user, str):
+            self._forward(head, tokens, framing, authority, routed, user)
+            return
+        problem = Problem(
+            401, "unauthorized", "This page needs you to log in: send your user name and password."
+        )
+        challenge = [(b"WWW-Authenticate", self.rt.users.challenge())]
+        self._local(head, problem, framing, authority, routed.publicTarget, challenge, routed)
+
+    def _forward(
+        self,
+        head: RequestHead,
+        tokens,
+        framing: Framing,
+        authority: bytes,
+        routed: Routed,
+        user: str | None,
+    ) -> None:
+        """The request is the route's: check its body and backends, then the exchange."""
+        route = routed.route
+        name = route.name
+        if framing.kind == LENGTH and route.bodyTooLarge(framing.length):
+            # Before any backend is dialled; the body is not read: close after the answer.
+            problem = Problem(
+                413,
+                "too_large",
+                f"The request body ({framing.length} bytes) is larger than route {name} "
+                f"accepts ({route.config.max_body_size} bytes).",
+            )
+            self._local(
+                head, problem, framing, authority, routed.publicTarget, (), routed, user, True
+            )
+            return
+        pool = route.pool
+        pick = pool.pick(head.values(b"cookie") if pool.balance == "sticky" else ())
+        if pick is None:
+            problem = Problem(
+                503, "unavailable", f"Every backend of route {name} is down: retry later."
+            )
+            retry = [(b"Retry-After", b"%d" % pool.retryAfter())]
+            self._local(head, problem, framing, authority, routed.publicTarget, retry, routed, user)
+            return
+        upgrade = upgradeOffer(head, framing) if b"upgrade" in tokens else None
+        backend = pick.backend.url
+        target = Target(backend.scheme, backend.host, backend.port, routed.target, authority)
+        request = requestFromHead(head, target, framing, tokens, upgrade)
+        request.fields = route.requests.fields(
+            request.fields,
+            client=self.client,
+            scheme=self.scheme,
+            authority=authority,
+            prefix=routed.prefix,
+            stripped=routed.stripped,
+            publicTarget=routed.publicTarget,
+            user=user,
+        )
+        # The route's idle limit, for its body, its response and its WebSocket (the
+        # connection's own was armed when the head was read).
+        timeout = self.idleTimeout = route.config.timeout
+        if timeout != self.rt.idleTimeout:
+            self._arm("idle", timeout)
+        body = None
+        if framing.kind != NONE:
+            body = framing.reader()
+            limit = route.config.max_body_size
+            if limit and framing.kind == CHUNKED:
+                body = LimitedBody(body, limit, name)
+        self._run(RoutedExchange(self.rt, self, request, routed, pick, self.scheme, user), body)
+
+
+class ReverseFactory(ClientFactory):
+    """Builds the connections of one C{[reverse]} listener."""
+
+    def __init__(self, rt: ReverseRuntime, scheme: str = "http") -> None:
+        super().__init__(rt)
+        self.scheme = scheme
+
+    def buildProtocol(self, addr):
+        p = ReverseConnection(self.rt, self.scheme)
+        p.factory = self
+        return p
