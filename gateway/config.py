@@ -98,6 +98,8 @@ class MitmConfig:
     passthrough: tuple[policy.HostPattern, ...]
     upstream_ca_bundle: str | None
     verify_upstream: bool
+    http2: bool = True
+    http2_max_streams: int = 100
 
 
 @frozen
@@ -404,6 +406,14 @@ def _urlPath(value: str, baseDir: str) -> str:
     return value
 
 
+def _streams(value: str, baseDir: str) -> int:
+    """Concurrent HTTP/2 streams per connection: RFC 9113 §6.5.2 advises at least 100."""
+    n = _positiveInteger(value, baseDir)
+    if n > 1000:
+        raise ValueError(f"{n} streams per connection is more than 1000")
+    return n
+
+
 def _proxyURL(value: str, baseDir: str) -> upstream.ProxyURL | None:
     # parseProxyURL's messages never quote the URL; neither may anything here.
     return upstream.parseProxyURL(value) if value else None
@@ -451,6 +461,8 @@ SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
         "passthrough": ("", _patterns),
         "upstream_ca_bundle": ("", _optionalPath),
         "verify_upstream": ("on", _boolean),
+        "http2": ("on", _boolean),
+        "http2_max_streams": ("100", _streams),
     },
     "metrics": {
         "listen": ("tcp:9530:interface=127.0.0.1", _endpoints),
@@ -627,6 +639,8 @@ def parseConfig(
             passthrough=v["mitm.passthrough"],
             upstream_ca_bundle=v["mitm.upstream_ca_bundle"],
             verify_upstream=v["mitm.verify_upstream"],
+            http2=v["mitm.http2"],
+            http2_max_streams=v["mitm.http2_max_streams"],
         ),
         metrics=MetricsConfig(listen=v["metrics.listen"], path=v["metrics.path"]),
         log=LogConfig(access_log=v["log.access_log"], format=v["log.format"]),
