@@ -1,8 +1,8 @@
 """
-Tests for gateway.tls.clienthello: real ClientHellos captured from curl, openssl s_client
-and Python's ssl (tests/data/clienthello/, re-made by capture.py there), fed whole, byte by
-byte and in random pieces; hellos built from random fields (hypothesis); and malformed input,
-which must give a ClientHelloError and nothing else.
+Tests for gateway.tls.clienthello: real ClientHellos captured from curl, openssl s_client,
+Python's ssl and grpcio (tests/data/clienthello/, re-made by capture.py there), fed whole,
+byte by byte and in random pieces; hellos built from random fields (hypothesis); and
+malformed input, which must give a ClientHelloError and nothing else.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ FIXTURES = Path(__file__).parent / "data" / "clienthello"
 #: What each captured hello offers: (SNI, ALPN).
 CAPTURED = {
     "curl-h2": ("example.test", (b"h2", b"http/1.1")),
+    "grpcio": ("grpc.example.test", (b"h2",)),  # 1.85: h2 alone, a 1,471-byte hello
     "curl-http11": ("example.test", (b"http/1.1",)),
     "openssl-alpn": ("example.test", (b"h2", b"http/1.1")),
     "openssl-bare": (None, None),

@@ -1,6 +1,6 @@
 """
 Re-capture the ClientHello fixtures of tests/test_clienthello.py from real clients:
-    .venv/bin/python tests/data/clienthello/capture.py
+    .venv/bin/python tests/data/clienthello/capture.py [NAME...]   (default: all of them)
 Each client connects to a loopback listener that records the bytes until the hello is
 complete, then closes (the clients' handshakes fail, which is expected). The file names say
 who sent what; the test states what each must parse to.
@@ -91,14 +91,21 @@ def grpc(port: int) -> None:
 
 
 RESOLVE = "example.test:PORT:127.0.0.1"
-capture(
+CLIENTS: dict = {}
+
+
+def CLIENT(name: str, run) -> None:
+    CLIENTS[name] = run
+
+
+CLIENT(
     "curl-h2", command("curl", "-sk", "--http2", "--resolve", RESOLVE, "https://example.test:PORT/")
 )
-capture(
+CLIENT(
     "curl-http11",
     command("curl", "-sk", "--http1.1", "--resolve", RESOLVE, "https://example.test:PORT/"),
 )
-capture(
+CLIENT(
     "openssl-alpn",
     command(
         "openssl",
@@ -111,11 +118,11 @@ capture(
         "h2,http/1.1",
     ),
 )
-capture(
+CLIENT(
     "openssl-bare",
     command("openssl", "s_client", "-connect", "127.0.0.1:PORT", "-noservername", "-tls1_2"),
 )
-capture(
+CLIENT(
     "openssl-split",
     command(
         "openssl",
@@ -130,9 +137,14 @@ capture(
         "512",
     ),
 )
-capture("python-h2", python(["h2", "http/1.1"], "example.test"))
-capture("python-noalpn", python(None, "example.test"))
-try:
-    capture("grpcio", grpc)
-except ImportError:
-    print("grpcio not installed: grpcio.bin not refreshed")
+CLIENT("python-h2", python(["h2", "http/1.1"], "example.test"))
+CLIENT("python-noalpn", python(None, "example.test"))
+CLIENT("grpcio", grpc)
+
+if __name__ == "__main__":
+    # Arguments: the fixtures to re-capture (default: all).
+    for name in sys.argv[1:] or list(CLIENTS):
+        try:
+            capture(name, CLIENTS[name])
+        except ImportError as e:
+            print(f"{name}: {e}")
