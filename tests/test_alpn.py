@@ -13,7 +13,15 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from gateway.tls import H2, HTTP11, ServerContextCache, alpnOffer, clientCreator, createCA
+from gateway.tls import (
+    H2,
+    HTTP11,
+    ServerContextCache,
+    agreedProtocol,
+    alpnOffer,
+    clientCreator,
+    createCA,
+)
 from gateway.tls import contexts as contextsModule
 from gateway.tls.clienthello import parseClientHello
 from gateway.tls.contexts import MAX_MIRRORED, MAX_OFFERS, loadChain
@@ -229,3 +237,24 @@ def test_offersBounded(caFile):
 def test_alpnOffer(offered, mirrored):
     """The client's list in its order, cleaned and bounded; nothing usable: http/1.1."""
     assert alpnOffer(offered) == mirrored
+
+
+def test_http2OffMirrorsNothing():
+    """[mitm] http2 = off: the origin is offered http/1.1 whatever the client offered."""
+    assert alpnOffer((b"h2", b"http/1.1"), http2=False) == ("http/1.1",)
+    assert alpnOffer((b"h2",), http2=False) == ("http/1.1",)
+
+
+@pytest.mark.parametrize(
+    ("chosen", "http2", "agreed"),
+    [
+        (b"h2", True, H2),
+        (b"http/1.1", True, HTTP11),
+        (None, True, HTTP11),  # an origin without ALPN speaks HTTP/1.1
+        (b"h2", False, HTTP11),
+        (b"grpc-exp", True, HTTP11),  # a protocol proxygate cannot relay is never agreed
+    ],
+)
+def test_agreedProtocol(chosen, http2, agreed):
+    """The client gets h2 only when the origin chose h2 and http2 is on."""
+    assert agreedProtocol(chosen, http2) == agreed

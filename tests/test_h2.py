@@ -745,3 +745,43 @@ def test_dataOnClosedStreamGivesWindowBack():
         peer.conn.send_data(sid, b"z" * 16384)
         peer.exchange()
     assert not protocol.transport.disconnecting
+
+
+# -- the origin pool and the limits from the INI ------------------------------------------------
+
+
+def test_poolSharesAvailableConnections():
+    """get() hands out a connection while it takes streams; GOAWAY or loss takes it out."""
+    from gateway.h2.pool import H2Pool
+
+    pool = H2Pool(maxPerKey=1)
+    loop = Loop(server=H2Limits(maxStreams=2))
+    key = ("https", "api.example.test", 443, None)
+    assert pool.get(key) is None
+    pool.add(key, loop.client)
+    assert pool.get(key) is loop.client
+    loop.request(get(b"/1"))
+    loop.request(get(b"/2"))
+    loop.pump()
+    assert pool.get(key) is None  # the origin's SETTINGS allow 2 streams: both in use
+    loop.dispatched[0][0].sendHead(ok(0))
+    loop.server.flush()
+    loop.pump()
+    assert pool.get(key) is loop.client
+    extra = H2ClientProtocol(H2Limits(), loop.clock)
+    extra.makeConnection(StringTransport())
+    pool.add(key, extra)  # over maxPerKey: drained, not kept
+    assert extra.draining and len(pool) == 1
+    loop.client.connectionLost(Failure(error.ConnectionDone()))
+    assert pool.get(key) is None and len(pool) == 0
+
+
+def test_limitsFromConfig():
+    from gateway.config import parseConfig
+
+    config = parseConfig(
+        "[mitm]\nhttp2_max_streams = 7\n[proxy]\nmax_header_size = 1000\nidle_timeout = 9\n"
+    )
+    assert H2Limits.fromConfig(config) == H2Limits(
+        maxStreams=7, maxHeaderListSize=1000, idleTimeout=9.0
+    )

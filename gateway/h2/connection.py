@@ -89,6 +89,18 @@ class H2Limits:
     resetBurst: int = 200
     resetRate: float = 20.0
 
+    @classmethod
+    def fromConfig(cls, config) -> H2Limits:
+        """
+        The limits of an intercepted tunnel's h2 connections, both legs, from the INI:
+        [mitm] http2_max_streams, [proxy] max_header_size and idle_timeout.
+        """
+        return cls(
+            maxStreams=config.mitm.http2_max_streams,
+            maxHeaderListSize=config.proxy.max_header_size,
+            idleTimeout=config.proxy.idle_timeout,
+        )
+
 
 class _Machine(h2.connection.H2Connection):
     """
@@ -542,6 +554,7 @@ class H2ClientProtocol(H2Protocol):
         self.ip = ip
         self._opening = 0  # streams made but whose head is not sent yet
         self.onIdle: Callable | None = None  # called when the last stream is over
+        self.onLost: Callable | None = None  # called once the connection is gone
 
     @property
     def available(self) -> bool:
@@ -577,6 +590,12 @@ class H2ClientProtocol(H2Protocol):
         self.unreserve(stream)
         if not self.streams and not self._opening and self.onIdle is not None:
             self.onIdle(self)
+
+    def connectionLost(self, reason) -> None:
+        super().connectionLost(reason)
+        if self.onLost is not None:
+            onLost, self.onLost = self.onLost, None
+            onLost(self)
 
     def _response(self, event) -> None:
         stream = self.streams.get(event.stream_id)

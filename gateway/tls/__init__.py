@@ -19,6 +19,7 @@ from importlib import import_module
 _EXPORTS = {
     "H2": "contexts",
     "HTTP11": "contexts",
+    "agreedProtocol": "contexts",
     "alpnOffer": "contexts",
     "ClientHello": "clienthello",
     "ClientHelloError": "clienthello",

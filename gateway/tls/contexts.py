@@ -40,6 +40,7 @@ __all__ = [
     "CAError",
     "ClientTLS",
     "ServerTLS",
+    "agreedProtocol",
     "alpnOffer",
     "clientCreator",
     "loadChain",
@@ -209,14 +210,15 @@ def _bundleCertificates(caBundle: str) -> str:
     return "\n".join(usable)
 
 
-def alpnOffer(offered: tuple[bytes, ...] | None) -> tuple[str, ...]:
+def alpnOffer(offered: tuple[bytes, ...] | None, http2: bool = True) -> tuple[str, ...]:
     """
     The ALPN list to offer an origin on behalf of a client that offered C{offered} (from
     L{gateway.tls.clienthello}; None: no ALPN extension): the client's list in its order,
     names that are not printable ASCII or too long dropped, at most L{MAX_MIRRORED}; a
-    client that offered nothing usable is offered http/1.1 (what it will speak).
+    client that offered nothing usable is offered http/1.1 (what it will speak). With
+    C{http2} off (C{[mitm] http2 = off}): http/1.1, whatever the client offered.
     """
-    if not offered:
+    if not offered or not http2:
         return (HTTP11,)
     names = []
     for name in offered:
@@ -227,6 +229,16 @@ def alpnOffer(offered: tuple[bytes, ...] | None) -> tuple[str, ...]:
         if len(names) == MAX_MIRRORED:
             break
     return tuple(names) or (HTTP11,)
+
+
+def agreedProtocol(chosen: bytes | None, http2: bool = True) -> str:
+    """
+    The one ALPN protocol the intercepted client's handshake may agree to, given what the
+    origin chose (the TLS layer's C{negotiatedProtocol}) for the mirrored offer: h2 only
+    when the origin chose h2 (and C{[mitm] http2} is on), else http/1.1 (a client that did
+    not offer it gets no ALPN answer, and speaks HTTP/1.1 or gives up).
+    """
+    return H2 if http2 and chosen == b"h2" else HTTP11
 
 
 def _clientContext(caBundle: str | None, verify: bool, alpn: tuple[str, ...]) -> ssl.SSLContext:
