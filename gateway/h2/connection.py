@@ -19,6 +19,9 @@ Limits (L{H2Limits}) are what bound what a peer can make the proxy hold or do:
    connection error: nothing that size is decoded);
  - memory: receive windows of L{H2Limits.streamWindow} per stream and
    L{H2Limits.connectionWindow} per connection, given back only as the exchange takes data;
+   sending, what one delivery of the producing side brought per stream (it is paused while
+   anything waits), at most L{FLUSH_MARK} framed and not written, and the transport's own
+   buffer (whose producer this protocol is);
  - Rapid Reset (CVE-2023-44487): streams the client resets before their response is complete,
    and streams refused, spend a token from a bucket (L{H2Limits.resetBurst}, refilled at
    L{H2Limits.resetRate} per second); an empty bucket ends the connection with GOAWAY
@@ -64,6 +67,10 @@ _log = Logger()
 
 #: RFC 9113 §6.9.2: every connection starts with this window, whatever SETTINGS say.
 _DEFAULT_WINDOW = 65535
+
+#: Bytes of DATA framed before they are written without waiting for the end of the batch:
+#: what a batch may hold in h2's buffer before the transport (and its producer pause) sees it.
+FLUSH_MARK = 65536
 
 
 @frozen
@@ -178,6 +185,7 @@ class H2Protocol(Protocol):
         self._blocked: dict = {}  # streams with data waiting for a window, in order
         self._inRead = False
         self._flushCall = None
+        self._unflushed = 0  # DATA bytes framed since the last write
         self.draining = False  # GOAWAY sent or received: no new streams
         self.lost = False
         self._deadline = 0.0
@@ -261,6 +269,14 @@ class H2Protocol(Protocol):
 
     # -- writing ---------------------------------------------------------------------------------
 
+    def framed(self, size: int) -> None:
+        """C{size} bytes of DATA were framed: written now once they pass L{FLUSH_MARK}."""
+        self._unflushed += size
+        if self._unflushed >= FLUSH_MARK:
+            self.flush()
+        else:
+            self.dirty()
+
     def dirty(self) -> None:
         """h2 has frames to send: they go at the end of this batch."""
         if not self._inRead and self._flushCall is None and not self.lost:
@@ -271,6 +287,7 @@ class H2Protocol(Protocol):
         call, self._flushCall = self._flushCall, None
         if call is not None and call.active():
             call.cancel()
+        self._unflushed = 0
         if self.lost:
             return
         data = self.conn.data_to_send()

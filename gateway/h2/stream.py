@@ -134,26 +134,31 @@ class _Stream:
     # -- sending -------------------------------------------------------------------------------
 
     def _frame(self, data: bytes) -> int:
-        """Hand C{data} to h2 as far as the peer's window allows: the bytes taken."""
-        conn = self.connection.conn
+        """
+        Hand C{data} to h2 as far as the peer's window and the transport allow: the bytes
+        taken. The connection writes every L{gateway.h2.connection.FLUSH_MARK} bytes framed,
+        so a transport that fills up stops this loop (C{writing}) within one mark: the peer's
+        window (which may be 2 GB) never decides what the proxy holds.
+        """
+        connection = self.connection
+        conn = connection.conn
         try:
             window = conn.local_flow_control_window(self.id)
         except (StreamClosedError, ProtocolError):
             return len(data)  # gone: nothing will ever take it
         total = len(data)
-        if window >= total <= conn.max_outbound_frame_size:
-            conn.send_data(self.id, data)
-            self.connection.dirty()
-            return total
         frame = conn.max_outbound_frame_size
+        if window >= total <= frame:
+            conn.send_data(self.id, data)
+            connection.framed(total)
+            return total
         sent = 0
-        while sent < total and window > 0:
+        while sent < total and window > 0 and connection.writing:
             size = min(window, frame, total - sent)
             conn.send_data(self.id, data[sent : sent + size])
             sent += size
             window -= size
-        if sent:
-            self.connection.dirty()
+            connection.framed(size)
         return sent
 
     def _send(self, data: bytes) -> None:
