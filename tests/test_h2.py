@@ -607,6 +607,9 @@ def test_headerListTooLargeIs431():
     peer.exchange()
     responses = {e.stream_id: dict(e.headers) for e in peer.of(h2.events.ResponseReceived)}
     assert responses[1][b":status"] == b"431"
+    assert responses[1][b"content-type"] == b"text/plain; charset=utf-8"
+    body = b"".join(e.data for e in peer.of(h2.events.DataReceived) if e.stream_id == 1)
+    assert body == b"The request's header fields are larger than allowed.\n"
     assert refused == [(431, "The request's header fields are larger than allowed.")]
     assert [s.id for s, _ in dispatched] == [3]
     assert not protocol.transport.disconnecting
@@ -684,6 +687,25 @@ def test_completedStreamsResetCostNothing():
         protocol.flush()
         peer.exchange()
     assert not protocol.transport.disconnecting
+
+
+def test_malformedRequestAnswered400():
+    """A request the proxy cannot forward is answered on its stream; the others go on."""
+    protocol, _, dispatched, refused = serverUnderTest()
+    peer = RawPeer(protocol)
+    peer.conn.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http"), *REQUEST[2:]])
+    peer.conn.send_headers(3, [(b":method", b"CONNECT"), (b":authority", b"a.test:443")])
+    peer.conn.send_headers(5, REQUEST, end_stream=True)
+    peer.exchange()
+    statuses = {
+        e.stream_id: dict(e.headers)[b":status"] for e in peer.of(h2.events.ResponseReceived)
+    }
+    assert statuses == {1: b"400", 3: b"501"}
+    assert [status for status, _ in refused] == [400, 501]
+    assert [s.id for s, _ in dispatched] == [5]
+    # The refused streams' requests were not complete: they are cut, not left open.
+    assert {e.stream_id for e in peer.of(h2.events.StreamReset)} == {1, 3}
+    assert list(protocol.streams) == [5]
 
 
 def test_pingAnswered():

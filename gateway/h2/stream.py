@@ -396,7 +396,7 @@ class ServerStream(_Stream):
         ]
         if proxyStatus is not None:
             headers.append((b"proxy-status", b"proxygate; error=" + proxyStatus.encode()))
-        head = self.request is None or self.request.method == b"HEAD"
+        head = self.request is not None and self.request.method == b"HEAD"
         try:
             self.connection.conn.send_headers(self.id, headers, end_stream=head)
         except (StreamClosedError, ProtocolError):
