@@ -249,6 +249,11 @@ class H2Protocol(Protocol):
         for stream in touched:
             stream.batchEnded()
 
+    def endBatchOutsideRead(self) -> None:
+        """Events delivered outside a read (a resume): their batch ends now."""
+        if not self._inRead and self.touched:
+            self._readDone()
+
     def _protocolError(self, e: ProtocolError) -> None:
         """The peer broke HTTP/2: h2 has queued GOAWAY; send it, close, fail every stream."""
         _log.info("HTTP/2 protocol error from {peer}: {error}", peer=self._peer(), error=e)
@@ -570,7 +575,6 @@ class H2ClientProtocol(H2Protocol):
         super().__init__(limits, reactor)
         self.ip = ip
         self._opening = 0  # streams made but whose head is not sent yet
-        self.onIdle: Callable | None = None  # called when the last stream is over
         self.onLost: Callable | None = None  # called once the connection is gone
 
     @property
@@ -605,8 +609,6 @@ class H2ClientProtocol(H2Protocol):
 
     def released(self, stream: ClientStream) -> None:
         self.unreserve(stream)
-        if not self.streams and not self._opening and self.onIdle is not None:
-            self.onIdle(self)
 
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)

@@ -253,11 +253,14 @@ class _Stream:
             self.connection.dirty()
 
     def _deliverHeld(self) -> None:
-        """Deliver what was held, as long as the exchange does not pause again."""
-        if self.exchange is None:
+        """
+        Deliver what was held, as long as the exchange does not pause again. Outside a read
+        of this connection (a resume from the other leg), the exchange's end-of-batch call
+        follows at once.
+        """
+        if self.exchange is None or not (self._held or self._remoteEnded):
             return
-        if self._held:
-            self._batch()
+        self._batch()
         while self._held and not self._paused and not self.closed:
             data = b"".join(self._held)
             flow, self._heldFlow = self._heldFlow, 0
@@ -266,6 +269,7 @@ class _Stream:
             self._acknowledge(flow)
         if self._remoteEnded and not self._held and not self._paused and not self.closed:
             self._deliverEnd()
+        self.connection.endBatchOutsideRead()
 
     def _deliverEnd(self) -> None:
         if self._endDelivered:
