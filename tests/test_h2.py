@@ -647,6 +647,21 @@ def test_rapidResetInOneRead():
     assert i == 50  # the 51st reset is one too many
 
 
+def test_rapidResetAllInOneRead():
+    """300 open-and-reset pairs in a single read: GOAWAY after the budget, nothing after it."""
+    protocol, _, dispatched, _ = serverUnderTest(resetBurst=50)
+    peer = RawPeer(protocol)
+    for i in range(300):
+        peer.conn.send_headers(1 + 2 * i, REQUEST)
+        peer.conn.reset_stream(1 + 2 * i, ErrorCodes.CANCEL)
+    peer.send()
+    assert dispatched == [] and protocol.transport.disconnecting
+    peer.receive()
+    [goaway] = peer.of(h2.events.ConnectionTerminated)
+    assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    protocol.dataReceived(b"more bytes after the GOAWAY are not read")
+
+
 def test_rapidResetAcrossReads():
     """Opened in one read, reset in the next: the exchange hears downstreamLost at once."""
     protocol, _, dispatched, _ = serverUnderTest(resetBurst=20)

@@ -187,6 +187,7 @@ class H2Protocol(Protocol):
         self._flushCall = None
         self._unflushed = 0  # DATA bytes framed since the last write
         self.draining = False  # GOAWAY sent or received: no new streams
+        self.closing = False  # ended by this side (an error, Rapid Reset): read nothing more
         self.lost = False
         self._deadline = 0.0
         self._timer = None
@@ -220,7 +221,7 @@ class H2Protocol(Protocol):
         self._blocked.clear()
 
     def dataReceived(self, data: bytes) -> None:
-        if self.lost:
+        if self.lost or self.closing:
             return
         self._deadline = self.reactor.seconds() + self.limits.idleTimeout
         self._inRead = True
@@ -236,7 +237,7 @@ class H2Protocol(Protocol):
                 handler = handlers.get(type(event))
                 if handler is not None:
                     handler(self, event)
-                if self.lost:
+                if self.lost or self.closing:
                     return
             self._readDone()
         finally:
@@ -250,13 +251,16 @@ class H2Protocol(Protocol):
             stream.batchEnded()
 
     def endBatchOutsideRead(self) -> None:
-        """Events delivered outside a read (a resume): their batch ends now."""
-        if not self._inRead and self.touched:
-            self._readDone()
+        """Events delivered outside a read (a resume): their batch ends now, and is sent."""
+        if not self._inRead:
+            if self.touched:
+                self._readDone()
+            self.flush()
 
     def _protocolError(self, e: ProtocolError) -> None:
         """The peer broke HTTP/2: h2 has queued GOAWAY; send it, close, fail every stream."""
         _log.info("HTTP/2 protocol error from {peer}: {error}", peer=self._peer(), error=e)
+        self.closing = True
         self.flush()
         failure = StreamReset(ErrorCodes.PROTOCOL_ERROR, f"HTTP/2 protocol error: {e}")
         self._failStreams(failure)
@@ -405,6 +409,7 @@ class H2Protocol(Protocol):
     def _goAway(self, code: ErrorCodes, reason: str) -> None:
         """End the connection now: GOAWAY with C{code}, every stream lost."""
         self.draining = True
+        self.closing = True
         try:
             self.conn.close_connection(code)
         except ProtocolError:
