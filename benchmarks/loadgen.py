@@ -11,6 +11,9 @@ req/s, p50/p99 latency and, when it knows the proxy's PID, its CPU us/request an
   python benchmarks/loadgen.py --proxy 127.0.0.1:3128 --proxy-pid 1234 dk
   python benchmarks/loadgen.py --start-squid bulk bulk-tunnel      # the same against Squid
   python benchmarks/loadgen.py --start-proxy --mitm tunnel-tls bulk-tls   # TLS intercepted
+  python benchmarks/loadgen.py --start-proxy --mitm tunnel-h2 tunnel-tls grpc   # h2 vs h1 MITM
+  python benchmarks/loadgen.py --start-mitmdump tunnel-h2 grpc    # the same against mitmdump
+  python benchmarks/loadgen.py --direct tunnel-h2 grpc            # ceiling: no proxy
 
 Scenarios (defaults; -c/-n/-d/--size override):
   get          GET 1 KiB, absolute-form, keep-alive, 32 conns, time-bound
@@ -22,7 +25,13 @@ Scenarios (defaults; -c/-n/-d/--size override):
   bulk         GET 100 MB, plain (absolute-form), 1 conn x 3
   bulk-tunnel  GET 100 MB inside a CONNECT tunnel (plain TCP inside), 1 conn x 3
   bulk-tls     GET 100 MB inside a CONNECT tunnel with TLS to the origin, 1 conn x 3
+  tunnel-h2    tunnel-tls over HTTP/2: one CONNECT per conn, TLS with ALPN h2, --streams
+               (default 8) GETs of 1 KiB in flight per connection, 8 conns
+  grpc         gRPC unary calls (a 128-byte message echoed) through CONNECT (grpc.http_proxy),
+               8 channels x --streams calls in flight; needs grpcio (the test extra)
   idle         N idle tunnels (--tunnels, default 2000): proxy RSS per tunnel, idle CPU
+With --mitm, tunnel-h2 and grpc are HTTP/2 on both legs (proxygate mirrors the client's ALPN
+offer to the origin); --start-mitmdump runs them against mitmdump (mitmproxy), the h2 peer.
 Every run is bounded: -n requests per client AND -d seconds, a per-request timeout, and a
 SIGALRM kill switch; the processes it started are stopped by PID.
 """
@@ -57,6 +66,8 @@ SCEN = {  # name: (conns, requests per client, path, dict of options)
     "bulk": (1, 3, f"/bytes/{100_000_000}", {}),
     "bulk-tunnel": (1, 3, f"/bytes/{100_000_000}", {"tunnel": True}),
     "bulk-tls": (1, 3, f"/bytes/{100_000_000}", {"tunnel": True, "tls": True}),
+    "tunnel-h2": (8, 1_000_000, "/bytes/1024", {"tunnel": True, "tls": True, "h2": True}),
+    "grpc": (8, 1_000_000, "/bench.Echo/Unary", {"grpc": True}),
     "idle": (0, 0, "/bytes/16", {"tunnel": True}),
 }
 
@@ -127,13 +138,115 @@ class Origin(asyncio.Protocol):
         self._stream()
 
 
+class H2Origin(asyncio.Protocol):
+    """HTTP/2 (ALPN h2) on the TLS port: GET /bytes/N -> N bytes, within the client's windows."""
+
+    def connection_made(self, tr):
+        import h2.config
+        import h2.connection
+
+        self.tr, self.pending = tr, {}
+        self.conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding=None)
+        )
+        self.conn.initiate_connection()
+        self.conn.increment_flow_control_window(16 << 20)
+        tr.write(self.conn.data_to_send())
+
+    def data_received(self, data):
+        import h2.events
+
+        conn = self.conn
+        try:
+            events = conn.receive_data(data)
+        except Exception:
+            self.tr.abort()
+            return
+        for ev in events:
+            if isinstance(ev, h2.events.RequestReceived):
+                path = dict(ev.headers).get(b":path", b"")
+                size = int(path.rsplit(b"/", 1)[1]) if b"/bytes/" in path else 0
+                status = b"200" if b"/bytes/" in path else b"404"
+                headers = [(b":status", status), (b"content-length", b"%d" % size)]
+                conn.send_headers(ev.stream_id, headers, end_stream=not size)
+                if size:
+                    self.pending[ev.stream_id] = size
+            elif isinstance(ev, h2.events.DataReceived):
+                conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, h2.events.StreamReset):
+                self.pending.pop(ev.stream_id, None)
+        self._send()
+
+    def _send(self):
+        conn = self.conn
+        for sid, left in list(self.pending.items()):
+            while left:
+                n = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size, left)
+                if n <= 0:
+                    break
+                left -= n
+                conn.send_data(sid, Origin.chunk[:n], end_stream=not left)
+            if left:
+                self.pending[sid] = left
+            else:
+                del self.pending[sid]
+        data = conn.data_to_send()
+        if data:
+            self.tr.write(data)
+
+
+class AlpnOrigin(asyncio.Protocol):
+    """The TLS port: HTTP/2 when the client's ALPN chose h2, else HTTP/1.1."""
+
+    def connection_made(self, tr):
+        tls = tr.get_extra_info("ssl_object")
+        self.inner = H2Origin() if tls and tls.selected_alpn_protocol() == "h2" else Origin()
+        self.inner.connection_made(tr)
+
+    def data_received(self, data):
+        self.inner.data_received(data)
+
+    def pause_writing(self):
+        if isinstance(self.inner, Origin):
+            self.inner.pause_writing()
+
+    def resume_writing(self):
+        if isinstance(self.inner, Origin):
+            self.inner.resume_writing()
+
+
+async def serve_grpc(certdir):
+    """A gRPC echo (bench.Echo/Unary) over TLS if grpcio is installed: its port, else 0."""
+    try:
+        import grpc
+    except ImportError:
+        return 0
+
+    async def echo(request, context):
+        return request
+
+    server = grpc.aio.server()
+    handlers = {"Unary": grpc.unary_unary_rpc_method_handler(echo)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Echo", handlers),))
+    with open(os.path.join(certdir, "key.pem"), "rb") as k:
+        key = k.read()
+    with open(os.path.join(certdir, "cert.pem"), "rb") as c:
+        cert = c.read()
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key, cert)]))
+    await server.start()
+    serve_grpc.server = server  # kept for the life of the loop
+    return port
+
+
 async def serve_origin(certdir):
     loop = asyncio.get_running_loop()
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(os.path.join(certdir, "cert.pem"), os.path.join(certdir, "key.pem"))
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
     plain = await loop.create_server(Origin, "127.0.0.1", 0, backlog=4096)
-    tls = await loop.create_server(Origin, "127.0.0.1", 0, backlog=4096, ssl=ctx)
-    print(plain.sockets[0].getsockname()[1], tls.sockets[0].getsockname()[1], flush=True)
+    tls = await loop.create_server(AlpnOrigin, "127.0.0.1", 0, backlog=4096, ssl=ctx)
+    grpc_port = await serve_grpc(certdir)
+    print(plain.sockets[0].getsockname()[1], tls.sockets[0].getsockname()[1], grpc_port, flush=True)
     await loop.run_in_executor(None, sys.stdin.read)  # parent gone (EOF) -> exit
 
 
@@ -142,7 +255,7 @@ def start_origin(certdir, pin):
     p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     STARTED.append(p)
     ports = tuple(int(x) for x in p.stdout.readline().split())
-    if len(ports) != 2:
+    if len(ports) != 3:
         _cleanup()
         sys.exit("origin did not start")
     return p, ports
@@ -247,6 +360,21 @@ def start_squid(a, logdir, pin):
     with open(conf, "w") as f:
         f.write(SQUID_CONF.format(port=port, d=d))
     return _launch("squid", [squid, "-N", "-f", conf], port, logdir, pin, None), port
+
+
+def start_mitmdump(a, logdir, pin):
+    """mitmdump (mitmproxy) intercepting, trusting the origin's certificate: the h2 peer."""
+    exe = a.mitmdump or shutil.which("mitmdump") or "/tmp/benchvenv/bin/mitmdump"
+    if not os.path.exists(exe):
+        sys.exit("no mitmdump: pass --mitmdump PATH (benchmarks/run_peers.sh --install has one)")
+    port = free_port()
+    confdir = os.path.join(logdir, "mitmdump")
+    cmd = [
+        exe, "-q", "--listen-host", "127.0.0.1", "--listen-port", str(port),
+        "--set", f"confdir={confdir}",
+        "--set", f"ssl_verify_upstream_trusted_ca={os.path.join(logdir, 'cert.pem')}",
+    ]  # fmt: skip
+    return _launch("mitmdump", cmd, port, logdir, pin, None), port
 
 
 def _launch(name, cmd, port, logdir, pin, env):
@@ -367,9 +495,82 @@ class Conn(asyncio.Protocol):
             self.fut.set_exception(TimeoutError("request timed out"))
 
 
+class H2Client(Conn):
+    """Conn for the CONNECT, then HTTP/2 (the h2 library) after TLS: many streams at once."""
+
+    h2 = None
+
+    def start_h2(self):
+        import h2.config
+        import h2.connection
+
+        self.h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(16 << 20)
+        self.streams = {}  # stream id -> [future, status, body bytes]
+        self.tr.write(self.h2.data_to_send())
+
+    def request(self, headers):
+        sid = self.h2.get_next_available_stream_id()
+        self.h2.send_headers(sid, headers, end_stream=True)
+        self.tr.write(self.h2.data_to_send())
+        fut = asyncio.get_running_loop().create_future()
+        self.streams[sid] = [fut, 0, 0]
+        return fut
+
+    def data_received(self, data):
+        if self.h2 is None:
+            return super().data_received(data)
+        import h2.events
+
+        try:
+            events = self.h2.receive_data(data)
+        except Exception as e:
+            self._fail(e)
+            return
+        for ev in events:
+            st = self.streams.get(getattr(ev, "stream_id", None))
+            if isinstance(ev, h2.events.ResponseReceived) and st:
+                st[1] = int(dict(ev.headers)[b":status"])
+            elif isinstance(ev, h2.events.DataReceived):
+                self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                if st:
+                    st[2] += len(ev.data)
+            elif isinstance(ev, h2.events.StreamEnded) and st:
+                del self.streams[ev.stream_id]
+                if not st[0].done():
+                    st[0].set_result((st[1], True, st[2]))
+            elif isinstance(ev, h2.events.StreamReset) and st:
+                del self.streams[ev.stream_id]
+                if not st[0].done():
+                    st[0].set_exception(ConnectionError(f"stream reset {ev.error_code!r}"))
+            elif isinstance(ev, h2.events.ConnectionTerminated):
+                self._fail(ConnectionError(f"GOAWAY {ev.error_code!r}"))
+        out = self.h2.data_to_send()
+        if out:
+            self.tr.write(out)
+
+    def _fail(self, e):
+        self.closed = True
+        for fut, _, _ in self.streams.values():
+            if not fut.done():
+                fut.set_exception(e)
+        self.streams = {}
+
+    def connection_lost(self, exc):
+        if self.h2 is None:
+            return super().connection_lost(exc)
+        self._fail(ConnectionError("closed by peer"))
+
+
 class Run:
-    def __init__(self, a, name, proxy, origin, sslctx):
-        self.a, self.name, self.proxy, self.sslctx = a, name, proxy, sslctx
+    def __init__(self, a, name, proxy, origin, sslctx, cafile):
+        self.a, self.name, self.proxy, self.sslctx, self.cafile = a, name, proxy, sslctx, cafile
+        self.grpc_port = origin[2]
+        self.h2ctx = ssl.create_default_context(cafile=cafile)
+        self.h2ctx.set_alpn_protocols(["h2"])
         c, n, path, self.o = SCEN[name]
         self.c, self.n = a.concurrency or c, a.requests or n
         if a.size and "/bytes/" in path:
@@ -385,13 +586,15 @@ class Run:
         head += "Connection: close\r\n" if self.o.get("new") else ""
         self.req = (head + "\r\n").encode() + body
         self.connect = (f"CONNECT {auth} HTTP/1.1\r\nHost: {auth}\r\n\r\n").encode()
+        self.h2head = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", auth.encode()),
+                       (b":path", path.encode()), (b"user-agent", b"loadgen/1")]  # fmt: skip
         self.lat, self.ok, self.bad, self.errors, self.bytes = [], 0, 0, {}, 0
         self.attempts = 0
 
     async def open(self):
         loop = asyncio.get_running_loop()
         host, port = self.proxy or ("127.0.0.1", self.port)
-        tr, conn = await loop.create_connection(Conn, host, port)
+        tr, conn = await loop.create_connection(H2Client if self.o.get("h2") else Conn, host, port)
         if self.proxy and self.o.get("tunnel"):
             conn.no_body = True
             fut = conn.expect()
@@ -401,7 +604,14 @@ class Run:
                 tr.abort()
                 raise ConnectionError(f"CONNECT answered {status}")
         conn.no_body = False
-        if self.o.get("tls"):
+        if self.o.get("h2"):
+            conn.tr = await loop.start_tls(tr, conn, self.h2ctx, server_hostname="127.0.0.1")
+            chosen = conn.tr.get_extra_info("ssl_object").selected_alpn_protocol()
+            if chosen != "h2":
+                conn.tr.abort()
+                raise ConnectionError(f"ALPN chose {chosen!r}, not h2")
+            conn.start_h2()
+        elif self.o.get("tls"):
             conn.tr = await loop.start_tls(tr, conn, self.sslctx, server_hostname="127.0.0.1")
         return conn
 
@@ -446,6 +656,83 @@ class Run:
         if conn is not None:
             conn.tr.close()
 
+    def _record(self, t0, t1, t2, status, nbytes):
+        if t0 >= self.measure_start:
+            self.lat.append(t2 - t1)
+            self.bytes += nbytes
+            self.ok += 200 <= status < 300
+            self.bad += not 200 <= status < 300
+            self.last = t2
+
+    def _error(self, t0, e):
+        if t0 >= self.measure_start:
+            k = f"{type(e).__name__}: {e}"
+            self.errors[k] = self.errors.get(k, 0) + 1
+
+    async def client_h2(self, deadline):
+        """One h2 connection (through CONNECT), --streams requests in flight on it."""
+        t0 = perf()
+        try:
+            conn = await asyncio.wait_for(self.open(), self.a.timeout)
+        except Exception as e:
+            self._error(t0, e)
+            return
+
+        async def stream():
+            for _ in range(self.n):
+                t1 = perf()
+                if t1 >= deadline or conn.closed:
+                    break
+                self.attempts += 1
+                try:
+                    status, _, nb = await asyncio.wait_for(
+                        conn.request(self.h2head), self.a.timeout
+                    )
+                except Exception as e:
+                    self._error(t1, e)
+                    break
+                self._record(t1, t1, perf(), status, nb + 64)
+
+        try:
+            await asyncio.gather(*(stream() for _ in range(self.a.streams)))
+        finally:
+            conn.tr.close()
+
+    async def client_grpc(self, deadline):
+        """One gRPC channel (through the proxy's CONNECT), --streams unary calls in flight."""
+        import grpc
+
+        if self.proxy:
+            options = [("grpc.http_proxy", f"http://{self.proxy[0]}:{self.proxy[1]}")]
+        else:
+            options = [("grpc.enable_http_proxy", 0)]
+        with open(self.cafile, "rb") as f:
+            credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+        channel = grpc.aio.secure_channel(
+            f"127.0.0.1:{self.grpc_port}", credentials, options=options
+        )
+        call = channel.unary_unary("/bench.Echo/Unary")
+        message = b"x" * 128
+
+        async def calls():
+            for _ in range(self.n):
+                t1 = perf()
+                if t1 >= deadline:
+                    break
+                self.attempts += 1
+                try:
+                    reply = await call(message, timeout=self.a.timeout)
+                except Exception as e:
+                    self._error(t1, e)
+                    await asyncio.sleep(0.01)
+                    continue
+                self._record(t1, t1, perf(), 200 if reply == message else 500, 2 * len(message))
+
+        try:
+            await asyncio.gather(*(calls() for _ in range(self.a.streams)))
+        finally:
+            await channel.close()
+
     async def go(self, pid, origin_pid):
         a, loop = self.a, asyncio.get_running_loop()
         warm = a.warmup if self.n > 1000 else 0  # count-bound scenarios: no warmup
@@ -459,7 +746,14 @@ class Run:
             ),
         )
         deadline = self.measure_start + a.duration
-        await asyncio.gather(*(self.client(deadline) for _ in range(self.c)))
+        client = (
+            self.client_h2
+            if self.o.get("h2")
+            else self.client_grpc
+            if self.o.get("grpc")
+            else self.client
+        )
+        await asyncio.gather(*(client(deadline) for _ in range(self.c)))
         t1, cpu1, ocpu1, me1 = perf(), proc_cpu(pid), proc_cpu(origin_pid), resource.getrusage(0)
         wall, n = max(t1 - snap["t"], 1e-9), len(self.lat)
         window = max(self.last - self.measure_start, 1e-9)
@@ -568,7 +862,10 @@ def main():
     g.add_argument("--start-squid", action="store_true", help="start squid (the peer), same way")
     g.add_argument("--proxy", help="HOST:PORT of a running proxy (loopback only)")
     g.add_argument("--direct", action="store_true", help="no proxy: client+origin ceiling")
+    g.add_argument("--start-mitmdump", action="store_true", help="start mitmdump (intercepting)")
     ap.add_argument("--mitm", action="store_true", help="with --start-proxy: [mitm] on")
+    ap.add_argument("--mitmdump", help="mitmdump to run (default: PATH, /tmp/benchvenv)")
+    ap.add_argument("--streams", type=int, default=8, help="tunnel-h2, grpc: in flight per conn")
     ap.add_argument("--proxy-pid", type=int, help="PID of --proxy, to read its CPU and RSS")
     ap.add_argument("--config", default=os.path.join(HERE, "bench.ini"))
     ap.add_argument("--twistd", help="twistd to run (default: next to this python)")
@@ -599,8 +896,12 @@ def main():
         if not ipaddress.ip_address(socket.gethostbyname(h.strip("[]"))).is_loopback:
             sys.exit("--proxy must be a loopback address")
         proxy = (h.strip("[]"), int(p))
-    elif not (a.start_proxy or a.start_squid or a.direct):
-        ap.error("one of --start-proxy, --start-squid, --proxy HOST:PORT, --direct")
+    elif not (a.start_proxy or a.start_squid or a.start_mitmdump or a.direct):
+        ap.error(
+            "one of --start-proxy, --start-squid, --start-mitmdump, --proxy HOST:PORT, --direct"
+        )
+    if not 0 < a.streams <= 1000:
+        ap.error("--streams: 1-1000")
     if a.mitm and not a.start_proxy:
         ap.error("--mitm needs --start-proxy")
     pin = not a.no_pin and len(os.sched_getaffinity(0)) >= 2
@@ -615,18 +916,26 @@ def main():
     origin_proc, origin = start_origin(tmp, pin)
     if pin:
         os.sched_setaffinity(0, {1})
-    sslctx = ssl.create_default_context(cafile=os.path.join(tmp, "cert.pem"))
+    if "grpc" in todo and not origin[2]:
+        _cleanup()
+        sys.exit("the grpc scenario needs grpcio (pip install grpcio)")
+    cafile = os.path.join(tmp, "cert.pem")
+    sslctx = ssl.create_default_context(cafile=cafile)
     results = []
     try:
         for name in todo:
             pproc = None
-            if a.start_proxy or a.start_squid:
-                pproc, port = (start_proxy if a.start_proxy else start_squid)(a, tmp, pin)
+            if a.start_proxy or a.start_squid or a.start_mitmdump:
+                start = start_proxy if a.start_proxy else start_squid
+                pproc, port = (start_mitmdump if a.start_mitmdump else start)(a, tmp, pin)
                 proxy = ("127.0.0.1", port)
-                if a.mitm:
-                    sslctx = ssl.create_default_context(cafile=os.path.join(tmp, "mitm-ca.pem"))
+                if a.mitm or a.start_mitmdump:
+                    cafile = os.path.join(tmp, "mitm-ca.pem")
+                    if a.start_mitmdump:
+                        cafile = os.path.join(tmp, "mitmdump", "mitmproxy-ca-cert.pem")
+                    sslctx = ssl.create_default_context(cafile=cafile)
             pid = pproc.pid if pproc else a.proxy_pid
-            run = Run(a, name, proxy, origin, sslctx)
+            run = Run(a, name, proxy, origin, sslctx, cafile)
             try:
                 r = asyncio.run(run.idle(pid) if name == "idle" else run.go(pid, origin_proc.pid))
             finally:

@@ -113,6 +113,8 @@ class MitmConfig:
     verify_upstream: bool
     #: (DNS domains, IP networks) a CA proxygate creates is constrained to; None: none.
     name_constraints: tuple[tuple[str, ...], tuple[policy.IPNetwork, ...]] | None = None
+    http2: bool = True
+    http2_max_streams: int = 100
 
 
 @frozen
@@ -561,6 +563,14 @@ def _metricsPath(value: str, baseDir: str) -> str:
     return path
 
 
+def _streams(value: str, baseDir: str) -> int:
+    """Concurrent HTTP/2 streams per connection: RFC 9113 §6.5.2 advises at least 100."""
+    n = _positiveInteger(value, baseDir)
+    if n > 1000:
+        raise ValueError(f"{n} streams per connection is more than 1000")
+    return n
+
+
 def _proxyURL(value: str, baseDir: str) -> upstream.ProxyURL | None:
     # parseProxyURL's messages never quote the URL; neither may anything here.
     return upstream.parseProxyURL(value) if value else None
@@ -676,6 +686,8 @@ SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
         "upstream_ca_bundle": ("", _optionalPath),
         "verify_upstream": ("on", _boolean),
         "name_constraints": ("", _nameConstraints),
+        "http2": ("on", _boolean),
+        "http2_max_streams": ("100", _streams),
     },
     "metrics": {
         "listen": ("tcp:9530:interface=127.0.0.1", _endpoints),
@@ -979,6 +991,8 @@ def parseConfig(
             upstream_ca_bundle=v["mitm.upstream_ca_bundle"],
             verify_upstream=v["mitm.verify_upstream"],
             name_constraints=v["mitm.name_constraints"],
+            http2=v["mitm.http2"],
+            http2_max_streams=v["mitm.http2_max_streams"],
         ),
         metrics=MetricsConfig(listen=v["metrics.listen"], path=v["metrics.path"]),
         log=LogConfig(access_log=v["log.access_log"], format=v["log.format"]),

@@ -79,6 +79,8 @@ def test_defaultsAreDesignMd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         passthrough=(),
         upstream_ca_bundle=None,
         verify_upstream=True,
+        http2=True,
+        http2_max_streams=100,
     )
     assert c.metrics == configModule.MetricsConfig(
         listen=("tcp:9530:interface=127.0.0.1",), path="/metrics"
@@ -191,6 +193,8 @@ VALUES: list[tuple[str, str, str, str, Any]] = [
      parseHostPatterns(["*.bank.example", "pinned.example"])),
     ("mitm", "upstream_ca_bundle", "bundle.pem", "mitm.upstream_ca_bundle", "/etc/pg/bundle.pem"),
     ("mitm", "verify_upstream", "no", "mitm.verify_upstream", False),
+    ("mitm", "http2", "off", "mitm.http2", False),
+    ("mitm", "http2_max_streams", "1000", "mitm.http2_max_streams", 1000),
     ("metrics", "listen", "", "metrics.listen", ()),
     ("metrics", "listen", "tcp6:9100:interface=\\:\\:1", "metrics.listen",
      ("tcp6:9100:interface=\\:\\:1",)),
@@ -283,6 +287,10 @@ ERRORS: list[tuple[str, str]] = [
     ("[upstream]\nverify = \n", "[upstream] verify: invalid boolean ''"),
     ("[mitm]\nenabled = enabled\n", "[mitm] enabled: invalid boolean 'enabled'"),
     ("[mitm]\nverify_upstream = 2\n", "[mitm] verify_upstream: invalid boolean '2'"),
+    ("[mitm]\nhttp2 = h2\n", "[mitm] http2: invalid boolean 'h2'"),
+    ("[mitm]\nhttp2_max_streams = 0\n", "[mitm] http2_max_streams: must be greater than 0"),
+    ("[mitm]\nhttp2_max_streams = 1001\n",
+     "[mitm] http2_max_streams: 1001 streams per connection is more than 1000"),
     # timeouts
     ("[proxy]\nconnect_timeout = 0\n",
      "[proxy] connect_timeout: must be a number of seconds greater than 0, not '0'"),

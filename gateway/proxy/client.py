@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
+    IHandshakeListener,
     IProtocolNegotiationFactory,
 )
 from twisted.internet.protocol import Factory, Protocol
@@ -65,7 +66,7 @@ _INFO = (
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
 class ClientConnection(Protocol):
     """
     @ivar client: the client's address as the proxy knows it, for policy, logs and

@@ -8,6 +8,10 @@ ordinary forward path (pooling, streaming, hop-by-hop rules, access log, WebSock
 upgrades), with a verified TLS connection to the real origin. Routing always uses the
 CONNECT target that passed the policy, never a Host header, so a decrypted tunnel cannot be
 used to reach anywhere else.
+
+With C{[mitm] http2} the client's ALPN offer (read from its ClientHello) is offered to the
+origin, and the client is agreed the origin's choice: L{Interceptor.originOffer},
+L{Interceptor.clientProtocol}.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from collections.abc import Callable
 from ..config import MitmConfig
 from ..metrics import Metrics
 from ..tls.ca import NameConstraints, loadOrCreateCA
-from ..tls.contexts import clientCreator
+from ..tls.contexts import HTTP11, agreedProtocol, alpnOffer, clientCreator
 from ..tls.hostcontexts import ServerContextCache
 from ..tls.layer import wrapEndpoint
 
@@ -55,6 +59,7 @@ class Interceptor:
             )
         self.bundle = config.upstream_ca_bundle
         self.verify = config.verify_upstream
+        self.http2 = config.http2
         if self.bundle:
             # Fail at start-up, not on the first request, when the bundle is unusable.
             clientCreator("localhost", self.bundle, self.verify)
@@ -74,16 +79,25 @@ class Interceptor:
         """
         return self.ca.permits(host)
 
-    def serverCreator(self, host: str):
-        return self.contexts.serverCreator(host)
+    def serverCreator(self, host: str, protocol: str = HTTP11):
+        """The client leg's TLS for CONNECT C{host}, agreeing to ALPN C{protocol}."""
+        return self.contexts.serverCreator(host, protocol)
 
-    def originCreator(self, host: str):
-        """The client TLS connection creator verifying the origin C{host}."""
-        return clientCreator(host, self.bundle, self.verify)
+    def originOffer(self, offered: tuple[bytes, ...] | None) -> tuple[str, ...]:
+        """The ALPN list to dial the origin with, for a client that offered C{offered}."""
+        return alpnOffer(offered, self.http2)
 
-    def originTLS(self, host: str) -> Callable:
-        """Wraps an origin endpoint in TLS verified for C{host}."""
-        return wrapEndpoint(self.originCreator(host))
+    def clientProtocol(self, chosen: bytes | None) -> str:
+        """The ALPN protocol to agree with the client, the origin having chosen C{chosen}."""
+        return agreedProtocol(chosen, self.http2)
+
+    def originCreator(self, host: str, alpn: tuple[str, ...] = (HTTP11,)):
+        """The client TLS connection creator verifying the origin C{host}, offering C{alpn}."""
+        return clientCreator(host, self.bundle, self.verify, alpn)
+
+    def originTLS(self, host: str, alpn: tuple[str, ...] = (HTTP11,)) -> Callable:
+        """Wraps an origin endpoint in TLS verified for C{host}, offering C{alpn}."""
+        return wrapEndpoint(self.originCreator(host, alpn))
 
 
 def _caSource(config: MitmConfig) -> tuple:

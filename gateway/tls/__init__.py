@@ -17,7 +17,14 @@ loading its submodule when first asked for.
 from importlib import import_module
 
 _EXPORTS = {
+    "H2": "contexts",
     "HTTP11": "contexts",
+    "agreedProtocol": "contexts",
+    "alpnOffer": "contexts",
+    "ClientHello": "clienthello",
+    "ClientHelloError": "clienthello",
+    "ClientHelloReader": "clienthello",
+    "NotTLS": "clienthello",
     "CAError": "contexts",
     "clientCreator": "contexts",
     "CertificateAuthority": "ca",

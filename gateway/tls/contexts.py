@@ -8,15 +8,18 @@ never imports C{cryptography}.
 Server side (an intercepted client, L{gateway.tls.hostcontexts}; an C{ssl:} listener,
 L{gateway.tls.listener}): L{newServerContext} has the settings, which are Twisted's
 defaults (TLS >= 1.2, no compression, no renegotiation, server cipher preference) with a
-fixed AEAD-only TLS 1.2 cipher list, no session tickets and ALPN http/1.1 only.
+fixed AEAD-only TLS 1.2 cipher list, no session tickets, and one ALPN protocol: http/1.1,
+or h2 for an intercepted client whose origin chose h2 (L{gateway.tls.hostcontexts}).
 C{ssl} loads certificates and keys from files only, so L{loadChain} hands it a PEM through
 an anonymous in-memory file (memfd; a private temporary directory where there is none);
 nothing is written to disk.
 
 Client side (an intercepted tunnel's origin, an https:// upstream proxy):
 L{clientCreator} verifies the peer in OpenSSL (chain against the system trust store or a
-bundle, then the DNS name or IP address), with one context per (bundle, verify) shared by
-every host.
+bundle, then the DNS name or IP address), with one context per (bundle, verify, ALPN offer)
+shared by every host. The ALPN offer is http/1.1, or the intercepted client's own list
+(C{[mitm] http2}: mirrored), and the TLS layer's C{negotiatedProtocol} tells what the
+origin chose.
 """
 
 from __future__ import annotations
@@ -34,10 +37,13 @@ from twisted.logger import Logger
 from .groups import applyGroups
 
 __all__ = [
+    "H2",
     "HTTP11",
     "CAError",
     "ClientTLS",
     "ServerTLS",
+    "agreedProtocol",
+    "alpnOffer",
     "clientCreator",
     "loadChain",
     "newServerContext",
@@ -54,10 +60,18 @@ class CAError(Exception):
     """
 
 
-#: The only application protocol offered or accepted over ALPN: the
-#: intercepting handler speaks HTTP/1.1, and agreeing to h2 would break
-#: every client that offers it first.
+#: The application protocol offered or accepted over ALPN unless both legs of an
+#: intercepted tunnel agree on h2: agreeing to a protocol the proxy cannot relay would
+#: break every client that offers it first.
 HTTP11 = "http/1.1"
+
+#: HTTP/2 over TLS (RFC 9113 §3.2).
+H2 = "h2"
+
+#: The most protocols mirrored from a client's offer to its origin, and the longest name:
+#: real offers are 1-3 short names; the rest of a long list is dropped, not relayed.
+MAX_MIRRORED = 8
+MAX_PROTOCOL_NAME = 32
 
 #: TLS 1.2 suites: forward-secret AEAD only (Mozilla "intermediate", minus
 #: finite-field DHE, which needs parameters and is slow).  TLS 1.3 suites are
@@ -77,10 +91,13 @@ _SERVER_OPTIONS = (
 )
 
 
-def newServerContext() -> ssl.SSLContext:
+def newServerContext(protocol: str = HTTP11) -> ssl.SSLContext:
     """
     A server context with the shared security settings and ALPN, but no
     certificate yet.
+
+    @param protocol: the one ALPN protocol agreed to (C{HTTP11} or C{H2}); a client that
+        does not offer it gets no ALPN answer (and speaks HTTP/1.1, RFC 7301 §3.2 lets it).
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -88,7 +105,7 @@ def newServerContext() -> ssl.SSLContext:
     ctx.set_ciphers(MODERN_CIPHERS)
     applyGroups(ctx)
     ctx.num_tickets = 0
-    ctx.set_alpn_protocols([HTTP11])
+    ctx.set_alpn_protocols([protocol])
     return ctx
 
 
@@ -129,8 +146,14 @@ class ServerTLS:
 #: Number of upstream creators kept (one per origin host in practice).
 CLIENT_CACHE_SIZE = 256
 
-_clientCreators: OrderedDict[tuple[str, str | None, bool], ClientTLS] = OrderedDict()
-_clientContexts: dict[tuple[str | None, bool], ssl.SSLContext] = {}
+_clientCreators: OrderedDict[tuple[str, str | None, bool, tuple[str, ...]], ClientTLS] = (
+    OrderedDict()
+)
+_clientContexts: dict[tuple[str | None, bool, tuple[str, ...]], ssl.SSLContext] = {}
+
+#: Distinct ALPN offers given client contexts; beyond it the offer is cut to http/1.1
+#: (each offer is a context with its own trust store: bounded, whatever clients send).
+MAX_OFFERS = 16
 
 
 def _verificationName(hostname: str) -> str:
@@ -190,19 +213,52 @@ def _bundleCertificates(caBundle: str) -> str:
     return "\n".join(usable)
 
 
-def _clientContext(caBundle: str | None, verify: bool) -> ssl.SSLContext:
+def alpnOffer(offered: tuple[bytes, ...] | None, http2: bool = True) -> tuple[str, ...]:
     """
-    The client context for one trust setting, shared by every origin (the name to
-    verify is per connection); built once because loading a trust store is slow.
+    The ALPN list to offer an origin on behalf of a client that offered C{offered} (from
+    L{gateway.tls.clienthello}; None: no ALPN extension): the client's list in its order,
+    names that are not printable ASCII or too long dropped, at most L{MAX_MIRRORED}; a
+    client that offered nothing usable is offered http/1.1 (what it will speak). With
+    C{http2} off (C{[mitm] http2 = off}): http/1.1, whatever the client offered.
     """
-    key = (caBundle, verify)
+    if not offered or not http2:
+        return (HTTP11,)
+    names = []
+    for name in offered:
+        if len(name) <= MAX_PROTOCOL_NAME and all(0x21 <= b <= 0x7E for b in name):
+            text = name.decode("ascii")
+            if text not in names:
+                names.append(text)
+        if len(names) == MAX_MIRRORED:
+            break
+    return tuple(names) or (HTTP11,)
+
+
+def agreedProtocol(chosen: bytes | None, http2: bool = True) -> str:
+    """
+    The one ALPN protocol the intercepted client's handshake may agree to, given what the
+    origin chose (the TLS layer's C{negotiatedProtocol}) for the mirrored offer: h2 only
+    when the origin chose h2 (and C{[mitm] http2} is on), else http/1.1 (a client that did
+    not offer it gets no ALPN answer, and speaks HTTP/1.1 or gives up).
+    """
+    return H2 if http2 and chosen == b"h2" else HTTP11
+
+
+def _clientContext(caBundle: str | None, verify: bool, alpn: tuple[str, ...]) -> ssl.SSLContext:
+    """
+    The client context for one trust setting and ALPN offer, shared by every origin (the
+    name to verify is per connection); built once because loading a trust store is slow.
+    """
+    key = (caBundle, verify, alpn)
     ctx = _clientContexts.get(key)
     if ctx is not None:
         return ctx
+    if alpn != (HTTP11,) and sum(1 for k in _clientContexts if k[:2] == key[:2]) >= MAX_OFFERS:
+        return _clientContext(caBundle, verify, (HTTP11,))
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     applyGroups(ctx)
-    ctx.set_alpn_protocols([HTTP11])
+    ctx.set_alpn_protocols(list(alpn))
     if not verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
@@ -228,7 +284,12 @@ class ClientTLS:
         return self.context.wrap_bio(incoming, outgoing, server_hostname=self.serverName)
 
 
-def clientCreator(hostname: str, caBundle: str | None, verify: bool) -> ClientTLS:
+def clientCreator(
+    hostname: str,
+    caBundle: str | None,
+    verify: bool,
+    alpn: tuple[str, ...] = (HTTP11,),
+) -> ClientTLS:
     """
     The TLS creator for the upstream leg to an origin (or to an https:// proxy), for
     L{gateway.tls.layer.wrapEndpoint} or a L{gateway.tls.layer.TLSLayer}.
@@ -242,17 +303,18 @@ def clientCreator(hostname: str, caBundle: str | None, verify: bool) -> ClientTL
     @param verify: L{False} disables every check (chain and name): the
         upstream connection is then open to interception; use it only for
         testing against origins with broken certificates.  SNI is still sent.
-    @return: A creator offering ALPN http/1.1 only; shared between calls
-        with the same arguments.
+    @param alpn: The ALPN protocols to offer, in order (L{alpnOffer} makes a client's
+        offer into one); the default offers http/1.1 only.
+    @return: A creator; shared between calls with the same arguments.
     @raise CAError: If C{caBundle} cannot be read or holds no certificate.
     """
     name = _verificationName(hostname)
-    key = (name, caBundle, verify)
+    key = (name, caBundle, verify, alpn)
     creator = _clientCreators.get(key)
     if creator is not None:
         _clientCreators.move_to_end(key)
         return creator
-    creator = ClientTLS(_clientContext(caBundle, verify), name)
+    creator = ClientTLS(_clientContext(caBundle, verify, alpn), name)
     _clientCreators[key] = creator
     while len(_clientCreators) > CLIENT_CACHE_SIZE:
         _clientCreators.popitem(last=False)

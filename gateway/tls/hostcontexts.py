@@ -1,7 +1,9 @@
 # -*- test-case-name: tests.test_tls -*-
 """
-The client-facing leg of an intercepted tunnel: one ready server context per host, each
-carrying a leaf minted by L{gateway.tls.mint.mintLeaf} on one shared key, kept in an LRU.
+The client-facing leg of an intercepted tunnel: one ready server context per host and ALPN
+protocol (http/1.1, or h2 when the origin chose it: C{[mitm] http2}), each carrying the
+host's leaf minted by L{gateway.tls.mint.mintLeaf} on one shared key, kept in an LRU by host
+(a host's h2 and http/1.1 contexts share one leaf: one certificate issued, the other a hit).
 
 L{ServerContextCache.serverCreator} gives the creator for the client connection after a
 CONNECT: its connections start on a certificate-less base context whose SNI callback
@@ -24,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from twisted.logger import Logger
 
 from gateway.tls.ca import CertificateAuthority
-from gateway.tls.contexts import ServerTLS, loadChain, newServerContext
+from gateway.tls.contexts import HTTP11, ServerTLS, loadChain, newServerContext
 from gateway.tls.mint import mintLeaf, newLeafKey, normalizeHost
 
 __all__ = ["MAX_LEAF_AGE", "InterceptTLS", "ServerContextCache"]
@@ -47,11 +49,13 @@ def _noop() -> None:
 @frozen
 class _Entry:
     """
-    A cached per-host context and when its leaf was minted.
+    A host's leaf (with its chain and key, as PEM), when it was minted, and the contexts
+    built on it so far, by ALPN protocol (at most two: http/1.1 and h2).
     """
 
-    context: ssl.SSLContext
+    pem: bytes
     issuedAt: datetime
+    contexts: dict[str, ssl.SSLContext]
 
 
 class ServerContextCache:
@@ -105,13 +109,16 @@ class ServerContextCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def contextFor(self, host: str) -> ssl.SSLContext:
+    def contextFor(self, host: str, protocol: str = HTTP11) -> ssl.SSLContext:
         """
-        The ready server context for C{host}, minting its leaf on a miss or
-        when the cached one is older than L{MAX_LEAF_AGE}.
+        The ready server context for C{host} agreeing to ALPN C{protocol}, minting the
+        host's leaf on a miss or when the cached one is older than L{MAX_LEAF_AGE}. Every
+        call counts once: a certificate issued, or a cache hit (a host's first context for
+        another protocol reuses its leaf: a hit).
 
         @param host: A DNS name or IP literal (case, a trailing dot and IPv6
             brackets do not matter).
+        @param protocol: C{HTTP11} or C{H2} (L{gateway.tls.contexts}).
         @raise ValueError: If C{host} is not a valid DNS name or IP literal, or one the
             CA's name constraints do not permit (no such leaf is ever minted: clients
             would reject it, and it would be a certificate for a name the CA must not sign).
@@ -124,23 +131,28 @@ class ServerContextCache:
         if entry is not None and now - entry.issuedAt < MAX_LEAF_AGE:
             self._entries.move_to_end(key)
             self._onHit()
-            return entry.context
-        context = self._buildContext(key, now)
-        self._entries[key] = _Entry(context=context, issuedAt=now)
+            context = entry.contexts.get(protocol)
+            if context is None:
+                context = entry.contexts[protocol] = self._buildContext(entry.pem, protocol)
+            return context
+        leaf = mintLeaf(self.ca, self._leafKey, key, now)
+        pem = leaf.public_bytes(serialization.Encoding.PEM) + self._chainAndKey
+        context = self._buildContext(pem, protocol)
+        self._entries[key] = _Entry(pem=pem, issuedAt=now, contexts={protocol: context})
         self._entries.move_to_end(key)
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
         self._onIssued()
         return context
 
-    def _buildContext(self, host: str, now: datetime) -> ssl.SSLContext:
+    @staticmethod
+    def _buildContext(pem: bytes, protocol: str) -> ssl.SSLContext:
         """
-        Mint a leaf for C{host} and build its complete context (certificate,
-        CA as chain, shared key), ready before any connection touches it.
+        A complete context (leaf, CA as chain, shared key; ALPN C{protocol}), ready
+        before any connection touches it.
         """
-        leaf = mintLeaf(self.ca, self._leafKey, host, now)
-        ctx = newServerContext()
-        loadChain(ctx, leaf.public_bytes(serialization.Encoding.PEM) + self._chainAndKey)
+        ctx = newServerContext(protocol)
+        loadChain(ctx, pem)
         return ctx
 
     def _serverBaseContext(self) -> ssl.SSLContext:
@@ -166,9 +178,10 @@ class ServerContextCache:
         """
         try:
             context = None
+            protocol = getattr(tls, "proxygateProtocol", HTTP11)
             if serverName:
                 try:
-                    context = self.contextFor(serverName)
+                    context = self.contextFor(serverName, protocol)
                 except ValueError:
                     _log.info(
                         "MITM: unusable SNI {serverName!r}; using the CONNECT host",
@@ -179,7 +192,7 @@ class ServerContextCache:
                 if defaultHost is None:
                     return
                 try:
-                    context = self.contextFor(defaultHost)
+                    context = self.contextFor(defaultHost, protocol)
                 except ValueError as e:
                     # Outside the name constraints: no certificate, the handshake fails.
                     _log.info("MITM: no certificate for a TLS client: {why}", why=str(e))
@@ -188,31 +201,35 @@ class ServerContextCache:
         except Exception:
             _log.failure("MITM: cannot select a certificate for a TLS client")
 
-    def serverCreator(self, defaultHost: str) -> InterceptTLS:
+    def serverCreator(self, defaultHost: str, protocol: str = HTTP11) -> InterceptTLS:
         """
         The creator of the server side of TLS on the client connection of a
         CONNECT tunnel being intercepted.
 
         @param defaultHost: The CONNECT host, certified when the client sends
             no SNI (clients never send SNI for IP literals).
+        @param protocol: The ALPN protocol to agree to if the client offers it: C{H2}
+            when the origin chose h2 for this client's offer, else C{HTTP11}.
         @raise ValueError: If C{defaultHost} is not a valid DNS name or IP
             literal (checked now, not mid-handshake).
         """
-        return InterceptTLS(self._serverBaseContext(), normalizeHost(defaultHost))
+        return InterceptTLS(self._serverBaseContext(), normalizeHost(defaultHost), protocol)
 
 
 class InterceptTLS(ServerTLS):
     """
     Makes server connections on the SNI-switching base context, remembering this
-    tunnel's CONNECT host (on the C{SSLObject}, where the SNI callback finds it) for the
-    no-SNI case.
+    tunnel's CONNECT host (for the no-SNI case) and ALPN protocol on the C{SSLObject},
+    where the SNI callback finds them.
     """
 
-    def __init__(self, context: ssl.SSLContext, defaultHost: str) -> None:
+    def __init__(self, context: ssl.SSLContext, defaultHost: str, protocol: str = HTTP11):
         super().__init__(context)
         self.defaultHost = defaultHost
+        self.protocol = protocol
 
     def newTLS(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> ssl.SSLObject:
         tls = super().newTLS(incoming, outgoing)
         tls.proxygateDefaultHost = self.defaultHost
+        tls.proxygateProtocol = self.protocol
         return tls

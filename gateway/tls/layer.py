@@ -23,6 +23,9 @@ What it does and does not do, so callers need not look further:
  - A handshake or record failure (a certificate that fails verification, an alert from the
    peer, garbage) aborts the connection; the protocol's C{connectionLost} gets the
    C{ssl.SSLError}, and L{describeFailure} turns it into one line for a 502.
+ - A protocol that provides Twisted's C{IHandshakeListener} hears C{handshakeCompleted()}
+   when the handshake is done, and C{negotiatedProtocol} is known from then on:
+   L{AwaitHandshake} uses it to pick a connection's protocol by the ALPN the peer chose.
 """
 
 from __future__ import annotations
@@ -32,14 +35,15 @@ import ssl
 from collections.abc import Callable
 from typing import Protocol as TypingProtocol
 
-from twisted.internet import error
-from twisted.internet.interfaces import IProtocol, IPushProducer, ITransport
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IHandshakeListener, IProtocol, IPushProducer, ITransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..seam import replaceProtocol, widenReads, writeNow
 
 __all__ = [
+    "AwaitHandshake",
     "TLSCreator",
     "TLSFactory",
     "TLSLayer",
@@ -145,9 +149,10 @@ class TLSLayer:
             return
         self._handshakeDone = True
         self._flush()
-        listener = getattr(self.wrappedProtocol, "handshakeCompleted", None)
-        if listener is not None:
-            listener()  # IHandshakeListener, as Twisted's TLS transports call it
+        if IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
+            if self._lost or self.disconnecting:
+                return
         if self._pending:
             pending, self._pending = self._pending, []
             self.write(b"".join(pending))
@@ -364,3 +369,50 @@ def describeFailure(reason: Failure | None) -> str | None:
 def sslReason(e: ssl.SSLError) -> str:
     """OpenSSL's reason in C{e}, without the library tag and the C{_ssl.c} line number."""
     return _SSL_DECORATION.sub("", str(e))
+
+
+@implementer(IHandshakeListener)
+class AwaitHandshake:
+    """
+    Stands in for the protocol of a TLS connection (L{TLSLayer}) until its handshake is
+    done, so that the protocol can be chosen by the ALPN the peer agreed to: C{done} fires
+    with the layer (read C{negotiatedProtocol}), or fails with why the connection ended
+    first; then L{switch} attaches the chosen protocol. Bytes that arrive in between are
+    handed to it.
+    """
+
+    def __init__(self) -> None:
+        self.done: defer.Deferred = defer.Deferred()
+        self.transport: TLSLayer | None = None
+        self._received: list[bytes] = []
+        self._protocol = None
+
+    def makeConnection(self, transport) -> None:
+        self.transport = transport
+
+    def handshakeCompleted(self) -> None:
+        if not self.done.called:
+            self.done.callback(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._protocol is not None:
+            self._protocol.dataReceived(data)
+        else:
+            self._received.append(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._protocol is not None:
+            self._protocol.connectionLost(reason)
+        elif not self.done.called:
+            self.done.errback(reason)
+
+    def switch(self, protocol) -> None:
+        """From now on the layer's protocol is C{protocol} (connected now)."""
+        layer = self.transport
+        self._protocol = protocol
+        if layer.wrappedProtocol is self:
+            layer.wrappedProtocol = protocol
+        protocol.makeConnection(layer)
+        received, self._received = self._received, []
+        if received:
+            protocol.dataReceived(b"".join(received))

@@ -1,0 +1,645 @@
+# -*- test-case-name: tests.test_h2 -*-
+"""
+HTTP/2 connections on the h2 library (python-hyper), in both roles of an intercepted tunnel:
+L{H2ServerProtocol} faces the client (its streams are L{ServerStream}s, each dispatched into
+an exchange), L{H2ClientProtocol} faces an origin (the connector opens L{ClientStream}s on it).
+
+Shape, after Twisted's own C{twisted.web._http2} (which wires h2's flow control to producers):
+the protocol feeds every read to h2, turns h2's events into calls on the streams, and writes
+what h2 has to send once per batch: at the end of the read, or when an exchange calls
+C{flush} after events from the other leg (a C{callLater(0)} covers an exchange that forgets).
+It is its transport's streaming producer: while the transport's buffer is full no stream
+hands data to h2, and each stream with data waiting pauses the side it throttles.
+
+Limits (L{H2Limits}) are what bound what a peer can make the proxy hold or do:
+ - concurrent streams: advertised (SETTINGS_MAX_CONCURRENT_STREAMS) and enforced per stream
+   (RST_STREAM REFUSED_STREAM, not the whole connection as h2 alone would do);
+ - header list size: advertised (SETTINGS_MAX_HEADER_LIST_SIZE) and enforced per stream
+   (431, or 502 from an origin); h2's HPACK decoder stops a block twice as large (a
+   connection error: nothing that size is decoded);
+ - memory: receive windows of L{H2Limits.streamWindow} per stream and
+   L{H2Limits.connectionWindow} per connection, given back only as the exchange takes data;
+   sending, what one delivery of the producing side brought per stream (it is paused while
+   anything waits), at most L{FLUSH_MARK} framed and not written, and the transport's own
+   buffer (whose producer this protocol is);
+ - Rapid Reset (CVE-2023-44487): streams the client resets before their response is complete,
+   and streams refused, spend a token from a bucket (L{H2Limits.resetBurst}, refilled at
+   L{H2Limits.resetRate} per second); an empty bucket ends the connection with GOAWAY
+   ENHANCE_YOUR_CALM. New streams are dispatched at the end of the read that opened them, so
+   a stream opened and reset in one read never reaches an exchange (no origin is dialled);
+ - idle: a connection with nothing received or sent for L{H2Limits.idleTimeout} says GOAWAY
+   and closes (an exchange still running gets C{timedOut} first).
+
+GOAWAY from the peer drains: no new streams, the open ones finish, then the connection closes.
+L{H2Protocol.drain} does the same from this side (service shutdown). PING is answered by h2;
+PRIORITY is ignored; there is no server push (disabled in SETTINGS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+from attrs import frozen
+from h2.errors import ErrorCodes
+from h2.exceptions import ProtocolError
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from .headers import H2HeaderError, requestFromHeaders
+from .stream import ClientStream, ServerStream, StreamRefused, StreamReset
+
+__all__ = [
+    "H2ClientProtocol",
+    "H2Limits",
+    "H2Protocol",
+    "H2ServerProtocol",
+    "StreamRefused",
+    "StreamReset",
+]
+
+_log = Logger()
+
+#: RFC 9113 §6.9.2: every connection starts with this window, whatever SETTINGS say.
+_DEFAULT_WINDOW = 65535
+
+#: Bytes of DATA framed before they are written without waiting for the end of the batch:
+#: what a batch may hold in h2's buffer before the transport (and its producer pause) sees it.
+FLUSH_MARK = 65536
+
+
+@frozen
+class H2Limits:
+    """
+    What one HTTP/2 connection lets its peer make the proxy hold or do.
+
+    @ivar maxStreams: concurrent streams the peer may open ([mitm] http2_max_streams).
+    @ivar maxHeaderListSize: bytes of a header list (RFC 9113 §6.5.2: names, values and 32
+        per field); [proxy] max_header_size.
+    @ivar streamWindow: receive window per stream: the most a paused stream holds.
+    @ivar connectionWindow: receive window of the connection: the most all its streams hold.
+    @ivar idleTimeout: seconds with nothing received or sent before GOAWAY and close.
+    @ivar resetBurst: resets (and refused streams) the client may cause at once...
+    @ivar resetRate: ...and per second after that (200 and 20: 200 in any 10 seconds).
+    """
+
+    maxStreams: int = 100
+    maxHeaderListSize: int = 65536
+    streamWindow: int = 256 * 1024
+    connectionWindow: int = 1024 * 1024
+    idleTimeout: float = 300.0
+    resetBurst: int = 200
+    resetRate: float = 20.0
+
+    @classmethod
+    def fromConfig(cls, config) -> H2Limits:
+        """
+        The limits of an intercepted tunnel's h2 connections, both legs, from the INI:
+        [mitm] http2_max_streams, [proxy] max_header_size and idle_timeout.
+        """
+        return cls(
+            maxStreams=config.mitm.http2_max_streams,
+            maxHeaderListSize=config.proxy.max_header_size,
+            idleTimeout=config.proxy.idle_timeout,
+        )
+
+
+class _Machine(h2.connection.H2Connection):
+    """
+    h2's connection, leaving two limits to the protocol so that they refuse one stream
+    rather than the whole connection (RFC 9113 §5.1.2 and §6.5.2 both allow a stream error):
+    the concurrent-stream count (h2 raises a connection error for one stream too many) and
+    the header list size (h2's decoder would end the connection at the advertised size).
+
+    A third change: h2 moves the connection to CLOSED on any GOAWAY, sent or received, and
+    then refuses every frame, so open streams could never finish; RFC 9113 §6.8 says they
+    do (a graceful shutdown). A GOAWAY here leaves the state open; the protocol stops new
+    streams itself (L{H2Protocol.draining}). Protocol errors still close (h2's own path).
+    """
+
+    hardHeaderListSize = 2 * 65536
+
+    def close_connection(self, error_code=0, additional_data=None, last_stream_id=None):
+        state = self.state_machine.state
+        super().close_connection(error_code, additional_data, last_stream_id)
+        if error_code == ErrorCodes.NO_ERROR:
+            self.state_machine.state = state
+
+    def _receive_goaway_frame(self, frame):
+        state = self.state_machine.state
+        result = super()._receive_goaway_frame(frame)
+        if frame.error_code == ErrorCodes.NO_ERROR:
+            self.state_machine.state = state
+        return result
+
+    @property
+    def open_inbound_streams(self) -> int:
+        # h2 counts (and prunes closed streams) here before accepting a stream, and raises
+        # a connection error past the limit; prune, and let the protocol refuse the stream.
+        self._open_streams(int(not self.config.client_side))
+        return 0
+
+    def _local_settings_acked(self):
+        changes = super()._local_settings_acked()
+        self.decoder.max_header_list_size = self.hardHeaderListSize
+        return changes
+
+
+@implementer(IPushProducer)
+class H2Protocol(Protocol):
+    """What both roles share: h2 events to streams, batching, flow, limits, timers."""
+
+    clientSide = False
+
+    def __init__(self, limits: H2Limits, reactor) -> None:
+        self.limits = limits
+        self.reactor = reactor
+        config = h2.config.H2Configuration(
+            client_side=self.clientSide,
+            header_encoding=None,
+            validate_inbound_headers=True,
+            normalize_inbound_headers=True,
+            validate_outbound_headers=True,
+            normalize_outbound_headers=True,
+        )
+        self.conn = _Machine(config)
+        self.conn.hardHeaderListSize = 2 * limits.maxHeaderListSize
+        self.conn.decoder.max_header_list_size = self.conn.hardHeaderListSize
+        self.conn.local_settings = h2.settings.Settings(
+            client=self.clientSide,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.maxStreams,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: limits.streamWindow,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.maxHeaderListSize,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
+        self.streams: dict[int, ServerStream | ClientStream] = {}
+        self.writing = True  # the transport takes writes (not paused)
+        self.touched: list = []  # streams whose exchange got events in this read
+        self._blocked: dict = {}  # streams with data waiting for a window, in order
+        self._inRead = False
+        self._flushCall = None
+        self._unflushed = 0  # DATA bytes framed since the last write
+        self.draining = False  # GOAWAY sent or received: no new streams
+        self.closing = False  # ended by this side (an error, Rapid Reset): read nothing more
+        self.lost = False
+        self._deadline = 0.0
+        self._timer = None
+
+    # -- connection lifecycle --------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        try:
+            self.transport.setTcpNoDelay(True)
+        except Exception:
+            pass
+        self.transport.registerProducer(self, True)
+        self.conn.initiate_connection()
+        if self.limits.connectionWindow > _DEFAULT_WINDOW:
+            self.conn.increment_flow_control_window(self.limits.connectionWindow - _DEFAULT_WINDOW)
+        self._arm()
+        self.flush()
+
+    def connectionLost(self, reason) -> None:
+        self.lost = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._flushCall is not None and self._flushCall.active():
+            self._flushCall.cancel()
+        self._flushCall = None
+        error = reason.value if isinstance(reason.value, Exception) else Exception(str(reason))
+        for stream in list(self.streams.values()):
+            stream.connectionLost(StreamReset(ErrorCodes.CANCEL, f"connection lost: {error}"))
+        self.streams.clear()
+        self._blocked.clear()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.lost or self.closing:
+            return
+        self._deadline = self.reactor.seconds() + self.limits.idleTimeout
+        self._inRead = True
+        try:
+            events = self.conn.receive_data(data)
+        except ProtocolError as e:
+            self._inRead = False
+            self._protocolError(e)
+            return
+        handlers = self._handlers
+        try:
+            for event in events:
+                handler = handlers.get(type(event))
+                if handler is not None:
+                    handler(self, event)
+                if self.lost or self.closing:
+                    return
+            self._readDone()
+        finally:
+            self._inRead = False
+        self.flush()
+
+    def _readDone(self) -> None:
+        """The end of one read's events: the exchanges that got some hear so."""
+        touched, self.touched = self.touched, []
+        for stream in touched:
+            stream.batchEnded()
+
+    def endBatchOutsideRead(self) -> None:
+        """Events delivered outside a read (a resume): their batch ends now, and is sent."""
+        if not self._inRead:
+            if self.touched:
+                self._readDone()
+            self.flush()
+
+    def _protocolError(self, e: ProtocolError) -> None:
+        """The peer broke HTTP/2: h2 has queued GOAWAY; send it, close, fail every stream."""
+        _log.info("HTTP/2 protocol error from {peer}: {error}", peer=self._peer(), error=e)
+        self.closing = True
+        self.flush()
+        failure = StreamReset(ErrorCodes.PROTOCOL_ERROR, f"HTTP/2 protocol error: {e}")
+        self._failStreams(failure)
+        self.transport.loseConnection()
+
+    def _failStreams(self, error: Exception) -> None:
+        for stream in list(self.streams.values()):
+            stream.connectionLost(error)
+
+    def _peer(self) -> str:
+        try:
+            return str(self.transport.getPeer())
+        except Exception:
+            return "-"
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def framed(self, size: int) -> None:
+        """C{size} bytes of DATA were framed: written now once they pass L{FLUSH_MARK}."""
+        self._unflushed += size
+        if self._unflushed >= FLUSH_MARK:
+            self.flush()
+        else:
+            self.dirty()
+
+    def dirty(self) -> None:
+        """h2 has frames to send: they go at the end of this batch."""
+        if not self._inRead and self._flushCall is None and not self.lost:
+            self._flushCall = self.reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Write everything h2 has to send, in one write."""
+        call, self._flushCall = self._flushCall, None
+        if call is not None and call.active():
+            call.cancel()
+        self._unflushed = 0
+        if self.lost:
+            return
+        data = self.conn.data_to_send()
+        if data:
+            self._deadline = self.reactor.seconds() + self.limits.idleTimeout
+            self.transport.write(data)
+
+    def blocked(self, stream) -> None:
+        self._blocked[stream] = None
+
+    def unblocked(self, stream) -> None:
+        self._blocked.pop(stream, None)
+
+    def _pumpAll(self) -> None:
+        for stream in list(self._blocked):
+            if not self.writing:
+                return
+            stream.pump()
+
+    # IPushProducer: the transport's write buffer
+    def pauseProducing(self) -> None:
+        self.writing = False
+
+    def resumeProducing(self) -> None:
+        self.writing = True
+        self._pumpAll()
+        self.flush()
+
+    def stopProducing(self) -> None:
+        pass
+
+    # -- events common to both roles -------------------------------------------------------------
+
+    def _data(self, event: h2.events.DataReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is None:
+            # A stream already over on this side: give the connection's window back.
+            if event.flow_controlled_length:
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            return
+        stream.dataReceived(event.data, event.flow_controlled_length)
+
+    def _trailers(self, event: h2.events.TrailersReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.trailersReceived(event.headers)
+
+    def _ended(self, event: h2.events.StreamEnded) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.remoteEnded()
+
+    def _reset(self, event: h2.events.StreamReset) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.peerReset(event.error_code)
+
+    def _window(self, event: h2.events.WindowUpdated) -> None:
+        if not self._blocked:
+            return
+        if event.stream_id == 0:
+            self._pumpAll()
+        else:
+            stream = self.streams.get(event.stream_id)
+            if stream is not None and stream in self._blocked:
+                stream.pump()
+
+    def _settings(self, event: h2.events.RemoteSettingsChanged) -> None:
+        if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+            self._pumpAll()
+
+    def _goaway(self, event: h2.events.ConnectionTerminated) -> None:
+        self.draining = True
+        self._goneAway(event)
+        self._closeIfDone()
+
+    def _goneAway(self, event: h2.events.ConnectionTerminated) -> None:
+        pass
+
+    # -- streams ---------------------------------------------------------------------------------
+
+    def streamClosed(self, stream) -> None:
+        if self.streams.get(stream.id) is stream:
+            del self.streams[stream.id]
+        self._blocked.pop(stream, None)
+        if not self.streams:
+            self._closeIfDone()
+
+    def headerListSize(self, headers) -> int:
+        """RFC 9113 §6.5.2: names, values, and 32 bytes per field."""
+        return sum(len(name) + len(value) + 32 for name, value in headers)
+
+    # -- draining and closing --------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Say GOAWAY (NO_ERROR): the open streams finish, no new ones start, then close."""
+        if self.draining or self.lost:
+            self._closeIfDone()
+            return
+        self.draining = True
+        self.conn.close_connection(ErrorCodes.NO_ERROR)
+        self.flush()
+        self._closeIfDone()
+
+    def _closeIfDone(self) -> None:
+        if self.draining and not self.streams and not self.lost:
+            self.flush()
+            self.transport.loseConnection()
+
+    def _goAway(self, code: ErrorCodes, reason: str) -> None:
+        """End the connection now: GOAWAY with C{code}, every stream lost."""
+        self.draining = True
+        self.closing = True
+        try:
+            self.conn.close_connection(code)
+        except ProtocolError:
+            pass
+        self.flush()
+        self._failStreams(StreamReset(code, reason))
+        self.transport.loseConnection()
+
+    # -- the idle timer (one per connection; moving the deadline costs no reactor call) ---------
+
+    def _arm(self) -> None:
+        self._deadline = self.reactor.seconds() + self.limits.idleTimeout
+        self._timer = self.reactor.callLater(self.limits.idleTimeout, self._timerFired)
+
+    def _timerFired(self) -> None:
+        self._timer = None
+        now = self.reactor.seconds()
+        if now < self._deadline:
+            self._timer = self.reactor.callLater(self._deadline - now, self._timerFired)
+            return
+        self._idle()
+
+    def _idle(self) -> None:
+        """Nothing moved for idleTimeout: running exchanges hear so, then GOAWAY and close."""
+        self._timedOutStreams()
+        if self.lost:
+            return
+        self._goAway(ErrorCodes.NO_ERROR, "idle timeout")
+
+    def _timedOutStreams(self) -> None:
+        pass
+
+    _handlers: dict[type, Callable] = {
+        h2.events.DataReceived: _data,
+        h2.events.TrailersReceived: _trailers,
+        h2.events.StreamEnded: _ended,
+        h2.events.StreamReset: _reset,
+        h2.events.WindowUpdated: _window,
+        h2.events.RemoteSettingsChanged: _settings,
+        h2.events.ConnectionTerminated: _goaway,
+    }
+
+
+class H2ServerProtocol(H2Protocol):
+    """
+    The client-facing connection inside an intercepted tunnel (ALPN h2).
+
+    @param target: (scheme, host, port, authority) of the tunnel: every request goes there.
+    @param client: the client's address, for the streams' C{client}.
+    @param dispatch: C{dispatch(stream) -> exchange}: makes the exchange serving a new
+        stream (C{stream.request}); it gets the DownstreamEvents calls. Called at the end of
+        the read that opened the stream, never for a stream reset within that read.
+    @param refused: C{refused(stream, status, reason)}: a request the proxy answered itself
+        (malformed, header list too large), for the access log and metrics; C{stream.request}
+        may be None.
+    """
+
+    clientSide = False
+
+    def __init__(
+        self,
+        limits: H2Limits,
+        reactor,
+        target: tuple[str, str, int, bytes],
+        client: str,
+        dispatch: Callable,
+        refused: Callable | None = None,
+    ) -> None:
+        super().__init__(limits, reactor)
+        self.target = target
+        self.client = client
+        self._dispatch = dispatch
+        self._refused = refused
+        self._pending: list[ServerStream] = []
+        self._tokens = float(limits.resetBurst)
+        self._tokensAt = reactor.seconds()
+        self.requests = 0
+
+    def _requestReceived(self, event: h2.events.RequestReceived) -> None:
+        streamId = event.stream_id
+        if self.draining or len(self.streams) >= self.limits.maxStreams:
+            self.conn.reset_stream(streamId, ErrorCodes.REFUSED_STREAM)
+            self._glitch("streams refused")
+            return
+        endStream = event.stream_ended is not None
+        stream = ServerStream(self, streamId, None, self.client)
+        self.streams[streamId] = stream
+        headers = event.headers
+        try:
+            if self.headerListSize(headers) > self.limits.maxHeaderListSize:
+                raise H2HeaderError(431, "The request's header fields are larger than allowed.")
+            scheme, host, port, authority = self.target
+            stream.request = requestFromHeaders(headers, scheme, host, port, authority, endStream)
+        except H2HeaderError as e:
+            if endStream:
+                stream._remoteEnded = True
+            stream.answer(e.status, e.reason[:1].upper() + e.reason[1:].rstrip(".") + ".")
+            if self._refused is not None:
+                self._refused(stream, e.status, e.reason)
+            return
+        if endStream:
+            stream._remoteEnded = True
+        self.requests += 1
+        self._pending.append(stream)
+
+    def _readDone(self) -> None:
+        # Dispatch what this read opened, unless this same read reset it (Rapid Reset:
+        # HEADERS and RST_STREAM in one packet cost no exchange and no origin connection).
+        pending, self._pending = self._pending, []
+        for stream in pending:
+            if not stream.closed and not self.lost:
+                exchange = self._dispatch(stream)
+                if exchange is not None and not stream.closed:
+                    stream.attach(exchange)
+        super()._readDone()
+
+    def _reset(self, event: h2.events.StreamReset) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is None:
+            return
+        complete = stream._localEnded
+        stream.peerReset(event.error_code)
+        if not complete:
+            self._glitch("streams reset")
+
+    def _glitch(self, what: str) -> None:
+        """One reset or refused stream: spend a token; none left is Rapid Reset."""
+        now = self.reactor.seconds()
+        limits = self.limits
+        self._tokens = min(
+            float(limits.resetBurst),
+            self._tokens + max(0.0, now - self._tokensAt) * limits.resetRate,
+        )
+        self._tokensAt = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return
+        _log.info(
+            "HTTP/2 client {peer}: too many {what} (Rapid Reset): GOAWAY ENHANCE_YOUR_CALM",
+            peer=self.client,
+            what=what,
+        )
+        self._goAway(ErrorCodes.ENHANCE_YOUR_CALM, f"too many {what}")
+
+    def _timedOutStreams(self) -> None:
+        for stream in list(self.streams.values()):
+            if stream.exchange is not None and not stream.closed:
+                stream.exchange.timedOut()
+
+    _handlers = {
+        **H2Protocol._handlers,
+        h2.events.RequestReceived: _requestReceived,
+        h2.events.StreamReset: _reset,
+    }
+
+
+class H2ClientProtocol(H2Protocol):
+    """
+    A connection to an origin that chose h2: streams are opened on it by L{openStream}
+    (a connector's pool keeps it while L{available}).
+
+    @param ip: the address dialled (the streams' C{ip}, for the log).
+    """
+
+    clientSide = True
+
+    def __init__(self, limits: H2Limits, reactor, ip: str = "-") -> None:
+        super().__init__(limits, reactor)
+        self.ip = ip
+        self._opening = 0  # streams made but whose head is not sent yet
+        self.onLost: Callable | None = None  # called once the connection is gone
+
+    @property
+    def available(self) -> bool:
+        """Whether another stream may be opened now."""
+        if self.draining or self.lost or self.transport is None:
+            return False
+        allowed = min(self.conn.remote_settings.max_concurrent_streams, self.limits.maxStreams)
+        return len(self.streams) + self._opening < allowed and (
+            self.conn.highest_outbound_stream_id < 2**31 - 1000
+        )
+
+    def openStream(self, exchange) -> ClientStream:
+        """
+        A new stream for C{exchange} (which gets the UpstreamEvents calls); its id is taken
+        by C{sendHead}. Check L{available} first.
+        """
+        self._opening += 1
+        stream = ClientStream(self, exchange)
+        stream.reserved = True
+        return stream
+
+    def unreserve(self, stream: ClientStream) -> None:
+        """C{stream} no longer holds a slot as one about to open (opened, or given up)."""
+        if stream.reserved:
+            stream.reserved = False
+            self._opening -= 1
+
+    def streamOpened(self, stream: ClientStream) -> None:
+        self.unreserve(stream)
+        self.streams[stream.id] = stream
+
+    def released(self, stream: ClientStream) -> None:
+        self.unreserve(stream)
+
+    def connectionLost(self, reason) -> None:
+        super().connectionLost(reason)
+        if self.onLost is not None:
+            onLost, self.onLost = self.onLost, None
+            onLost(self)
+
+    def _response(self, event) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.headReceived(event.headers, getattr(event, "stream_ended", None) is not None)
+
+    def _goneAway(self, event: h2.events.ConnectionTerminated) -> None:
+        # Streams above the origin's last processed id were never seen: retry elsewhere.
+        last = event.last_stream_id if event.last_stream_id is not None else 2**31
+        for stream in list(self.streams.values()):
+            if stream.id > last:
+                stream.goneAway()
+
+    def _timedOutStreams(self) -> None:
+        error = StreamReset(ErrorCodes.CANCEL, "the origin connection was idle too long")
+        for stream in list(self.streams.values()):
+            stream.connectionLost(error)
+
+    _handlers = {
+        **H2Protocol._handlers,
+        h2.events.ResponseReceived: _response,
+        h2.events.InformationalResponseReceived: _response,
+    }

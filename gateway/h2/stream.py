@@ -1,0 +1,535 @@
+# -*- test-case-name: tests.test_h2 -*-
+"""
+One HTTP/2 stream as one side of an exchange (L{gateway.exchange.side}): a stream of the
+client-facing connection is a L{ServerStream} (a Downstream: it receives the response), a
+stream of an origin-facing connection a L{ClientStream} (an Upstream: it receives the
+request).
+
+Flow control, both ways, is what bounds the proxy's memory:
+
+ - Received DATA is acknowledged (WINDOW_UPDATE, through h2's window manager) only once the
+   exchange has taken it, that is when it was delivered while the stream was not paused. A
+   paused stream keeps what arrives, unacknowledged: the peer can send at most the stream's
+   window (L{gateway.h2.connection.H2Limits.streamWindow}) before it must stop, and the
+   connection's window bounds all streams together.
+ - Sent data goes to h2 only as far as the peer's window (and the transport) allows; the rest
+   waits here, and while anything waits the side throttled by this one (L{throttle}) is
+   paused. So what waits is at most what the producing side delivered before it was paused:
+   one read of it.
+
+Events reach the exchange as calls (C{requestData}, C{responseHead}...). Frames go out through
+the connection, which writes once per batch (the end of a read, or L{flush}).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from h2.errors import ErrorCodes
+from h2.exceptions import ProtocolError, StreamClosedError
+
+from ..message import Fields, Request, Response
+from .headers import (
+    H2HeaderError,
+    requestHeaders,
+    responseFromHeaders,
+    responseHeaders,
+    trailerFields,
+    trailerHeaders,
+)
+
+__all__ = ["ClientStream", "ServerStream", "StreamRefused", "StreamReset"]
+
+
+class StreamReset(Exception):
+    """The peer reset the stream (or the connection went) before it was complete."""
+
+    def __init__(self, code: int, message: str = "") -> None:
+        super().__init__(message or f"stream reset ({_codeName(code)})")
+        self.code = code
+
+
+class StreamRefused(StreamReset):
+    """
+    The origin never processed the request (REFUSED_STREAM, or a stream beyond its GOAWAY):
+    it may be retried on another connection (RFC 9113 §8.7).
+    """
+
+
+def _codeName(code: int) -> str:
+    try:
+        return ErrorCodes(code).name
+    except ValueError:
+        return f"error {code}"
+
+
+class _Stream:
+    """What both roles share: buffering, flow control, ending, resetting."""
+
+    def __init__(self, connection) -> None:
+        self.connection = connection
+        self.id = 0
+        self.exchange = None
+        self.closed = False
+        # inbound: body bytes held while paused (or before an exchange is attached)
+        self._paused = False
+        self._held: list[bytes] = []
+        self._heldFlow = 0  # flow-controlled bytes of _held, not yet acknowledged
+        self._remoteEnded = False  # END_STREAM received
+        self._endDelivered = False
+        self._trailers: Fields | None = None
+        # outbound
+        self._queue: deque[bytes] = deque()
+        self._queued = 0
+        self._localEnded = False  # END_STREAM sent
+        self._endPending = False  # end() called while data waited
+        self._pendingTrailers: Fields | None = None
+        self._other = None  # the side throttled by this one
+        self._throttling = False
+        self._inBatch = False
+
+    # -- the Side interface ------------------------------------------------------------------
+
+    def sendData(self, data: bytes) -> None:
+        if self.closed or self._localEnded or self._endPending or not data:
+            return
+        if self._queue or not self.connection.writing:
+            self._queue.append(data)
+            self._queued += len(data)
+            self._blocked()
+            return
+        self._send(data)
+
+    def end(self, trailers: Fields | None = None) -> None:
+        if self.closed or self._localEnded or self._endPending:
+            return
+        if self._queue:
+            self._endPending = True
+            self._pendingTrailers = trailers
+            return
+        self._sendEnd(trailers)
+
+    def pause(self) -> None:
+        self._paused = True
+
+    def resume(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        self._deliverHeld()
+
+    def throttle(self, other) -> None:
+        previous, self._other = self._other, other
+        if self._throttling:
+            if previous is not None and previous is not other:
+                previous.resume()
+            if other is not None and other is not previous:
+                other.pause()
+            if other is None:
+                self._throttling = False
+
+    def flush(self) -> None:
+        self.connection.flush()
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def _frame(self, data: bytes) -> int:
+        """
+        Hand C{data} to h2 as far as the peer's window and the transport allow: the bytes
+        taken. The connection writes every L{gateway.h2.connection.FLUSH_MARK} bytes framed,
+        so a transport that fills up stops this loop (C{writing}) within one mark: the peer's
+        window (which may be 2 GB) never decides what the proxy holds.
+        """
+        connection = self.connection
+        conn = connection.conn
+        try:
+            window = conn.local_flow_control_window(self.id)
+        except (StreamClosedError, ProtocolError):
+            return len(data)  # gone: nothing will ever take it
+        total = len(data)
+        frame = conn.max_outbound_frame_size
+        if window >= total <= frame:
+            conn.send_data(self.id, data)
+            connection.framed(total)
+            return total
+        sent = 0
+        while sent < total and window > 0 and connection.writing:
+            size = min(window, frame, total - sent)
+            conn.send_data(self.id, data[sent : sent + size])
+            sent += size
+            window -= size
+            connection.framed(size)
+        return sent
+
+    def _send(self, data: bytes) -> None:
+        sent = self._frame(data)
+        if sent < len(data):
+            self._queue.append(data[sent:])
+            self._queued += len(data) - sent
+            self._blocked()
+
+    def pump(self) -> None:
+        """The window or the transport opened: send what waits, then unthrottle."""
+        if self.closed:
+            return
+        queue = self._queue
+        while queue and self.connection.writing:
+            data = queue[0]
+            sent = self._frame(data)
+            self._queued -= sent
+            if sent < len(data):
+                queue[0] = data[sent:]
+                return
+            queue.popleft()
+        if queue:
+            return
+        self.connection.unblocked(self)
+        if self._endPending:
+            self._endPending = False
+            self._sendEnd(self._pendingTrailers)
+        if self._throttling:
+            self._throttling = False
+            if self._other is not None:
+                self._other.resume()
+
+    def _blocked(self) -> None:
+        self.connection.blocked(self)
+        if not self._throttling:
+            self._throttling = True
+            if self._other is not None:
+                self._other.pause()
+
+    def _sendEnd(self, trailers: Fields | None) -> None:
+        conn = self.connection.conn
+        try:
+            if trailers:
+                conn.send_headers(self.id, trailerHeaders(trailers), end_stream=True)
+            else:
+                conn.end_stream(self.id)
+        except (StreamClosedError, ProtocolError):
+            self._gone()
+            return
+        self._localEnded = True
+        self.connection.dirty()
+        self._localEnd()
+
+    def _reset(self, code: ErrorCodes) -> None:
+        """Send RST_STREAM (once) and forget the stream."""
+        if self.closed:
+            return
+        if self.id:
+            try:
+                self.connection.conn.reset_stream(self.id, code)
+            except (StreamClosedError, ProtocolError):
+                pass
+            self.connection.dirty()
+        self._gone()
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes, flow: int) -> None:
+        if not data:
+            self._acknowledge(flow)  # an empty frame (END_STREAM, or padding only)
+            return
+        if self._paused or self.exchange is None or self._held:
+            self._held.append(data)
+            self._heldFlow += flow
+            return
+        self._batch()
+        self._deliverData(data)
+        self._acknowledge(flow)
+
+    def trailersReceived(self, headers) -> None:
+        self._trailers = trailerFields(headers)
+
+    def remoteEnded(self) -> None:
+        self._remoteEnded = True
+        if not self._paused and self.exchange is not None and not self._held:
+            self._deliverEnd()
+
+    def _acknowledge(self, flow: int) -> None:
+        if flow and not self.closed:
+            self.connection.conn.acknowledge_received_data(flow, self.id)
+            self.connection.dirty()
+
+    def _deliverHeld(self) -> None:
+        """
+        Deliver what was held, as long as the exchange does not pause again. Outside a read
+        of this connection (a resume from the other leg), the exchange's end-of-batch call
+        follows at once.
+        """
+        if self.exchange is None or not (self._held or self._remoteEnded):
+            return
+        self._batch()
+        while self._held and not self._paused and not self.closed:
+            data = b"".join(self._held)
+            flow, self._heldFlow = self._heldFlow, 0
+            self._held = []
+            self._deliverData(data)
+            self._acknowledge(flow)
+        if self._remoteEnded and not self._held and not self._paused and not self.closed:
+            self._deliverEnd()
+        self.connection.endBatchOutsideRead()
+
+    def _deliverEnd(self) -> None:
+        if self._endDelivered:
+            return
+        self._endDelivered = True
+        self._batch()
+        trailers, self._trailers = self._trailers, None
+        self._deliverEndEvent(trailers)
+        self._maybeDone()
+
+    def _batch(self) -> None:
+        """Remember that the exchange got events in this read, for its end-of-batch call."""
+        if not self._inBatch:
+            self._inBatch = True
+            self.connection.touched.append(self)
+
+    def batchEnded(self) -> None:
+        self._inBatch = False
+
+    def peerReset(self, code: int) -> None:
+        """RST_STREAM from the peer."""
+        if self.closed:
+            return
+        self._gone()
+        self._lost(StreamReset(code))
+
+    def connectionLost(self, reason: Exception) -> None:
+        if self.closed:
+            return
+        self._gone()
+        self._lost(reason)
+
+    def _gone(self) -> None:
+        """The stream is over for this side: drop buffers, leave the connection's tables."""
+        if self.closed:
+            return
+        self.closed = True
+        self._queue.clear()
+        self._queued = 0
+        self._held = []
+        flow, self._heldFlow = self._heldFlow, 0
+        if flow:
+            # The connection's window must not shrink by what this stream never gave back.
+            try:
+                self.connection.conn.acknowledge_received_data(flow, self.id)
+            except (StreamClosedError, ProtocolError):
+                pass
+        self.connection.streamClosed(self)
+
+    def _maybeDone(self) -> None:
+        if self._localEnded and self._endDelivered:
+            self._gone()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes this stream holds: received and not taken, plus sent and not yet framed."""
+        return sum(len(b) for b in self._held) + self._queued
+
+    # role-specific
+    def _deliverData(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _deliverEndEvent(self, trailers: Fields | None) -> None:
+        raise NotImplementedError
+
+    def _localEnd(self) -> None:
+        self._maybeDone()
+
+    def _lost(self, reason: Exception) -> None:
+        raise NotImplementedError
+
+
+class ServerStream(_Stream):
+    """
+    A client's stream on the client-facing connection: the Downstream side of its exchange.
+
+    @ivar request: the request it carries.
+    @ivar client: the client's address (for logs and X-Forwarded-For).
+    """
+
+    def __init__(self, connection, streamId: int, request: Request, client: str) -> None:
+        super().__init__(connection)
+        self.id = streamId
+        self.request = request
+        self.client = client
+        self._headSent = False
+        self._requestFlush = None
+
+    def attach(self, exchange) -> None:
+        """The exchange that serves this stream; held body events are delivered now."""
+        self.exchange = exchange
+        self._requestFlush = getattr(exchange, "requestFlush", None)
+        self._deliverHeld()
+
+    def sendHead(self, response: Response) -> None:
+        if self.closed or self._localEnded:
+            return
+        if response.status == 101 or (self._headSent and response.status >= 200):
+            return  # no upgrades on HTTP/2 (RFC 9113 §8.6); one final head
+        final = response.status >= 200
+        noBody = final and (
+            response.length == 0 or self.request.method == b"HEAD" or response.status in (204, 304)
+        )
+        headers = responseHeaders(response, self.request.method)
+        try:
+            self.connection.conn.send_headers(self.id, headers, end_stream=noBody)
+        except (StreamClosedError, ProtocolError):
+            self._gone()
+            return
+        self.connection.dirty()
+        if final:
+            self._headSent = True
+        if noBody:
+            self._localEnded = True
+            self._localEnd()
+
+    def abort(self) -> None:
+        self._reset(ErrorCodes.INTERNAL_ERROR)
+
+    def answer(self, status: int, message: str, proxyStatus: str | None = None) -> None:
+        """A proxy-made answer (a refusal, an error), complete, on this stream."""
+        body = message.encode("utf-8", "replace") + b"\n"
+        headers = [
+            (b":status", b"%d" % status),
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", b"%d" % len(body)),
+            (b"cache-control", b"no-store"),
+        ]
+        if proxyStatus is not None:
+            headers.append((b"proxy-status", b"proxygate; error=" + proxyStatus.encode()))
+        head = self.request is not None and self.request.method == b"HEAD"
+        try:
+            self.connection.conn.send_headers(self.id, headers, end_stream=head)
+        except (StreamClosedError, ProtocolError):
+            self._gone()
+            return
+        self._headSent = True
+        self.connection.dirty()
+        if head:
+            self._localEnded = True
+            self._localEnd()
+        else:
+            self.sendData(body)
+            self.end()
+
+    def _deliverData(self, data: bytes) -> None:
+        self.exchange.requestData(data)
+
+    def _deliverEndEvent(self, trailers: Fields | None) -> None:
+        self.exchange.requestEnd(trailers)
+
+    def _localEnd(self) -> None:
+        """
+        The response is complete: the exchange is over for this stream. A request still
+        coming is cut with RST_STREAM NO_ERROR (RFC 9113 §8.1: stop sending, the answer
+        is complete); what it sent and was not taken is forgotten (and given back).
+        """
+        if not self._remoteEnded:
+            self._reset(ErrorCodes.NO_ERROR)
+        else:
+            self._gone()
+
+    def _lost(self, reason: Exception) -> None:
+        if self.exchange is not None:
+            self.exchange.downstreamLost()
+
+    def batchEnded(self) -> None:
+        self._inBatch = False
+        if self._requestFlush is not None and not self.closed:
+            self._requestFlush()
+
+    def __repr__(self) -> str:
+        return f"<ServerStream {self.id} {self.request!r}>"
+
+
+class ClientStream(_Stream):
+    """
+    A stream this proxy opens on an origin's connection: the Upstream side of its exchange.
+    Its id is taken when the head is sent (h2 requires ids in the order streams open).
+    """
+
+    def __init__(self, connection, exchange) -> None:
+        super().__init__(connection)
+        self.exchange = exchange
+        self.ip = connection.ip
+        self.reserved = False  # counted by the connection as about to open
+        self._method = b"GET"
+        self._headReceived = False
+
+    def sendHead(self, request: Request) -> None:
+        conn = self.connection.conn
+        self._method = request.method
+        empty = request.length == 0
+        try:
+            self.id = conn.get_next_available_stream_id()
+            conn.send_headers(self.id, requestHeaders(request), end_stream=empty)
+        except ProtocolError as e:
+            # The origin's limits changed under us (fewer streams, GOAWAY): not processed.
+            self.connection.unreserve(self)
+            self._gone()
+            self._lost(StreamRefused(ErrorCodes.REFUSED_STREAM, f"cannot open a stream: {e}"))
+            return
+        self.connection.streamOpened(self)
+        self.connection.dirty()
+        if empty:
+            self._localEnded = True
+
+    def abort(self) -> None:
+        self._reset(ErrorCodes.CANCEL)
+
+    def release(self, reuse: bool) -> None:
+        """
+        The exchange is done with this stream. An incomplete one is reset (CANCEL); the
+        connection stays, shared, whatever C{reuse} says: HTTP/2 framing never leaves a
+        connection unusable after one stream's exchange.
+        """
+        self.exchange = None
+        if not self.closed:
+            self._reset(ErrorCodes.CANCEL)
+        self.connection.released(self)
+
+    def headReceived(self, headers, endStream: bool) -> None:
+        try:
+            if self.connection.headerListSize(headers) > self.connection.limits.maxHeaderListSize:
+                raise H2HeaderError(502, "the origin's response head is too large")
+            response = responseFromHeaders(headers, self._method, endStream)
+        except H2HeaderError as e:
+            exchange = self.exchange
+            self._reset(ErrorCodes.PROTOCOL_ERROR)
+            if exchange is not None:
+                exchange.upstreamFailed(e.status, e.reason)
+            return
+        if response.status >= 200:
+            self._headReceived = True
+        if self.exchange is not None:
+            self._batch()
+            self.exchange.responseHead(response)
+
+    def _deliverData(self, data: bytes) -> None:
+        self.exchange.responseData(data)
+
+    def _deliverEndEvent(self, trailers: Fields | None) -> None:
+        self.exchange.responseEnd(trailers)
+
+    def _lost(self, reason: Exception) -> None:
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.upstreamLost(reason)
+
+    def goneAway(self) -> None:
+        """A GOAWAY from the origin excluded this stream: it was never processed."""
+        if self.closed:
+            return
+        self._gone()
+        self._lost(StreamRefused(ErrorCodes.REFUSED_STREAM, "the origin went away first"))
+
+    def batchEnded(self) -> None:
+        self._inBatch = False
+        if self.exchange is not None:
+            self.exchange.responseFlush()
+
+    def __repr__(self) -> str:
+        return f"<ClientStream {self.id}>"

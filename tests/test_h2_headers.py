@@ -1,0 +1,185 @@
+"""
+Tests for gateway.h2.headers: h2 header blocks to and from the wire-neutral heads (pure).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.h2.headers import (
+    H2HeaderError,
+    requestFromHeaders,
+    requestHeaders,
+    responseFromHeaders,
+    responseHeaders,
+    trailerFields,
+    trailerHeaders,
+)
+from gateway.message import UNKNOWN, Request, Response
+
+TARGET = ("https", "api.example.test", 443, b"api.example.test")
+
+
+def fromClient(headers, endStream=False):
+    return requestFromHeaders(headers, *TARGET, endStream)
+
+
+BASE = [
+    (b":method", b"POST"),
+    (b":scheme", b"https"),
+    (b":authority", b"api.example.test"),
+    (b":path", b"/pkg.Service/Method?x=1"),
+]
+
+
+def test_requestFromClient():
+    """Pseudo-header fields become the head; content-length the length; the rest fields."""
+    r = fromClient([*BASE, (b"content-type", b"application/grpc"), (b"te", b"trailers"),
+                    (b"content-length", b"5"), (b"cookie", b"a=1; b=2")])  # fmt: skip
+    assert (r.method, r.scheme, r.host, r.port, r.authority, r.path, r.version) == (
+        b"POST", "https", "api.example.test", 443, b"api.example.test",
+        b"/pkg.Service/Method?x=1", b"HTTP/2",
+    )  # fmt: skip
+    assert r.fields == [
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+        (b"cookie", b"a=1; b=2"),
+    ]
+    assert r.length == 5
+
+
+def test_requestLengths():
+    """No content-length: unknown; END_STREAM on the headers: 0."""
+    assert fromClient(BASE).length is UNKNOWN
+    assert fromClient(BASE, endStream=True).length == 0
+    with pytest.raises(H2HeaderError, match="no body"):
+        fromClient([*BASE, (b"content-length", b"3")], endStream=True)
+
+
+def test_requestRoutesToTheTunnel():
+    """:authority and host are checked, never routed on: the tunnel's authority goes on."""
+    r = fromClient([*BASE[:2], (b":authority", b"other.test:8443"), BASE[3], (b"host", b"x")])
+    assert r.authority == b"api.example.test" and r.host == "api.example.test"
+    assert all(name != b"host" for name, _ in r.fields)
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "match"),
+    [
+        ([(b":method", b"CONNECT"), (b":authority", b"a.test:443")], 501, "CONNECT"),
+        (BASE[:3], 400, ":path"),
+        ([BASE[0], (b":scheme", b"http"), *BASE[2:]], 400, "inside an https tunnel"),
+        ([*BASE[:3], (b":path", b"relative")], 400, "invalid :path"),
+        ([*BASE[:2], (b":authority", b"a b"), BASE[3]], 400, ":authority"),
+        ([*BASE, (b"content-length", b"1"), (b"content-length", b"2")], 400, "content-length"),
+        ([*BASE, (b"content-length", b"-1")], 400, "content-length"),
+    ],
+)
+def test_requestRefused(headers, status, match):
+    with pytest.raises(H2HeaderError, match=match) as e:
+        fromClient(headers)
+    assert e.value.status == status
+
+
+def test_optionsStar():
+    r = fromClient([(b":method", b"OPTIONS"), BASE[1], BASE[2], (b":path", b"*")])
+    assert r.path == b"*"
+
+
+def test_requestToOrigin():
+    """Lower-case names; connection-specific fields and Host gone; te: trailers kept."""
+    request = Request(
+        b"POST", "https", "o.test", 443, b"o.test", b"/p", b"HTTP/1.1",
+        [(b"Host", b"o.test"), (b"Content-Type", b"a/b"), (b"Connection", b"x"),
+         (b"Keep-Alive", b"1"), (b"Transfer-Encoding", b"chunked"), (b"TE", b"trailers"),
+         (b"Upgrade", b"h2c"), (b"X-A", b"1"), (b"Content-Length", b"9")],
+        length=9,
+    )  # fmt: skip
+    assert requestHeaders(request) == [
+        (b":method", b"POST"),
+        (b":scheme", b"https"),
+        (b":authority", b"o.test"),
+        (b":path", b"/p"),
+        (b"content-type", b"a/b"),
+        (b"te", b"trailers"),
+        (b"x-a", b"1"),
+        (b"content-length", b"9"),
+    ]
+
+
+def test_requestToOriginLengths():
+    """A TE other than trailers goes; a GET without body states no length, a POST does."""
+    get = Request(b"GET", "https", "o", 443, b"o", b"/", b"HTTP/2", [(b"te", b"gzip")], 0)
+    assert requestHeaders(get)[4:] == []
+    post = Request(b"POST", "https", "o", 443, b"o", b"/", b"HTTP/2", [], 0)
+    assert requestHeaders(post)[4:] == [(b"content-length", b"0")]
+    chunked = Request(b"POST", "https", "o", 443, b"o", b"/", b"HTTP/1.1", [], UNKNOWN)
+    assert requestHeaders(chunked)[4:] == []
+
+
+def test_responseFromOrigin():
+    r = responseFromHeaders(
+        [(b":status", b"200"), (b"content-type", b"application/grpc"),
+         (b"content-length", b"7"), (b"set-cookie", b"a"), (b"set-cookie", b"b")],
+        b"POST", False,
+    )  # fmt: skip
+    assert (r.status, r.reason, r.version, r.length) == (200, b"", b"HTTP/2", 7)
+    assert r.fields == [
+        (b"content-type", b"application/grpc"),
+        (b"set-cookie", b"a"),
+        (b"set-cookie", b"b"),
+    ]
+
+
+def test_responseFromOriginLengths():
+    """Unknown without content-length; 0 with END_STREAM (gRPC trailers-only); HEAD/304."""
+    assert responseFromHeaders([(b":status", b"200")], b"GET", False).length is UNKNOWN
+    only = responseFromHeaders([(b":status", b"200"), (b"grpc-status", b"5")], b"POST", True)
+    assert only.length == 0 and only.fields == [(b"grpc-status", b"5")]
+    head = responseFromHeaders([(b":status", b"200"), (b"content-length", b"9")], b"HEAD", True)
+    assert (head.length, head.statedLength) == (0, b"9")
+    info = responseFromHeaders([(b":status", b"103"), (b"link", b"</a>")], b"GET", False)
+    assert (info.status, info.length) == (103, 0)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [],
+        [(b":status", b"20")],
+        [(b":status", b"abc")],
+        [(b":status", b"099")],
+        [(b":status", b"200"), (b"content-length", b"x")],
+    ],
+)
+def test_responseFromOriginRefused(headers):
+    with pytest.raises(H2HeaderError) as e:
+        responseFromHeaders(headers, b"GET", False)
+    assert e.value.status == 502
+
+
+def test_responseToClient():
+    """:status first; hop-by-hop gone; content-length from the length, by method/status."""
+    fields = [(b"Content-Type", b"text/plain"), (b"Connection", b"close"), (b"X-B", b"2")]
+    assert responseHeaders(Response(200, b"OK", b"HTTP/1.1", fields, 12), b"GET") == [
+        (b":status", b"200"),
+        (b"content-type", b"text/plain"),
+        (b"x-b", b"2"),
+        (b"content-length", b"12"),
+    ]
+    chunked = Response(200, b"OK", b"HTTP/1.1", [], UNKNOWN)
+    assert responseHeaders(chunked, b"GET") == [(b":status", b"200")]
+    head = Response(200, b"OK", b"HTTP/1.1", [], 0, statedLength=b"99")
+    assert responseHeaders(head, b"HEAD") == [(b":status", b"200"), (b"content-length", b"99")]
+    assert responseHeaders(Response(204, b"", b"HTTP/1.1", [], 0), b"GET") == [(b":status", b"204")]
+
+
+def test_trailers():
+    """Trailers pass through (grpc-status), minus what HTTP/2 forbids."""
+    assert trailerFields([(b"grpc-status", b"0"), (b"grpc-message", b"")]) == [
+        (b"grpc-status", b"0"),
+        (b"grpc-message", b""),
+    ]
+    assert trailerHeaders(
+        [(b"Grpc-Status", b"13"), (b"Connection", b"x"), (b"Content-Length", b"1")]
+    ) == [(b"grpc-status", b"13")]
