@@ -20,6 +20,9 @@ how much), and nowhere else:
   proxygate's own connections hand over to raw bytes through
   L{gateway.proxy.tunnel.Stream} instead.
 - L{replacePeer}: that connection's peer from then on is the address in the PROXY header.
+- L{unreadInput}: whether bytes (or the end) wait in a pooled origin connection's socket
+  that the reactor has not delivered yet (C{transport.socket}): a response nobody asked for
+  must never be read as the next request's.
 
 L{problems} lists what the installed Twisted lacks of these shapes. Each user checks its
 own shape before it takes the fast path and falls back to the public API otherwise, so a
@@ -28,6 +31,8 @@ tests/test_seam.py fails loudly on a Twisted whose shapes moved.
 """
 
 from __future__ import annotations
+
+import socket
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.tcp import Connection
@@ -40,6 +45,7 @@ __all__ = [
     "problems",
     "replacePeer",
     "replaceProtocol",
+    "unreadInput",
     "widenReads",
     "writeNow",
 ]
@@ -215,3 +221,27 @@ def replacePeer(transport, address) -> None:
     only (an instance attribute over the class's method).
     """
     transport.getPeer = lambda: address
+
+
+def unreadInput(transport) -> bool:
+    """
+    Whether the kernel holds input for C{transport} (TCP, or a TLS layer over TCP) that the
+    reactor has not delivered: bytes, or the peer's FIN. One non-blocking C{recv} with
+    C{MSG_PEEK}, which takes nothing. A transport of another kind answers False.
+    """
+    below = getattr(transport, "transport", None)
+    if getattr(transport, "TLS", False) and below is not None:
+        transport = below  # a TLS layer delivers all it decrypts: only its socket can hold more
+    sock = getattr(transport, "socket", None) if isinstance(transport, Connection) else None
+    if sock is None:
+        return False
+    try:
+        sock.recv(1, _PEEK)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True  # reset: not usable either
+    return True  # bytes, or b"" (the end)
+
+
+_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT

@@ -27,7 +27,7 @@ from ..http1.rewrite import (
     splitResponseHead,
 )
 from ..message import UNKNOWN, Request
-from ..seam import writeNow
+from ..seam import unreadInput, writeNow
 from ..tls.layer import describeFailure
 from .flow import CONNECTING, ReadPauser, noDelay
 from .tunnel import Stream
@@ -35,6 +35,11 @@ from .tunnel import Stream
 __all__ = ["OriginConnection", "OriginPool"]
 
 MAX_RESPONSE_HEAD = 65536
+#: Seconds a connection waits in the pool after a response that has no body by rule (to
+#: HEAD, 204, 304), or one after several 1xx, before it serves another request: a buggy
+#: origin's stray body comes within this and closes it (nginx closes idle upstream
+#: connections that receive bytes; this adds the wait).
+QUARANTINE = 1.0
 
 IDLE = "idle"  # no exchange: in the pool, or being set up
 HEAD = "head"  # reading a response head (informational ones included)
@@ -71,7 +76,10 @@ class OriginConnection(Protocol):
         self.ip = "-"
         self.method = b"GET"
         self.reusable = False
+        self.quarantined = False
+        self._interim = 0
         self.idleSince = 0.0
+        self.availableAt = 0.0  # out of quarantine then (0: at once)
         self.pauser: ReadPauser | None = None
         self.producer: ReadPauser | None = None
         self._state = IDLE
@@ -94,6 +102,7 @@ class OriginConnection(Protocol):
         self._state = HEAD
         self._buf = b""
         self.reusable = False
+        self._interim = 0
 
     def sendHead(self, request: Request) -> None:
         self.method = request.method
@@ -198,6 +207,7 @@ class OriginConnection(Protocol):
             exchange = self.exchange
             tokens = connectionOptions(head)
             if status < 200:
+                self._interim += 1
                 exchange.responseHead(responseFromHead(head, framing, self.method, tokens))
                 if self.exchange is not exchange:
                     return
@@ -218,6 +228,12 @@ class OriginConnection(Protocol):
                 )
                 return
             self.reusable = reusable(head, framing, tokens)
+            # A response that has no body by rule (to HEAD, 204, 304) is where a buggy
+            # origin sends one anyway, later: its connection waits out QUARANTINE before it
+            # serves anyone else, and whatever arrives meanwhile closes it.
+            self.quarantined = (
+                self.method == b"HEAD" or status == 204 or status == 304 or self._interim > 1
+            )
             self._buf = b""
             exchange.responseHead(responseFromHead(head, framing, self.method, tokens))
             if self.exchange is not exchange:
@@ -314,13 +330,32 @@ class OriginPool:
         self._sweeper = None
 
     def get(self, key: tuple) -> OriginConnection | None:
+        """
+        The newest idle connection to C{key} that may serve a request now: out of
+        quarantine, still connected, with nothing waiting unread in its socket (a stray
+        response that arrived before the reactor delivered it must not be read as the
+        next request's: it would be another client's).
+        """
         conns = self._idle.get(key)
-        while conns:
-            conn = conns.pop()
+        now = None
+        index = len(conns) if conns else 0
+        while index:
+            index -= 1
+            conn = conns[index]
+            if conn.availableAt:
+                now = self.reactor.seconds() if now is None else now
+                if conn.availableAt > now:
+                    continue  # in quarantine
+                conn.availableAt = 0.0
+            del conns[index]
             self._count -= 1
-            conn.pool = self
-            if conn.transport is not None and conn.transport.connected:
+            transport = conn.transport
+            if transport is not None and transport.connected and not unreadInput(transport):
+                conn.pool = self
                 return conn
+            conn.pool = None
+            if transport is not None:
+                transport.abortConnection()
         return None
 
     def adopt(self, conn: OriginConnection) -> None:
@@ -339,6 +374,9 @@ class OriginPool:
             return
         if conn.pauser is not None and conn.pauser.reasons:
             conn.pauser.resume(conn.pauser.reasons)
+        if conn.quarantined:
+            conn.quarantined = False
+            conn.availableAt = self.reactor.seconds() + QUARANTINE
         conns.append(conn)
         self._count += 1
         # No timer per release (that was a callLater and a cancel per request): one sweep
