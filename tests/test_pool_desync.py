@@ -191,9 +191,10 @@ def test_bytesWaitingUnreadKeepAConnectionOutOfUse() -> None:
     cleanPeer.close()
 
 
-def test_theOriginsEndWaitingUnreadToo() -> None:
+def test_aStrayByteAfterTheEndIsSeenToo() -> None:
     pool = OriginPool(_Clock())
     conn, peer = _pooled(pool)
+    peer.sendall(b"x")
     peer.shutdown(socket.SHUT_WR)
     assert pool.get(("http", "o", 80)) is None
     assert conn.transport.aborted
