@@ -31,13 +31,13 @@ from pathlib import Path
 #: Pending metrics (and one pending label): False until the metric is exported by
 #: proxygate in main. Switch a line to True, run this script, commit both files.
 LANDED: dict[str, bool] = {
-    "proxygate_route_requests_total": False,
-    "proxygate_route_request_duration_seconds": False,
-    "proxygate_backend_up": False,
+    "proxygate_route_requests_total": True,
+    "proxygate_route_request_duration_seconds": True,
+    "proxygate_backend_up": True,
     "proxygate_api_grpc_status_total": False,
-    "proxygate_config_reloads_total": False,
-    "proxygate_build_info": False,
-    "proxygate_api_requests_total{method}": False,  # the `method` label on it
+    "proxygate_config_reloads_total": True,
+    "proxygate_build_info": True,
+    "proxygate_api_requests_total{method}": True,  # the `method` label on it
 }
 
 OUTPUT = Path(__file__).with_name("proxygate.json")
