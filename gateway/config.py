@@ -705,7 +705,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
     },
 }
 
-# The keys of every [route NAME] section (DESIGN.md, the inbound gateway); match and
+# The keys of every [route NAME] section (README, the inbound gateway); match and
 # backends have no default: their parsers refuse the empty value.
 ROUTE_SCHEMA: dict[str, tuple[str, Parser]] = {
     "match": ("", _match),
@@ -1014,7 +1014,7 @@ def parseConfig(
 
 
 def defaultConfig() -> Config:
-    """The built-in defaults (DESIGN.md); relative paths are relative to the current folder."""
+    """The built-in defaults (README, etc/proxygate.ini); relative paths: the current folder."""
     return parseConfig("")
 
 

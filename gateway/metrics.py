@@ -45,7 +45,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        # DESIGN.md pairs gauges and counters under one base name (proxygate_tunnels and
+        # The contract pairs gauges and counters under one base name (proxygate_tunnels and
         # proxygate_tunnels_total); prometheus_client refuses that pair in one registry, so
         # both come from one small collector over plain integers (cheaper on the hot path too).
         self.live = _LiveCollector()

@@ -13,7 +13,7 @@ first bytes arrive. The client protocol reads its peer in C{connectionMade}
 answers with the balancer's address, so the policy, the log and X-Forwarded-For all saw the
 balancer. The wrapper also stays between the socket and the protocol for the whole
 connection, so every write takes its extra call and misses the direct send of
-L{gateway.proxy.flow.writeNow} (which only takes a plain TCP transport), and its parsers
+L{gateway.seam.writeNow} (which only takes a plain TCP transport), and its parsers
 (private modules) refuse a version 2 header that arrives in reads shorter than 16 bytes,
 accept any text as a version 1 address, and raise C{ValueError} out of C{dataReceived} on a
 bad port.
