@@ -167,7 +167,7 @@ def run_row(a, row, d, origin_proc, origin_port, pin, twistd):
                 proc, port = start_row(row, d, origin_port, pin, twistd)
             except SystemExit as e:  # loadgen._launch: did not start (e.g. no [reverse] yet)
                 return {"row": row, "error": str(e).splitlines()[0]}
-        run = loadgen.Run(Args(a), "get", None, (port, port), None)
+        run = loadgen.Run(Args(a), "get", None, (port, port, None), None, None)
         result = asyncio.run(run.go(proc.pid if proc else None, origin_proc.pid))
     finally:
         if proc is not None:

@@ -46,7 +46,7 @@ from ..message import Response
 from ..policy import checkClient
 from ..seam import writeNow
 from .connect import Tunnel
-from .flow import CONNECTING, PEER, PIPELINE, ReadPauser, noDelay
+from .flow import CONNECTING, PEER, PIPELINE, ReadPauser, TransportSide, noDelay
 from .tunnel import Stream
 
 __all__ = ["ClientConnection", "ClientFactory"]
@@ -67,7 +67,7 @@ ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
 
 @implementer(IHalfCloseableProtocol, IHandshakeListener)
-class ClientConnection(Protocol):
+class ClientConnection(TransportSide, Protocol):
     """
     @ivar client: the client's address as the proxy knows it, for policy, logs and
         X-Forwarded-For.
@@ -496,19 +496,7 @@ class ClientConnection(Protocol):
     def sendData(self, data: bytes) -> None:
         # A response still flowing is not idle: push the idle deadline out.
         self._deadline = self.rt.reactor.seconds() + self.idleTimeout
-        if self._chunked:
-            data = encodeChunk(data)
-        held = self._held
-        if held:
-            self._held = b""
-            data = held + data
-        writeNow(self.transport, data)
-
-    def flush(self) -> None:
-        held = self._held
-        if held:
-            self._held = b""
-            writeNow(self.transport, held)
+        self._send(encodeChunk(data) if self._chunked else data)
 
     def end(self, trailers=None) -> None:
         if self._chunked:
@@ -525,18 +513,6 @@ class ClientConnection(Protocol):
         self.exchange = None
         self._state = CLOSED
         self.transport.abortConnection()
-
-    def pause(self) -> None:
-        self.pauser.pause(CONNECTING)
-
-    def resume(self) -> None:
-        self.pauser.resume(CONNECTING)
-
-    def throttle(self, other) -> None:
-        if other is None:
-            self.transport.unregisterProducer()
-        else:
-            self.transport.registerProducer(other.producer, True)
 
     def takeStream(self) -> Stream:
         """Become a byte stream (a 101 relayed, a CONNECT established)."""

@@ -16,7 +16,9 @@ from __future__ import annotations
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
-__all__ = ["CONNECTING", "PEER", "PIPELINE", "ReadPauser", "noDelay"]
+from ..seam import writeNow
+
+__all__ = ["CONNECTING", "PEER", "PIPELINE", "ReadPauser", "TransportSide", "noDelay"]
 
 PEER = 1  # the other side's send buffer is full
 PIPELINE = 2  # a complete request is buffered behind the one being served
@@ -69,3 +71,41 @@ def noDelay(transport) -> None:
         transport.setTcpNoDelay(True)
     except Exception:
         pass
+
+
+class TransportSide:
+    """
+    What both HTTP/1.1 sides of an exchange (the client connection, an origin connection)
+    do the same way over their transport: a head held back to leave with the first body
+    bytes in one write, the exchange's own pause (while an upstream side is being found),
+    and the backpressure arrangement with the other side (L{gateway.exchange.side}).
+
+    Mixed into a protocol that sets C{transport}, C{pauser} and C{_held}.
+    """
+
+    _held = b""
+
+    def _send(self, data: bytes) -> None:
+        """Write C{data}, after the held head if there is one."""
+        held = self._held
+        if held:
+            self._held = b""
+            data = held + data
+        writeNow(self.transport, data)
+
+    def flush(self) -> None:
+        if self._held:
+            self._send(b"")
+
+    def pause(self) -> None:
+        self.pauser.pause(CONNECTING)
+
+    def resume(self) -> None:
+        self.pauser.resume(CONNECTING)
+
+    def throttle(self, other) -> None:
+        """While this transport's buffer is full, C{other} stops producing (None: stop)."""
+        if other is None:
+            self.transport.unregisterProducer()
+        else:
+            self.transport.registerProducer(other.producer, True)

@@ -27,9 +27,9 @@ from ..http1.rewrite import (
     splitResponseHead,
 )
 from ..message import UNKNOWN, Request
-from ..seam import unreadInput, writeNow
+from ..seam import unreadInput
 from ..tls.layer import describeFailure
-from .flow import CONNECTING, ReadPauser, noDelay
+from .flow import ReadPauser, TransportSide, noDelay
 from .tunnel import Stream
 
 __all__ = ["OriginConnection", "OriginPool"]
@@ -48,7 +48,7 @@ STREAM = "stream"  # handed over after a 101
 
 
 @implementer(IHalfCloseableProtocol)
-class OriginConnection(Protocol):
+class OriginConnection(TransportSide, Protocol):
     """
     One connection to an origin, or to an upstream proxy (C{absolute}: requests go in
     absolute form with the proxy's own credentials).
@@ -110,40 +110,17 @@ class OriginConnection(Protocol):
         self._held = requestHeadBytes(request, self.absolute, self.authorization)
 
     def sendData(self, data: bytes) -> None:
-        self._write(encodeChunk(data) if self._chunked else data)
+        self._send(encodeChunk(data) if self._chunked else data)
 
     def end(self, trailers=None) -> None:
         if self._chunked:
-            self._write(LAST_CHUNK)
-
-    def flush(self) -> None:
-        if self._held:
-            self._write(b"")
-
-    def _write(self, data: bytes) -> None:
-        held = self._held
-        if held:
-            self._held = b""
-            data = held + data
-        writeNow(self.transport, data)
+            self._send(LAST_CHUNK)
 
     def abort(self) -> None:
         """The exchange no longer wants this connection: closed, never pooled."""
         self.exchange = None
         self._state = IDLE
         self.transport.abortConnection()
-
-    def pause(self) -> None:
-        self.pauser.pause(CONNECTING)
-
-    def resume(self) -> None:
-        self.pauser.resume(CONNECTING)
-
-    def throttle(self, other) -> None:
-        if other is None:
-            self.transport.unregisterProducer()
-        else:
-            self.transport.registerProducer(other.producer, True)
 
     def release(self, reuse: bool) -> None:
         self.exchange = None
