@@ -12,7 +12,7 @@ Plain slotted classes, not attrs: one of each is made per request on the hot pat
 
 from __future__ import annotations
 
-__all__ = ["NO_BODY", "REASONS", "UNKNOWN", "Fields", "Request", "Response"]
+__all__ = ["NO_BODY", "REASONS", "UNKNOWN", "Fields", "Request", "Response", "logURL"]
 
 Fields = list[tuple[bytes, bytes]]
 
@@ -24,6 +24,15 @@ UNKNOWN = None
 #: next hop is told.
 NO_BODY = -1
 _NONE: Fields = []
+
+
+def logURL(scheme: str, authority: bytes, target: bytes) -> str:
+    """
+    A URL as the access log shows it: without its query (Squid's strip_query_terms), from
+    an authority that never holds userinfo.
+    """
+    path = target.split(b"?", 1)[0].decode("ascii", "replace")
+    return f"{scheme}://{authority.decode('ascii', 'replace')}{path}"
 
 
 class Request:
@@ -86,9 +95,8 @@ class Request:
         self.proxyFields = _NONE
 
     def url(self) -> str:
-        """The URL for logs: no query (Squid's strip_query_terms), never userinfo."""
-        path = self.path.split(b"?", 1)[0].decode("ascii", "replace")
-        return f"{self.scheme}://{self.authority.decode('ascii', 'replace')}{path}"
+        """The URL for logs (L{logURL})."""
+        return logURL(self.scheme, self.authority, self.path)
 
     def __repr__(self) -> str:
         return f"<Request {self.method.decode()} {self.url()} length={self.length}>"

@@ -10,6 +10,7 @@ import re
 import time
 from email.utils import formatdate
 
+from ..message import logURL
 from ..policy import parseIP
 from .parse import Headers, HTTPError, splitTokens
 
@@ -116,9 +117,8 @@ class Target:
         self.hostHeader = hostHeader
 
     def url(self) -> str:
-        """The URL for logs, without its query (Squid's strip_query_terms)."""
-        path = self.path.split(b"?", 1)[0].decode("ascii", "replace")
-        return f"{self.scheme}://{self.hostHeader.decode('ascii', 'replace')}{path}"
+        """The URL for logs (L{gateway.message.logURL})."""
+        return logURL(self.scheme, self.hostHeader, self.path)
 
 
 def bracketed(host: str) -> str:

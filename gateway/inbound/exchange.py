@@ -20,17 +20,15 @@ from __future__ import annotations
 
 from ..exchange.exchange import DONE, SENDING, Exchange
 from ..exchange.problems import Problem
-from ..message import Request, Response
+from ..message import Request, Response, logURL
 from .balance import Backend, Pick
 from .routes import Routed
 
 __all__ = ["RoutedExchange", "publicURL"]
 
 
-def publicURL(scheme: str, authority: bytes, target: bytes) -> str:
-    """The URL a client asked the gateway for, as the access log shows it (no query)."""
-    path = target.split(b"?", 1)[0].decode("ascii", "replace")
-    return f"{scheme}://{authority.decode('ascii', 'replace')}{path}"
+#: The URL a client asked the gateway for, as the access log shows it.
+publicURL = logURL
 
 
 class RoutedExchange(Exchange):
