@@ -100,6 +100,7 @@ class Reloader:
             )
         previous = rt.settings
         rt.apply(settings)
+        service.reloadRoutes(fresh)  # the inbound gateway's routes, if it runs
         service.config = fresh
         previous.release(settings)
         # Pooled origin connections were dialled under the old rules (an address newly

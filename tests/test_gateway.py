@@ -492,3 +492,25 @@ def test_workersShareTheGatewayAndMergeBackendUp(startGateway, backend, closedPo
         s.close()
     assert answers == {"a"}
     assert waitFor(lambda: gw.metric("proxygate_route_requests_total", route="w", code="200") == 8)
+
+
+# -- reload ------------------------------------------------------------------------------------
+
+
+def test_sighupReloadsTheRoutes(startGateway, backend) -> None:
+    """SIGHUP applies an edited [route] section: new requests go where it now says."""
+    import signal
+
+    first, second = backend("first"), backend("second")
+    gw = startGateway(f"[route app]\nmatch = /app/\nbackends = {first.url}\n")
+    s = client()
+    assert echoed(s.get(gw.gateway + "/app/x"))["backend"] == "first"
+    text = gw.configPath.read_text().replace(first.url, second.url)
+    text += "\n[route more]\nmatch = /more/\nbackends = " + first.url + "\n"
+    gw.configPath.write_text(text)
+    gw.proc.send_signal(signal.SIGHUP)
+    assert waitFor(lambda: echoed(client().get(gw.gateway + "/app/x"))["backend"] == "second")
+    assert echoed(client().get(gw.gateway + "/more/y"))["backend"] == "first"
+    assert gw.metric("proxygate_config_reloads_total", result="ok") == 1
+    assert gw.metric("proxygate_backend_up", route="app", backend=second.url) == 1
+    assert gw.metric("proxygate_backend_up", route="app", backend=first.url) == 0

@@ -57,32 +57,57 @@ class ReverseRuntime:
     answer = staticmethod(answer)
 
     def __init__(self, runtime, config, inbound) -> None:
+        self.runtime = runtime
         self.inbound = inbound
         self.reactor = runtime.reactor
         self.metrics = runtime.metrics
-        self.accessLog = runtime.accessLog
         self.now = runtime.now
         self.connections = runtime.connections
-        self.maxConnections = runtime.maxConnections
-        self.maxHeaderSize = runtime.maxHeaderSize
         self.maxHeaders = runtime.maxHeaders
-        self.headerTimeout = runtime.headerTimeout
-        self.idleTimeout = runtime.idleTimeout
         self.clientCIDRs = config.reverse.allowed_client_cidrs
         # Credentials are a route's business (401, Authorization), never the listener's
         # (407, Proxy-Authorization): the connection asks no one; the routes ask `users`.
         self.authenticator = None
-        self.users = runtime.authenticator
         # The route's rewriter writes X-Forwarded-For and its family. Via goes to backends
         # (RFC 9110 §7.6.3: a gateway MUST send it on requests and MAY on responses) and
         # not to clients: an app's public face carries no proxy banner.
         self.forwardedFor = False
-        self.viaRequest = runtime.viaRequest
         self.viaResponse: dict[bytes, list] = {}
         self.splice = runtime.splice
         self.dialer = runtime.dialer
         self.pool = OriginPool(self.reactor)
         self.connector = BackendConnector(self.pool, self.dialBackend)
+
+    # What a reload of the configuration changes is read from the proxy's runtime when it is
+    # needed (the runtime swaps its settings on SIGHUP), never copied here.
+
+    @property
+    def accessLog(self):
+        return self.runtime.accessLog
+
+    @property
+    def users(self):
+        return self.runtime.authenticator
+
+    @property
+    def maxConnections(self) -> int:
+        return self.runtime.maxConnections
+
+    @property
+    def maxHeaderSize(self) -> int:
+        return self.runtime.maxHeaderSize
+
+    @property
+    def headerTimeout(self) -> float:
+        return self.runtime.headerTimeout
+
+    @property
+    def idleTimeout(self) -> float:
+        return self.runtime.idleTimeout
+
+    @property
+    def viaRequest(self) -> dict:
+        return self.runtime.viaRequest
 
     def dialBackend(self, url, caBundle: str | None, protocol):
         """

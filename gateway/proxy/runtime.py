@@ -87,8 +87,8 @@ class Settings:
                 b"HTTP/1.0": [(b"Via", b"1.0 " + via)],
                 b"HTTP/2": [(b"Via", b"2 " + via)],
             }
-        # [route *] sections (the inbound gateway) become their objects here too, when they
-        # exist, so that a reload swaps them with everything else.
+        # The inbound gateway's [route *] sections are the service's (reloadRoutes, called by
+        # the reload right after these settings are applied): their backends keep their state.
         # Last: the only step that opens something to undo if a later one failed.
         accessLog, accessLogFile = _accessLog(config, current, where)
         return cls(
