@@ -12,6 +12,8 @@ edited configuration file without a restart (L{gateway.reload}).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import time
 
@@ -77,6 +79,7 @@ class GatewayService(MultiService):
         *,
         drainGrace: float = 10.0,
         exitOnListenFailure: bool = False,
+        pidfile: str | None = None,
         ownsProcess: bool = False,
     ) -> None:
         super().__init__()
@@ -94,6 +97,8 @@ class GatewayService(MultiService):
         #: What a tunnel that cannot flush gets after the drain grace (its splice cuts it).
         self.abortGrace = ABORT_GRACE
         self.exitOnListenFailure = exitOnListenFailure
+        #: A daemonizing twistd's pid file, removed before a failed start is reported.
+        self.pidfile = pidfile
         self.ownsProcess = ownsProcess
         self.draining = False
         self.metrics = Metrics()
@@ -146,6 +151,11 @@ class GatewayService(MultiService):
             # Raised to the application, or to a daemonizing twistd, which passes only the
             # short text to its launcher: the whole of it goes to the log.
             self.log.critical("proxygate: {detail}", detail=e.detail)
+            if self.pidfile:
+                # twistd removes it only after telling the launcher, which may have returned
+                # (and its caller looked for the file) by then: gone first.
+                with contextlib.suppress(OSError):
+                    os.remove(self.pidfile)
             raise
         addresses = set()
         for port in self.ports:

@@ -98,7 +98,10 @@ class ProxygateServiceMaker:
             ensureLimited()
         try:
             service = GatewayService(
-                options["loaded"], exitOnListenFailure=nodaemon, ownsProcess=True
+                options["loaded"],
+                exitOnListenFailure=nodaemon,
+                ownsProcess=True,
+                pidfile=None if nodaemon else twistd.get("pidfile"),
             )
         except ConfigError as e:
             sys.exit(f"proxygate: {e}")
