@@ -81,6 +81,8 @@ class ProxyConfig:
     max_header_size: int
     max_connections: int
     workers: int = 1
+    #: Seconds a stopping proxy lets requests in flight finish and tunnels run.
+    drain_grace: float = 10.0
     #: ftp:// through the proxy (GET and HEAD), and the ports it may reach.
     ftp: bool = True
     ftp_ports: tuple[tuple[int, int], ...] = ((21, 21), (1024, 65535))
@@ -659,6 +661,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
         "connect_timeout": ("10", _seconds),
         "header_timeout": ("30", _seconds),
         "idle_timeout": ("300", _seconds),
+        "drain_grace": ("10", _seconds),
         "max_header_size": ("65536", _positiveInteger),
         "max_connections": ("10000", _positiveInteger),
         "workers": ("1", _workers),
@@ -967,6 +970,7 @@ def parseConfig(
             connect_timeout=v["proxy.connect_timeout"],
             header_timeout=v["proxy.header_timeout"],
             idle_timeout=v["proxy.idle_timeout"],
+            drain_grace=v["proxy.drain_grace"],
             max_header_size=v["proxy.max_header_size"],
             max_connections=v["proxy.max_connections"],
             workers=v["proxy.workers"],

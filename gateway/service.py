@@ -77,7 +77,7 @@ class GatewayService(MultiService):
         config: Config,
         reactor=None,
         *,
-        drainGrace: float = 10.0,
+        drainGrace: float | None = None,
         exitOnListenFailure: bool = False,
         pidfile: str | None = None,
         ownsProcess: bool = False,
@@ -93,7 +93,8 @@ class GatewayService(MultiService):
             config = settleStickySecret(config)
         self.config = config
         self.reactor = reactor
-        self.drainGrace = drainGrace
+        # [proxy] drain_grace, unless the embedding application chose one.
+        self.drainGrace = config.proxy.drain_grace if drainGrace is None else drainGrace
         #: What a tunnel that cannot flush gets after the drain grace (its splice cuts it).
         self.abortGrace = ABORT_GRACE
         self.exitOnListenFailure = exitOnListenFailure

@@ -543,3 +543,10 @@ def test_loadConfigNamedFilesMustBeReadable(tmp_path: Path, section: str, key: s
     assert loadConfig(str(ini)).path == str(ini)
     # parseConfig never touches those files
     parseConfig(f"[{section}]\n{key} = elsewhere.pem\n", str(ini))
+
+
+def test_drainGraceIsTenSecondsUnlessSet() -> None:
+    assert parseConfig("").proxy.drain_grace == 10.0
+    assert parseConfig("[proxy]\ndrain_grace = 2.5\n").proxy.drain_grace == 2.5
+    with pytest.raises(ConfigError, match=r"\[proxy\] drain_grace"):
+        parseConfig("[proxy]\ndrain_grace = soon\n")

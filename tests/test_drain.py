@@ -15,12 +15,13 @@ import time
 import pytest
 import websocket
 
-from tests.support import payloadChunks, waitFor
+from tests.support import LOOPBACK_INI, payloadChunks, waitFor
 from tests.support.tlsorigin import WebSocketEcho
 from tests.support.tunnel import openTunnel, readHead, recvAll, recvExactly
 from tests.support.wsframes import FrameReader, upgradeRequest
 
-GRACE = 10.0  # GatewayService(drainGrace=...) default, what twistd proxygate runs with
+GRACE = 3.0  # [proxy] drain_grace of these proxies (10 by default)
+INI = LOOPBACK_INI + f"drain_grace = {GRACE:g}\n"
 
 
 def eofWatcher(events: list):
@@ -67,7 +68,7 @@ def wsEcho():
 def test_sigtermDrainsBusyTunnelsThenClosesThem(startProxy, server, origin, wsEcho):
     events: list = []
     s = server(eofWatcher(events))
-    p = startProxy()
+    p = startProxy(INI)
 
     tunnel, status, _, _ = openTunnel(p.port, s.authority)
     assert status == 200
@@ -140,7 +141,7 @@ def test_sigtermDrainsBusyTunnelsThenClosesThem(startProxy, server, origin, wsEc
 def test_drainEndsEarlyOnceTunnelsClose(startProxy, server):
     events: list = []
     s = server(eofWatcher(events))
-    p = startProxy()
+    p = startProxy(INI)
     tunnel, status, _, _ = openTunnel(p.port, s.authority)
     assert status == 200
     p.proc.send_signal(signal.SIGTERM)
@@ -171,7 +172,7 @@ def test_drainClosesStuckTunnel(startProxy, server):
             events.append(("closed", time.monotonic()))
 
     s = server(flood)
-    p = startProxy()
+    p = startProxy(INI)
     tunnel, status, _, _ = openTunnel(p.port, s.authority)
     assert status == 200
     # Until every buffer is full (the client never reads): the origin's sends stall.
@@ -187,7 +188,7 @@ def test_drainClosesStuckTunnel(startProxy, server):
 def test_tunnelOpenedDuringDrainIsRefused(startProxy, server):
     """While draining the listener is closed: a CONNECT cannot even reach the proxy."""
     s = server(eofWatcher([]))
-    p = startProxy()
+    p = startProxy(INI)
     keep, status, _, _ = openTunnel(p.port, s.authority)  # keeps the proxy draining
     assert status == 200
     p.proc.send_signal(signal.SIGTERM)
@@ -201,7 +202,7 @@ def test_tunnelOpenedDuringDrainIsRefused(startProxy, server):
 
 
 def test_stopWithNothingOpenIsQuick(startProxy):
-    p = startProxy()
+    p = startProxy(INI)
     # The port listens before twistd's reactor runs and installs its SIGTERM handler: make
     # sure it is serving (a metrics scrape) before signalling, or the default action kills it.
     assert p.metric("proxygate_tunnels") == 0
