@@ -12,7 +12,16 @@ Plain slotted classes, not attrs: one of each is made per request on the hot pat
 
 from __future__ import annotations
 
-__all__ = ["NO_BODY", "REASONS", "UNKNOWN", "Fields", "Request", "Response", "logURL"]
+__all__ = [
+    "NO_BODY",
+    "REASONS",
+    "UNKNOWN",
+    "Fields",
+    "Request",
+    "Response",
+    "bracketed",
+    "logURL",
+]
 
 Fields = list[tuple[bytes, bytes]]
 
@@ -24,6 +33,11 @@ UNKNOWN = None
 #: next hop is told.
 NO_BODY = -1
 _NONE: Fields = []
+
+
+def bracketed(host: str) -> str:
+    """A host as it appears in an authority: an IPv6 literal in brackets (RFC 3986 §3.2.2)."""
+    return f"[{host}]" if ":" in host else host
 
 
 def logURL(scheme: str, authority: bytes, target: bytes) -> str:

@@ -19,6 +19,7 @@ from urllib.parse import unquote
 
 from attrs import field, frozen
 
+from gateway.message import bracketed
 from gateway.policy import IPAddress, IPNetwork, normaliseNetwork, parseIP
 
 __all__ = [
@@ -67,7 +68,7 @@ class ProxyURL:
 
     def redacted(self) -> str:
         """The URL for logs: the password, if any, shown as ***."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        host = bracketed(self.host)
         user = ""
         if self.username is not None:
             user = self.username + (":***" if self.password is not None else "") + "@"

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from ..message import bracketed
 from .settings import ProxyURL, Trust
 from .x509 import certificateNames, fingerprint
 
@@ -36,15 +37,13 @@ class Target:
 
     @property
     def authority(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return f"{bracketed(self.host)}:{self.port}"
 
     @property
     def url(self) -> str:
         default = 443 if self.scheme == "https" else 80
-        host = f"[{self.host}]" if ":" in self.host else self.host
         port = "" if self.port == default else f":{self.port}"
-        return f"{self.scheme}://{host}{port}{self.path}"
+        return f"{self.scheme}://{bracketed(self.host)}{port}{self.path}"
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit
 
+from ..message import bracketed
+
 __all__ = [
     "CaseProblem",
     "PipSettings",
@@ -95,8 +97,7 @@ class ProxyURL:
 
     @property
     def hostPort(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return f"{bracketed(self.host)}:{self.port}"
 
     def display(self, password: str = "****") -> str:
         """The URL for people to read: the password is always replaced by C{password}."""

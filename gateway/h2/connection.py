@@ -51,6 +51,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..proxy.flow import noDelay
 from .headers import H2HeaderError, requestFromHeaders
 from .stream import ClientStream, ServerStream, StreamRefused, StreamReset
 
@@ -195,10 +196,7 @@ class H2Protocol(Protocol):
     # -- connection lifecycle --------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        try:
-            self.transport.setTcpNoDelay(True)
-        except Exception:
-            pass
+        noDelay(self.transport)
         self.transport.registerProducer(self, True)
         self.conn.initiate_connection()
         if self.limits.connectionWindow > _DEFAULT_WINDOW:

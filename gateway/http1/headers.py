@@ -10,7 +10,7 @@ import re
 import time
 from email.utils import formatdate
 
-from ..message import logURL
+from ..message import bracketed, logURL
 from ..policy import parseIP
 from .parse import Headers, HTTPError, splitTokens
 
@@ -119,11 +119,6 @@ class Target:
     def url(self) -> str:
         """The URL for logs (L{gateway.message.logURL})."""
         return logURL(self.scheme, self.hostHeader, self.path)
-
-
-def bracketed(host: str) -> str:
-    """A host as it appears in an authority: an IPv6 literal in brackets (RFC 3986 §3.2.2)."""
-    return f"[{host}]" if ":" in host else host
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 
 from attrs import frozen
 
+from ..message import bracketed
 from ..policy import parseIP
 
 __all__ = [
@@ -74,7 +75,7 @@ class BackendURL:
 
     @property
     def authority(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        host = bracketed(self.host)
         return host if self.port == _DEFAULT_PORTS[self.scheme] else f"{host}:{self.port}"
 
     @property

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from attrs import frozen
 
 from ..http1.headers import HOP_BY_HOP
-from ..message import Fields
+from ..message import Fields, bracketed
 from .balance import BackendURL
 
 __all__ = [
@@ -356,7 +356,7 @@ class ResponseRewriter:
             if backend.host in _LOOPBACK_NAMES or backend.host.startswith("127."):
                 hosts |= _LOOPBACK_NAMES
             for host in hosts:
-                shown = f"[{host}]" if ":" in host else host
+                shown = bracketed(host)
                 ports = [f":{backend.port}"]
                 if backend.port == (80 if backend.scheme == "http" else 443):
                     ports.append("")
