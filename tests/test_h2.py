@@ -21,8 +21,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from gateway.h2.connection import H2ClientProtocol, H2Limits, H2ServerProtocol
-from gateway.h2.stream import StreamRefused, StreamReset
-from gateway.message import UNKNOWN, Request, Response
+from gateway.message import NO_BODY, UNKNOWN, Request, Response
 
 TARGET = ("https", "api.example.test", 443, b"api.example.test")
 
@@ -50,11 +49,24 @@ class Recorder:
 
 
 class Producer(Recorder):
-    """The other side of a throttle: counts pauses and resumes, knows its state."""
+    """
+    The other side of a throttle: counts pauses and resumes, knows its state. A side's
+    throttle pauses the other's producer (as an HTTP/1.1 transport would).
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.paused = False
+
+    @property
+    def producer(self):
+        return self
+
+    def pauseProducing(self) -> None:
+        self.pause()
+
+    def resumeProducing(self) -> None:
+        self.resume()
 
     def pause(self) -> None:
         self.paused = True
@@ -143,7 +155,7 @@ def test_requestAndResponse():
     loop.pump()
     [(down, exchange)] = loop.dispatched
     assert down.request.method == b"GET" and down.request.path == b"/a?b"
-    assert down.request.length == 0 and down.client == "127.0.0.1"
+    assert down.request.length == NO_BODY and down.client == "127.0.0.1"
     assert exchange.names() == ["requestEnd"]
     down.sendHead(ok(5, [(b"Content-Type", b"text/plain")]))
     down.sendData(b"hello")
@@ -418,8 +430,7 @@ def test_serverAbortIsStreamReset():
     loop.server.flush()
     loop.pump()
     lost = [c for c in up1.calls if c[0] == "upstreamLost"]
-    assert isinstance(lost[0][1], StreamReset)
-    assert lost[0][1].code == ErrorCodes.INTERNAL_ERROR
+    assert lost[0][1].code == "incomplete" and "INTERNAL_ERROR" in lost[0][1].detail
     assert up2.names() == ["responseHead", "responseEnd"]
 
 
@@ -460,8 +471,8 @@ def test_originGoawayRefusesUnprocessedStreams():
     peer.exchange()
     assert ups[0].names() == ["responseHead", "responseEnd"]
     assert ups[1].names() == []
-    [(_name, reason)] = [c for c in ups[2].calls if c[0] == "upstreamLost"]
-    assert isinstance(reason, StreamRefused)
+    [(_name, problem)] = [c for c in ups[2].calls if c[0] == "upstreamLost"]
+    assert problem.code == "stream_refused"  # the exchange retries it
     assert not client.available
 
 
@@ -567,7 +578,7 @@ def serverUnderTest(**limits):
         TARGET,
         "127.0.0.1",
         dispatch,
-        lambda stream, status, reason: refused.append((status, reason)),
+        lambda stream, problem, method, path: refused.append((problem.status, problem.detail)),
     )
     return protocol, clock, dispatched, refused
 

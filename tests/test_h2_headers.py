@@ -15,7 +15,7 @@ from gateway.h2.headers import (
     trailerFields,
     trailerHeaders,
 )
-from gateway.message import UNKNOWN, Request, Response
+from gateway.message import NO_BODY, UNKNOWN, Request, Response
 
 TARGET = ("https", "api.example.test", 443, b"api.example.test")
 
@@ -49,9 +49,11 @@ def test_requestFromClient():
 
 
 def test_requestLengths():
-    """No content-length: unknown; END_STREAM on the headers: 0."""
+    """No content-length: unknown; END_STREAM on the headers: no body (0 for a POST)."""
     assert fromClient(BASE).length is UNKNOWN
-    assert fromClient(BASE, endStream=True).length == 0
+    assert fromClient(BASE, endStream=True).length == 0  # a POST states its length
+    get = [(b":method", b"GET"), *BASE[1:]]
+    assert fromClient(get, endStream=True).length == NO_BODY  # a GET states none
     with pytest.raises(H2HeaderError, match="no body"):
         fromClient([*BASE, (b"content-length", b"3")], endStream=True)
 
@@ -132,14 +134,14 @@ def test_responseFromOrigin():
 
 
 def test_responseFromOriginLengths():
-    """Unknown without content-length; 0 with END_STREAM (gRPC trailers-only); HEAD/304."""
+    """Unknown without content-length; 0 with END_STREAM (gRPC trailers-only); none: HEAD/304."""
     assert responseFromHeaders([(b":status", b"200")], b"GET", False).length is UNKNOWN
     only = responseFromHeaders([(b":status", b"200"), (b"grpc-status", b"5")], b"POST", True)
     assert only.length == 0 and only.fields == [(b"grpc-status", b"5")]
     head = responseFromHeaders([(b":status", b"200"), (b"content-length", b"9")], b"HEAD", True)
-    assert (head.length, head.statedLength) == (0, b"9")
+    assert (head.length, head.statedLength) == (NO_BODY, b"9")
     info = responseFromHeaders([(b":status", b"103"), (b"link", b"</a>")], b"GET", False)
-    assert (info.status, info.length) == (103, 0)
+    assert (info.status, info.length) == (103, NO_BODY)
 
 
 @pytest.mark.parametrize(

@@ -51,6 +51,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..exchange.problems import problemForStatus
 from .headers import H2HeaderError, requestFromHeaders
 from .stream import ClientStream, ServerStream, StreamRefused, StreamReset
 
@@ -453,6 +454,14 @@ class H2Protocol(Protocol):
     }
 
 
+def _pseudo(headers, name: bytes) -> bytes:
+    """A pseudo-header field's value (b"-" without one), for the log of a refused request."""
+    for field, value in headers:
+        if field == name:
+            return value
+    return b"-"
+
+
 class H2ServerProtocol(H2Protocol):
     """
     The client-facing connection inside an intercepted tunnel (ALPN h2).
@@ -462,9 +471,10 @@ class H2ServerProtocol(H2Protocol):
     @param dispatch: C{dispatch(stream) -> exchange}: makes the exchange serving a new
         stream (C{stream.request}); it gets the DownstreamEvents calls. Called at the end of
         the read that opened the stream, never for a stream reset within that read.
-    @param refused: C{refused(stream, status, reason)}: a request the proxy answered itself
-        (malformed, header list too large), for the access log and metrics; C{stream.request}
-        may be None.
+    @param refused: C{refused(stream, problem, method, path)}: a request the proxy answered
+        itself (malformed: 400, CONNECT: 501, header list too large: 431), for the access
+        log and metrics; C{stream.request} is None, C{method} and C{path} are what the
+        header block said (b"-" when it said nothing).
     """
 
     clientSide = False
@@ -506,9 +516,12 @@ class H2ServerProtocol(H2Protocol):
         except H2HeaderError as e:
             if endStream:
                 stream._remoteEnded = True
-            stream.answer(e.status, e.reason[:1].upper() + e.reason[1:].rstrip(".") + ".")
+            problem = problemForStatus(e.status, e.reason)
+            stream.answer(e.status, problem.detail, problem.proxyStatus)
             if self._refused is not None:
-                self._refused(stream, e.status, e.reason)
+                self._refused(
+                    stream, problem, _pseudo(headers, b":method"), _pseudo(headers, b":path")
+                )
             return
         if endStream:
             stream._remoteEnded = True
@@ -576,9 +589,10 @@ class H2ClientProtocol(H2Protocol):
 
     clientSide = True
 
-    def __init__(self, limits: H2Limits, reactor, ip: str = "-") -> None:
+    def __init__(self, limits: H2Limits, reactor, ip: str = "-", viaProxy: bool = False) -> None:
         super().__init__(limits, reactor)
         self.ip = ip
+        self.viaProxy = viaProxy
         self._opening = 0  # streams made but whose head is not sent yet
         self.onLost: Callable | None = None  # called once the connection is gone
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from ..http1.headers import parseAuthority
 from ..http1.parse import HTTPError
-from ..message import UNKNOWN, Fields, Request, Response
+from ..message import NO_BODY, UNKNOWN, Fields, Request, Response
 
 __all__ = [
     "H2HeaderError",
@@ -111,7 +111,9 @@ def requestFromHeaders(
     if endStream:
         if length:
             raise H2HeaderError(400, "content-length with no body")
-        length = 0
+        # No body: an HTTP/1.1 origin is told "Content-Length: 0" only where it stated one,
+        # or for a method whose requests state their length.
+        length = 0 if lengths or method in _BODY_METHODS else NO_BODY
     return Request(method, scheme, host, port, authority, path, b"HTTP/2", fields, length)
 
 
@@ -141,7 +143,7 @@ def requestHeaders(request: Request) -> Headers:
             continue
         headers.append((name, value))
     length = request.length
-    if length is not UNKNOWN and (length or request.method in _BODY_METHODS):
+    if length is not UNKNOWN and length != NO_BODY and (length or request.method in _BODY_METHODS):
         headers.append((b"content-length", b"%d" % length))
     return headers
 
@@ -153,6 +155,7 @@ def responseFromHeaders(headers: Headers, method: bytes, endStream: bool) -> Res
     @raise H2HeaderError: 502 for a head the proxy cannot forward.
     """
     status = None
+    contentType = b""
     fields: Fields = []
     lengths: list[bytes] = []
     for name, value in headers:
@@ -161,6 +164,8 @@ def responseFromHeaders(headers: Headers, method: bytes, endStream: bool) -> Res
         elif name == b"content-length":
             lengths.append(value)
         elif name[:1] != b":":
+            if name == b"content-type":
+                contentType = value
             fields.append((name, value))
     if status is None or len(status) != 3 or not status.isdigit():
         raise H2HeaderError(502, "the origin's response has no valid :status")
@@ -168,16 +173,17 @@ def responseFromHeaders(headers: Headers, method: bytes, endStream: bool) -> Res
     if code < 100:
         raise H2HeaderError(502, f"the origin's response status {code} is invalid")
     length = _contentLength(lengths, 502)
-    if code < 200:
-        return Response(code, b"", b"HTTP/2", fields, 0)
-    if method == b"HEAD" or code in (204, 304):
+    if code < 200 or code == 204:
+        return Response(code, b"", b"HTTP/2", fields, NO_BODY, None, contentType)
+    if method == b"HEAD" or code == 304:
+        # No body by rule; the length stated is that of what a GET would get.
         stated = lengths[0] if lengths else None
-        return Response(code, b"", b"HTTP/2", fields, 0, statedLength=stated)
+        return Response(code, b"", b"HTTP/2", fields, NO_BODY, stated, contentType)
     if endStream:
         if length:
             raise H2HeaderError(502, "the origin's content-length with no body")
         length = 0
-    return Response(code, b"", b"HTTP/2", fields, length)
+    return Response(code, b"", b"HTTP/2", fields, length, None, contentType)
 
 
 def responseHeaders(response: Response, method: bytes) -> Headers:
@@ -194,7 +200,7 @@ def responseHeaders(response: Response, method: bytes) -> Headers:
     if method == b"HEAD" or status in (204, 304):
         if response.statedLength is not None and status != 204:
             headers.append((b"content-length", response.statedLength))
-    elif response.length is not UNKNOWN:
+    elif response.length is not UNKNOWN and response.length >= 0:
         headers.append((b"content-length", b"%d" % response.length))
     return headers
 
