@@ -185,3 +185,22 @@ def test_trailers():
     assert trailerHeaders(
         [(b"Grpc-Status", b"13"), (b"Connection", b"x"), (b"Content-Length", b"1")]
     ) == [(b"grpc-status", b"13")]
+
+
+def test_proxyFieldsGoOutBothWays():
+    """Via and X-Forwarded-For (the proxy's own fields) follow the end-to-end ones, lower case."""
+    request = Request(b"GET", "https", "o", 443, b"o", b"/", b"HTTP/1.1", [(b"X-A", b"1")], -1)
+    request.proxyFields = [(b"Via", b"1.1 proxygate"), (b"X-Forwarded-For", b"10.0.0.1")]
+    assert requestHeaders(request)[4:] == [
+        (b"x-a", b"1"),
+        (b"via", b"1.1 proxygate"),
+        (b"x-forwarded-for", b"10.0.0.1"),
+    ]
+    response = Response(200, b"OK", b"HTTP/1.1", [(b"X-B", b"2")], 0)
+    response.proxyFields = [(b"Via", b"1.1 proxygate")]
+    assert responseHeaders(response, b"GET") == [
+        (b":status", b"200"),
+        (b"x-b", b"2"),
+        (b"via", b"1.1 proxygate"),
+        (b"content-length", b"0"),
+    ]

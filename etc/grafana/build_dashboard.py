@@ -34,7 +34,7 @@ LANDED: dict[str, bool] = {
     "proxygate_route_requests_total": False,
     "proxygate_route_request_duration_seconds": False,
     "proxygate_backend_up": False,
-    "proxygate_api_grpc_status_total": False,
+    "proxygate_api_grpc_status_total": True,
     "proxygate_config_reloads_total": False,
     "proxygate_build_info": False,
     "proxygate_api_requests_total{method}": False,  # the `method` label on it

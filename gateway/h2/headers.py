@@ -132,7 +132,8 @@ def requestHeaders(request: Request) -> Headers:
         (b":authority", request.authority),
         (b":path", request.path),
     ]
-    for name, value in request.fields:
+    # The proxy's own fields (Via, X-Forwarded-For) follow the end-to-end ones.
+    for name, value in (*request.fields, *request.proxyFields):
         name = name.lower()
         if name in _NOT_FORWARDED:
             continue
@@ -189,7 +190,7 @@ def responseFromHeaders(headers: Headers, method: bytes, endStream: bool) -> Res
 def responseHeaders(response: Response, method: bytes) -> Headers:
     """The header block answering a client's h2 stream (whose request was C{method})."""
     headers: Headers = [(b":status", b"%d" % response.status)]
-    for name, value in response.fields:
+    for name, value in (*response.fields, *response.proxyFields):
         name = name.lower()
         if name in _NOT_FORWARDED or name == b"te":
             continue
