@@ -192,7 +192,8 @@ class Exchange(Transaction):
             self.downstream.sendData(data)
 
     def responseFlush(self) -> None:
-        if self.phase == RESPONDING:
+        # Also once DONE: the response may have ended in the batch this closes.
+        if self.phase in (RESPONDING, DONE):
             self.downstream.flush()
 
     def responseEnd(self, trailers: Fields | None = None) -> None:

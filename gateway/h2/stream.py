@@ -487,6 +487,7 @@ class ClientStream(_Stream):
         self.ip = connection.ip
         self.viaProxy = connection.viaProxy
         self.reserved = False  # counted by the connection as about to open
+        self._batchExchange = None
         self._method = b"GET"
         self._headReceived = False
 
@@ -563,10 +564,18 @@ class ClientStream(_Stream):
         self._gone()
         self._lost(StreamRefused(ErrorCodes.REFUSED_STREAM, "the origin went away first"))
 
+    def _batch(self) -> None:
+        if not self._inBatch:
+            # The exchange that gets this read's events hears its end, even if the response
+            # ended in it (and released this stream): what it sent the client goes then.
+            self._batchExchange = self.exchange
+        super()._batch()
+
     def batchEnded(self) -> None:
         self._inBatch = False
-        if self.exchange is not None:
-            self.exchange.responseFlush()
+        exchange, self._batchExchange = self._batchExchange, None
+        if exchange is not None:
+            exchange.responseFlush()
 
     def __repr__(self) -> str:
         return f"<ClientStream {self.id}>"
