@@ -191,6 +191,8 @@ VALUES: list[tuple[str, str, str, str, Any]] = [
     ("mitm", "intercept", "", "mitm.intercept", ()),
     ("mitm", "passthrough", "*.bank.example pinned.example", "mitm.passthrough",
      parseTunnelPatterns(["*.bank.example", "pinned.example"])),
+    ("mitm", "passthrough", "*:21 *:25 ftp.example:2121 [::1]:22", "mitm.passthrough",
+     parseTunnelPatterns(["*:21", "*:25", "ftp.example:2121", "[::1]:22"])),
     ("mitm", "upstream_ca_bundle", "bundle.pem", "mitm.upstream_ca_bundle", "/etc/pg/bundle.pem"),
     ("mitm", "verify_upstream", "no", "mitm.verify_upstream", False),
     ("mitm", "http2", "off", "mitm.http2", False),
@@ -257,6 +259,9 @@ def test_keysAreCaseInsensitiveSectionsAreNot() -> None:
 def test_mitmDisabledStillValidated() -> None:
     message = refused("[mitm]\nenabled = off\nintercept = a..b\n")
     assert message.startswith(f"{FILE}: [mitm] intercept: invalid host pattern 'a..b'")
+    message = refused("[mitm]\npassthrough = *:99999\n")
+    assert message.startswith(f"{FILE}: [mitm] passthrough: invalid host pattern '*:99999'")
+    assert "self" in refused("[mitm]\npassthrough = self:22\n")
 
 
 # -- errors: every shape -----------------------------------------------------------------------

@@ -53,7 +53,7 @@ from zope.interface import implementer
 
 from ..exchange.problems import problemForStatus
 from .headers import H2HeaderError, requestFromHeaders
-from .stream import ClientStream, ServerStream, StreamRefused, StreamReset
+from .stream import ClientStream, ConnectionGone, ServerStream, StreamRefused, StreamReset
 
 __all__ = [
     "H2ClientProtocol",
@@ -217,7 +217,7 @@ class H2Protocol(Protocol):
         self._flushCall = None
         error = reason.value if isinstance(reason.value, Exception) else Exception(str(reason))
         for stream in list(self.streams.values()):
-            stream.connectionLost(StreamReset(ErrorCodes.CANCEL, f"connection lost: {error}"))
+            stream.connectionLost(ConnectionGone(ErrorCodes.CANCEL, f"connection lost: {error}"))
         self.streams.clear()
         self._blocked.clear()
 

@@ -39,7 +39,7 @@ from .headers import (
     trailerHeaders,
 )
 
-__all__ = ["ClientStream", "ServerStream", "StreamRefused", "StreamReset"]
+__all__ = ["ClientStream", "ConnectionGone", "ServerStream", "StreamRefused", "StreamReset"]
 
 
 class StreamReset(Exception):
@@ -48,6 +48,10 @@ class StreamReset(Exception):
     def __init__(self, code: int, message: str = "") -> None:
         super().__init__(message or f"stream reset ({_codeName(code)})")
         self.code = code
+
+
+class ConnectionGone(StreamReset):
+    """The connection ended (closed, reset) with the stream still open."""
 
 
 class StreamRefused(StreamReset):
@@ -554,7 +558,13 @@ class ClientStream(_Stream):
 
     def _lost(self, reason: Exception) -> None:
         exchange, self.exchange = self.exchange, None
-        if exchange is not None:
+        if exchange is None:
+            return
+        if isinstance(reason, ConnectionGone) and not self._headReceived:
+            # The connection closed before any answer: as an HTTP/1.1 connection that closes
+            # (None), which the exchange retries once if it reused it and may repeat it.
+            exchange.upstreamLost(None)
+        else:
             exchange.upstreamLost(problemOfReset(reason))
 
     def goneAway(self) -> None:
