@@ -728,3 +728,14 @@ def test_thePreDialDeferredIsNotLeftPending(mitm) -> None:
         c.getTime() > rt.reactor.seconds() + 100 for c in rt.reactor.getDelayedCalls()
     )
     finishHandshake(client, down, tls)
+
+
+def test_aPooledH2OriginConnectionSparesThePreDial(mitm) -> None:
+    """A second tunnel to an origin whose h2 connection takes more streams: h2, no dial."""
+    rt = mitm()
+    h2Tunnel(rt)
+    client, down, tls = connect(rt)
+    client.dataReceived(tls.step())
+    assert rt.dialer.calls == [] and down.value() != b"", "answered at once"
+    finishHandshake(client, down, tls)
+    assert tls.alpn == "h2"

@@ -10,6 +10,8 @@ carries, and the choices made then (L{Peek}):
   client's handshake is answered, offering the client's own ALPN list; the origin's choice
   (h2, or http/1.1) is what the client is agreed, and the connection dialled serves the
   tunnel's first requests (an h2 one in the shared h2 pool, an HTTP/1.1 one in the pool).
+  When the h2 pool already holds a connection to the origin that takes more streams, the
+  origin chose h2 already: the client is agreed h2 with no dial.
   If that dial fails, the client still gets its handshake (HTTP/1.1) and its first request
   is answered with why (a 502, a 504, a 403 for a denied address), as when a request's own
   dial fails. Without h2 in the offer (or with http2 off) the origin is dialled per request,
@@ -182,18 +184,28 @@ class Peek:
         if hello is None or not interceptor.http2 or b"h2" not in (hello.alpn or ()):
             self._decrypt(HTTP11)
             return
+        route = self.rt.upstream.routeFor(tunnel.host, tunnel.port)
+        tunnel.viaProxy = route is not None
+        key = (
+            ("https", tunnel.host, tunnel.port)
+            if route is None
+            else ("https", tunnel.host, tunnel.port, "upstream")
+        )
+        pool = self.rt.h2pool
+        if pool is not None and pool.get(key) is not None:
+            # The origin chose h2 before and a connection to it takes more streams: no dial.
+            self._decrypt(H2)
+            return
         from .originleg import dialOrigin
 
         # Read nothing more until the origin has chosen: what arrives meanwhile is kept.
         self.stream.pauser.pause(CONNECTING)
-        route = self.rt.upstream.routeFor(tunnel.host, tunnel.port)
-        tunnel.viaProxy = route is not None
         offer = interceptor.originOffer(hello.alpn)
         dialOrigin(self.rt, tunnel.host, tunnel.port, route, offer).addCallbacks(
-            self._dialled, self._notDialled, (route,)
+            self._dialled, self._notDialled, (key, route)
         )
 
-    def _dialled(self, result, route) -> None:
+    def _dialled(self, result, key: tuple, route) -> None:
         from .originleg import h2Pool, originLeg
 
         ip, handshake = result
@@ -202,11 +214,6 @@ class Peek:
             handshake.transport.loseConnection()  # the client left meanwhile
             return
         tunnel.ip = ip
-        key = (
-            ("https", tunnel.host, tunnel.port)
-            if route is None
-            else ("https", tunnel.host, tunnel.port, "upstream")
-        )
         leg = originLeg(self.rt, handshake, ip, key, tunnel.host, route is not None)
         if handshake.transport.negotiatedProtocol == b"h2":
             h2Pool(self.rt).add(key, leg)
