@@ -204,3 +204,16 @@ def test_proxyFieldsGoOutBothWays():
         (b"via", b"1.1 proxygate"),
         (b"content-length", b"0"),
     ]
+
+
+def test_secretsAreNeverIndexed() -> None:
+    """h2's own rule, kept with its normalisation off: out of the shared HPACK table."""
+    from hpack import NeverIndexedHeaderTuple
+
+    request = Request(
+        b"GET", "https", "o", 443, b"o", b"/", b"HTTP/1.1",
+        [(b"Authorization", b"Bearer x"), (b"Cookie", b"s=1"), (b"Cookie", b"a" * 30)], -1,
+    )  # fmt: skip
+    headers = requestHeaders(request)[4:]
+    assert [isinstance(h, NeverIndexedHeaderTuple) for h in headers] == [True, True, False]
+    assert headers == [(b"authorization", b"Bearer x"), (b"cookie", b"s=1"), (b"cookie", b"a" * 30)]

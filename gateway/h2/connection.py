@@ -165,8 +165,9 @@ class H2Protocol(Protocol):
             header_encoding=None,
             validate_inbound_headers=True,
             normalize_inbound_headers=True,
-            validate_outbound_headers=True,
-            normalize_outbound_headers=True,
+            # What this proxy sends is normalised and checked as it is built (h2/headers.py).
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
         )
         self.conn = _Machine(config)
         self.conn.hardHeaderListSize = 2 * limits.maxHeaderListSize

@@ -10,9 +10,18 @@ any case. Cookies arrive as one field (h2's inbound normalisation joins them, §
 
 The h2 library has validated what it delivers (pseudo-header fields, forbidden fields, upper
 case); what is checked here is what h2 cannot know: the values proxygate relies on.
+
+What goes out is already what h2's outbound normalisation and validation would make of it
+(lower-case names, no connection-specific field, values as parsed: CR, LF and NUL were
+refused on the way in, on either wire), so the connections turn those off: they were a
+tenth of the proxy's CPU per request. The one part kept is h2's own rule for secrets:
+authorization, proxy-authorization and short cookies are sent never-indexed, out of the
+HPACK table that every client's requests to one origin share (L{_out}).
 """
 
 from __future__ import annotations
+
+from hpack import NeverIndexedHeaderTuple
 
 from ..http1.headers import parseAuthority
 from ..http1.parse import HTTPError
@@ -45,6 +54,10 @@ _NOT_FORWARDED = frozenset(
         b"content-length",
     )
 )
+
+#: Fields kept out of HPACK's dynamic table (h2's _secure_headers, after Firefox and
+#: nghttp2): a compression oracle cannot guess them from the sizes of other requests.
+_SECRET = frozenset((b"authorization", b"proxy-authorization"))
 
 #: Methods whose request states its length even when it is 0 (RFC 9110 §8.6).
 _BODY_METHODS = frozenset((b"POST", b"PUT", b"PATCH"))
@@ -124,6 +137,13 @@ def _checkAuthority(value: bytes) -> None:
         raise H2HeaderError(400, "an invalid :authority or host")
 
 
+def _out(name: bytes, value: bytes) -> tuple[bytes, bytes]:
+    """A field to send (its name lower case already), never-indexed if it is a secret."""
+    if name in _SECRET or (name == b"cookie" and len(value) < 20):
+        return NeverIndexedHeaderTuple(name, value)
+    return (name, value)
+
+
 def requestHeaders(request: Request) -> Headers:
     """The header block sending C{request} on an h2 stream to its origin."""
     headers: Headers = [
@@ -142,7 +162,7 @@ def requestHeaders(request: Request) -> Headers:
             if value.strip().lower() == b"trailers":
                 headers.append((b"te", b"trailers"))
             continue
-        headers.append((name, value))
+        headers.append(_out(name, value))
     length = request.length
     if length is not UNKNOWN and length != NO_BODY and (length or request.method in _BODY_METHODS):
         headers.append((b"content-length", b"%d" % length))
@@ -194,7 +214,7 @@ def responseHeaders(response: Response, method: bytes) -> Headers:
         name = name.lower()
         if name in _NOT_FORWARDED or name == b"te":
             continue
-        headers.append((name, value))
+        headers.append(_out(name, value))
     status = response.status
     if status < 200:
         return headers
@@ -217,5 +237,5 @@ def trailerHeaders(fields: Fields) -> Headers:
     for name, value in fields:
         name = name.lower()
         if name not in _NOT_FORWARDED and name != b"te" and name[:1] != b":":
-            out.append((name, value))
+            out.append(_out(name, value))
     return out
