@@ -169,6 +169,8 @@ def test_requestAndResponse():
     assert ("responseFlush",) in up.calls
     assert loop.server.streams == {} and loop.client.streams == {}
     stream.release(True)
+    loop.client.flush()
+    assert loop.ct.value() == b"", "a complete stream is not reset when released"
     assert loop.client.available
 
 

@@ -528,7 +528,10 @@ class ClientStream(_Stream):
         """
         self.exchange = None
         if not self.closed:
-            self._reset(ErrorCodes.CANCEL)
+            if self._localEnded and self._remoteEnded:
+                self._gone()  # complete both ways (its last event is what ended it)
+            else:
+                self._reset(ErrorCodes.CANCEL)
         self.connection.released(self)
 
     def headReceived(self, headers, endStream: bool) -> None:
