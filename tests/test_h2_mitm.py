@@ -403,12 +403,17 @@ def test_rapidResetGetsGoawayAndTheProxyServesOthers(fresh, pki):
 
 
 @pytest.mark.slow
-def test_slowH2ReaderOf60MBKeepsMemoryFlat(fresh, pki):
-    """A client reading 60 MB at ~15 MB/s from an h2 origin that could send far faster."""
+@pytest.mark.parametrize("flag, version", [("--http2", "2"), ("--http1.1", "1.1")])
+def test_slowReaderOf60MBKeepsMemoryFlat(fresh, pki, flag, version):
+    """
+    A client reading 60 MB at ~15 MB/s from an h2 origin that could send far faster: an h2
+    client, and an HTTP/1.1 one whose request rides the pooled h2 origin connection.
+    """
     proxy = fresh()
     origin = H2Origin(pki)
     n = 60 * 1024 * 1024
     try:
+        # An h2 tunnel first: the origin's h2 connection is pooled for both.
         warm = curl(proxy, "--http2", "-o", "/dev/null", origin.url("/bytes/1000"))
         assert warm.returncode == 0, warm.stderr
         baseline = rss(proxy.pid)
@@ -423,15 +428,16 @@ def test_slowH2ReaderOf60MBKeepsMemoryFlat(fresh, pki):
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         try:
-            done = curl(proxy, "--http2", "--limit-rate", "15M", "-o", "/dev/null",
+            done = curl(proxy, flag, "--limit-rate", "15M", "-o", "/dev/null",
                         "-w", "%{http_version} %{size_download}", origin.url(f"/bytes/{n}"),
                         timeout=120)  # fmt: skip
         finally:
             stop.set()
             sampler.join(5)
-        assert done.stdout == f"2 {n}".encode(), done.stderr
+        assert done.stdout == f"{version} {n}".encode(), done.stderr
+        assert origin.alpn == ["h2"], "one origin connection, h2, for both clients"
         growth = peak[0] - baseline
-        print(f"proxy RSS {baseline / 2**20:.1f} MB, peak +{growth / 2**20:.1f} MB for 60 MB")
+        print(f"{flag}: proxy RSS {baseline / 2**20:.1f} MB, +{growth / 2**20:.1f} MB for 60 MB")
         assert growth < 16 * 1024 * 1024, (baseline, peak[0])
     finally:
         origin.close()

@@ -739,3 +739,28 @@ def test_aPooledH2OriginConnectionSparesThePreDial(mitm) -> None:
     assert rt.dialer.calls == [] and down.value() != b"", "answered at once"
     finishHandshake(client, down, tls)
     assert tls.alpn == "h2"
+
+
+def test_anH2ClientRefusingTheCAIsAClientTLSError(mitm, tmp_path) -> None:
+    """The h2 leg reports a refused certificate as the HTTP/1.1 one does (issue 19, 4)."""
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    from gateway.tls.ca import createCA
+
+    rt = mitm()
+    strange = tmp_path / "other-ca.pem"
+    strange.write_bytes(createCA("someone else's CA").pem())
+    client, down = connectClient(rt)
+    client.dataReceived(b"CONNECT o.test:443 HTTP/1.1\r\nHost: o.test:443\r\n\r\n")
+    down.take()
+    tls = TLSClient(strange, ["h2", "http/1.1"])
+    client.dataReceived(tls.step())
+    originHandshake(rt, b"h2")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        tls.step(down.take())
+    client.dataReceived(tls.outgoing.read())  # its alert
+    client.connectionLost(Failure(ConnectionDone()))
+    assert rt.metrics.live.tunnelsTotal == {"client_tls_error": 1}
+    record = rt.accessLog.records[-1]
+    assert record.reason == "client_tls" and "unknown ca" in record.detail
