@@ -835,3 +835,29 @@ def test_limitsFromConfig():
     assert H2Limits.fromConfig(config) == H2Limits(
         maxStreams=7, maxHeaderListSize=1000, idleTimeout=9.0
     )
+
+
+def test_h2FramesAreNotFormattedForTraceLogs():
+    """The one repr() in h2.connection (a trace line) is quieted; nothing else is touched."""
+    import h2.connection as module
+
+    from gateway.h2 import connection
+
+    assert connection.QUIET_FRAME_TRACE, "h2.connection changed shape: check _quietFrameTrace"
+    assert module.repr("x") == "-" and repr("x") == "'x'"
+
+
+def test_closedStreamsArePrunedFromH2sTable():
+    """h2's own table of streams does not grow with the streams a connection served."""
+    from gateway.h2.connection import _PRUNE_AT
+
+    protocol, _, dispatched, _ = serverUnderTest()
+    peer = RawPeer(protocol)
+    for i in range(300):
+        peer.conn.send_headers(1 + 2 * i, REQUEST, end_stream=True)
+        peer.exchange()
+        dispatched[-1][0].sendHead(ok(0))
+        protocol.flush()
+        peer.exchange()
+        assert len(protocol.conn.streams) <= _PRUNE_AT
+    assert len(dispatched) == 300 and not protocol.transport.disconnecting
