@@ -118,11 +118,11 @@ class Tunnel(Transaction):
                 return
             self._intercept(mitm)
         else:
-            self._dial(None)
+            self.dial(None)
 
     # --- a blind tunnel -------------------------------------------------------------------
 
-    def _dial(self, stream: Stream | None) -> None:
+    def dial(self, stream: Stream | None) -> None:
         """
         Dial the target, then splice. C{stream}: the client's, when the 200 is out already
         (an intercepted tunnel found not to carry TLS); else the 200 waits for the dial and
@@ -131,7 +131,7 @@ class Tunnel(Transaction):
         if stream is not None:
             stream.pauser.pause(CONNECTING)
         self.dialRaw().addCallbacks(
-            lambda result: self._connected(*result, stream), self._dialFailed, None, None, (stream,)
+            lambda result: self._connected(*result, stream), self.dialFailed, None, None, (stream,)
         )
 
     def dialRaw(self):
@@ -163,7 +163,7 @@ class Tunnel(Transaction):
             stream, origin.stream, self.rt.reactor, self.rt.idleTimeout, self._ended
         )
 
-    def _dialFailed(self, failure, stream: Stream | None) -> None:
+    def dialFailed(self, failure, stream: Stream | None) -> None:
         if self.done:
             return
         problem = problemFor(failure.value)

@@ -125,7 +125,7 @@ class Peek:
     def _rawFailed(self, failure) -> None:
         self.rawDialling = False
         if self.blindWanted:
-            self.tunnel._dialFailed(failure, self.stream)
+            self.tunnel.dialFailed(failure, self.stream)
         # Otherwise nobody is waiting for it: the client may still send a ClientHello, whose
         # requests will report a failure of their own.
 
@@ -165,7 +165,7 @@ class Peek:
             self.blindWanted = True
             self.stream.pauser.pause(CONNECTING)
         else:
-            self.tunnel._dial(self.stream)
+            self.tunnel.dial(self.stream)
 
     def _giveBack(self) -> None:
         """Put what the client sent back in its stream, in order, for the next receiver."""
