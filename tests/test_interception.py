@@ -166,10 +166,10 @@ class H2Client:
     """The h2 library as the client, over the client's TLS to the proxy."""
 
     def __init__(self, client, down, tls) -> None:
+        from gateway.h2.connection import _Machine  # h2, less its closing on GOAWAY
+
         self.client, self.down, self.tls = client, down, tls
-        self.conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, header_encoding=None)
-        )
+        self.conn = _Machine(h2.config.H2Configuration(client_side=True, header_encoding=None))
         self.conn.initiate_connection()
         self.events: list = []
 
@@ -764,3 +764,23 @@ def test_anH2ClientRefusingTheCAIsAClientTLSError(mitm, tmp_path) -> None:
     assert rt.metrics.live.tunnelsTotal == {"client_tls_error": 1}
     record = rt.accessLog.records[-1]
     assert record.reason == "client_tls" and "unknown ca" in record.detail
+
+
+def test_aDrainSaysGoawayToH2Clients(mitm) -> None:
+    """Shutdown drains an h2 tunnel as HTTP/2 does: GOAWAY, its open stream finishes."""
+    rt = mitm()
+    h2c, origin = h2Tunnel(rt)
+    sid = h2c.get(b"/last")
+    h2c.pump()
+    origin.pump()
+    h2c.client.drain()
+    h2c.pump()
+    (goaway,) = h2c.of(h2.events.ConnectionTerminated)
+    assert goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
+    (request,) = origin.requests()
+    origin.conn.send_headers(request.stream_id, [(b":status", b"204")], end_stream=True)
+    origin.pump()
+    h2c.pump()
+    assert h2c.of(h2.events.StreamEnded, sid), "the open stream still got its answer"
+    tls = h2c.client.nestedConnection.transport
+    assert tls.disconnecting, "then the connection closes (close_notify sent)"
