@@ -441,3 +441,24 @@ def test_slowReaderOf60MBKeepsMemoryFlat(fresh, pki, flag, version):
         assert growth < 16 * 1024 * 1024, (baseline, peak[0])
     finally:
         origin.close()
+
+
+def test_h2ThroughAnUpstreamProxy(fresh, tmp_path, h2origin):
+    """The origin leg goes through [upstream] with CONNECT, and is h2 all the same."""
+    (tmp_path / "upstream").mkdir()
+    upstream = ProxyProcess(tmp_path / "upstream", LOOPBACK_INI).start()
+    try:
+        proxy = fresh(f"\n[upstream]\nproxy = {upstream.url}\n")
+        before = len(h2origin.alpn)
+        done = curl(proxy, "--http2", "-w", "%{http_version}", "-o", "/dev/null",
+                    h2origin.url("/bytes/2000?chained"))  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == b"2"
+        assert h2origin.alpn[before:] == ["h2"]
+        assert waitFor(lambda: any(r["url"].endswith("/bytes/2000") for r in accessRecords(proxy)))
+        record = next(r for r in accessRecords(proxy) if r["url"].endswith("/bytes/2000"))
+        assert record["hierarchy"].startswith("FIRSTUP_PARENT/")
+        assert upstream.metric("proxygate_tunnels") == 1, "the origin leg, open (pooled)"
+        proxy.stop()  # first: the upstream would wait for the tunnel it carries
+    finally:
+        upstream.stop()
