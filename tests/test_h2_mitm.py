@@ -15,6 +15,7 @@ access line per stream.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -142,6 +143,7 @@ class H2Session:
         self.send()
         self.events: list = []
         self.bodies: dict[int, int] = {}
+        self.data: dict[int, bytes] = {}  # the bodies of small answers
 
     def send(self) -> None:
         data = self.conn.data_to_send()
@@ -170,13 +172,37 @@ class H2Session:
             for event in self.conn.receive_data(data):
                 self.events.append(event)
                 if isinstance(event, h2.events.DataReceived):
-                    self.bodies[event.stream_id] = self.bodies.get(event.stream_id, 0) + len(
-                        event.data
-                    )
+                    sid = event.stream_id
+                    self.bodies[sid] = self.bodies.get(sid, 0) + len(event.data)
+                    if self.bodies[sid] <= 65536:
+                        self.data[sid] = self.data.get(sid, b"") + event.data
                     self.conn.acknowledge_received_data(
                         event.flow_controlled_length, event.stream_id
                     )
             self.send()
+
+    def post(self, path: str, body: bytes) -> int:
+        """A POST without content-length, its body sent as the windows allow."""
+        sid = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(
+            sid,
+            [(b":method", b"POST"), (b":scheme", b"https"),
+             (b":authority", self.authority.encode()), (b":path", path.encode())],
+        )  # fmt: skip
+        sent = 0
+        while sent < len(body):
+            window = self.conn.local_flow_control_window(sid)
+            if window <= 0:
+                self.send()
+                seen = len(self.events)
+                self.until(lambda s, seen=seen: len(s.events) > seen)
+                continue
+            chunk = body[sent : sent + min(window, self.conn.max_outbound_frame_size)]
+            self.conn.send_data(sid, chunk)
+            sent += len(chunk)
+        self.conn.end_stream(sid)
+        self.send()
+        return sid
 
     def ended(self, sid: int) -> bool:
         return any(
@@ -304,6 +330,18 @@ def test_anH2ClientOverAnOriginThatFellBackToHTTP11(fresh, pki):
         assert session.bodies[second] == 2000
         assert origin.alpn == ["h2", "http/1.1"]
         assert origin.requests[-1][:2] == ("GET", "/bytes/2000")
+        # An upload past the stream window: no length on h2, so chunked on HTTP/1.1.
+        upload = payload(700_000)
+        third = session.post("/sink", upload)
+        session.until(lambda s: s.ended(third))
+        answer = json.loads(session.data[third])
+        assert answer == {"bytes": len(upload), "sha256": hashlib.sha256(upload).hexdigest()}
+        method, path, headers = origin.requests[-1]
+        assert (method, path, dict(headers).get("Transfer-Encoding")) == (
+            "POST",
+            "/sink",
+            "chunked",
+        )
     finally:
         session.close()
         origin.close()
