@@ -93,6 +93,7 @@ def jsonLine(r: AccessRecord) -> str:
         "hierarchy": r.hierarchy,
         "content_type": r.contentType or None,
         "mode": r.mode,
+        "protocol": r.version,
         "reason": r.reason,
         "detail": r.detail,
     }

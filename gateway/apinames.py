@@ -54,7 +54,7 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote_to_bytes
 
-__all__ = ["MAX_SEGMENTS", "foldSegment", "normaliseAPI"]
+__all__ = ["MAX_SEGMENTS", "foldSegment", "grpcMethod", "normaliseAPI"]
 
 #: Segments kept per path: enough for /v1/users/:id/repos, and a bound on series per API.
 MAX_SEGMENTS = 4
@@ -198,6 +198,28 @@ def foldSegment(segment: str) -> str:
     if len(segment) < MIN_TOKEN or _wordy(segment):
         return segment
     return ":id" if any(c.isdigit() for c in segment) else ":token"
+
+
+#: A gRPC method path (the gRPC over HTTP/2 protocol: "/" Service-Name "/" method name),
+#: as protobuf spells them: dotted identifiers, then an identifier.
+_GRPC_PATH = re.compile(
+    rb"/[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*/[A-Za-z_][A-Za-z0-9_]*"
+)
+#: Longer gRPC paths are folded like any other (real ones are well under this).
+MAX_GRPC_PATH = 200
+
+
+def grpcMethod(path: bytes) -> str | None:
+    """
+    The C{api} label of a gRPC call (its content-type says application/grpc): the full
+    method path, C{/pkg.Service/Method}, never folded, since it names code, not data; None
+    when the path does not have that shape (then it is folded as any path is). The
+    series cap of L{gateway.metrics.Metrics.api} bounds what a client can make of it.
+    """
+    path = path.split(b"?", 1)[0]
+    if len(path) <= MAX_GRPC_PATH and _GRPC_PATH.fullmatch(path):
+        return path.decode("ascii")
+    return None
 
 
 _apis: dict[bytes, str] = {}

@@ -109,8 +109,8 @@ class MitmConfig:
     enabled: bool
     ca_cert: str
     ca_key: str
-    intercept: tuple[policy.HostPattern, ...]
-    passthrough: tuple[policy.HostPattern, ...]
+    intercept: tuple[policy.TunnelPattern, ...]
+    passthrough: tuple[policy.TunnelPattern, ...]
     upstream_ca_bundle: str | None
     verify_upstream: bool
     #: (DNS domains, IP networks) a CA proxygate creates is constrained to; None: none.
@@ -424,6 +424,16 @@ def _patterns(value: str, baseDir: str) -> tuple[policy.HostPattern, ...]:
     return patterns
 
 
+def _tunnelPatterns(value: str, baseDir: str) -> tuple[policy.TunnelPattern, ...]:
+    """Host patterns, each maybe with a port (host:port, [v6]:port, *:port)."""
+    patterns = policy.parseTunnelPatterns(_items(value))
+    if any(p.host.kind == "self" for p in patterns):
+        raise ValueError(
+            f"'{policy.SELF}' (this host's addresses) is a keyword of deny_destinations only"
+        )
+    return patterns
+
+
 _BOOLEANS = {
     "on": True, "true": True, "yes": True, "1": True,
     "off": False, "false": False, "no": False, "0": False,
@@ -684,8 +694,8 @@ SCHEMA: dict[str, dict[str, tuple[str, Parser]]] = {
         "enabled": ("off", _boolean),
         "ca_cert": ("proxygate-ca.pem", _path),
         "ca_key": ("proxygate-ca.key", _path),
-        "intercept": ("*", _patterns),
-        "passthrough": ("", _patterns),
+        "intercept": ("*", _tunnelPatterns),
+        "passthrough": ("", _tunnelPatterns),
         "upstream_ca_bundle": ("", _optionalPath),
         "verify_upstream": ("on", _boolean),
         "name_constraints": ("", _nameConstraints),

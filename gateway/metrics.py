@@ -145,15 +145,25 @@ class Metrics:
         self.watchBackends(route, {})
 
     def api(
-        self, host: str, api: str, method: bytes, code: int, seconds: float, requestBytes: int
+        self,
+        host: str,
+        api: str,
+        method: bytes,
+        code: int,
+        seconds: float,
+        requestBytes: int,
+        grpcStatus: bytes | None = None,
     ) -> None:
         """
-        Per-API figures of decrypted traffic (C{api} from L{normaliseAPI}). The number of
-        (host, api) pairs is capped: past the cap, new pairs are counted as host="other",
-        api="other", so a client inventing paths or names cannot grow the scrape without
-        bound. The method is a label of the request counter only (GET, PUT and DELETE on
-        one path are different APIs), folded to the known methods like
-        proxygate_requests_total's, so it multiplies those series by a fixed bound at most.
+        Per-API figures of decrypted traffic (C{api} from L{normaliseAPI}, or a gRPC
+        method). The number of (host, api) pairs is capped: past the cap, new pairs are
+        counted as host="other", api="other", so a client inventing paths or names cannot
+        grow the scrape without bound. The method is a label of the request counter only
+        (GET, PUT and DELETE on one path are different APIs), folded to the known methods
+        like proxygate_requests_total's, so it multiplies those series by a fixed bound at
+        most. A gRPC call's C{grpcStatus} (its trailers' grpc-status) counts in
+        proxygate_api_grpc_status_total: a number of one or two digits (the codes are
+        0-16), anything else as "other".
         """
         apis = self.live.apis
         key = (host, api)
@@ -169,6 +179,14 @@ class Metrics:
         codes = figures.codes
         key = (method if method in _METHODS else b"OTHER", code)
         codes[key] = codes.get(key, 0) + 1
+        if grpcStatus is not None:
+            status = (
+                grpcStatus.decode("ascii")
+                if len(grpcStatus) <= 2 and grpcStatus.isdigit()
+                else "other"
+            )
+            statuses = figures.grpc
+            statuses[status] = statuses.get(status, 0) + 1
 
 
 class _Count:
@@ -200,12 +218,13 @@ class _Histogram:
 class _API:
     """The figures of one (host, API) pair of decrypted traffic."""
 
-    __slots__ = ("codes", "latency", "requestBytes")
+    __slots__ = ("codes", "grpc", "latency", "requestBytes")
 
     def __init__(self) -> None:
         self.codes: dict[tuple[bytes, int], int] = {}
         self.latency = _Histogram()
         self.requestBytes = 0
+        self.grpc: dict[str, int] = {}  # grpc-status -> calls
 
 
 def _histogram(name: str, documentation: str, labelNames, series) -> HistogramMetricFamily:
@@ -290,11 +309,19 @@ class _LiveCollector:
             "Request body bytes of decrypted (MITM) requests.",
             labels=["host", "api"],
         )
+        grpcStatus = CounterMetricFamily(
+            "proxygate_api_grpc_status",
+            "gRPC calls of decrypted traffic by host, method (api) and grpc-status.",
+            labels=["host", "api", "status"],
+        )
         for (host, api), figures in apis:
             for (method, code), count in sorted(figures.codes.items()):
                 apiRequests.add_metric([host, api, method.decode("ascii"), str(code)], count)
             apiBytes.add_metric([host, api], figures.requestBytes)
+            for status, count in sorted(figures.grpc.items()):
+                grpcStatus.add_metric([host, api, status], count)
         yield apiRequests
+        yield grpcStatus
         yield _histogram(
             "proxygate_api_latency_seconds",
             "Decrypted (MITM) request latency by host and API.",

@@ -27,6 +27,7 @@ __all__ = [
     "HostPattern",
     "IPAddress",
     "IPNetwork",
+    "TunnelPattern",
     "checkClient",
     "checkPort",
     "clientAllowed",
@@ -36,6 +37,7 @@ __all__ = [
     "parseHostPatterns",
     "parseIP",
     "parsePortRanges",
+    "parseTunnelPatterns",
     "portAllowed",
 ]
 
@@ -327,6 +329,58 @@ def parseHostPattern(text: str) -> HostPattern:
 def parseHostPatterns(items: Iterable[str]) -> tuple[HostPattern, ...]:
     """Read patterns in order; duplicates are kept (harmless, and order shows in details)."""
     return tuple(parseHostPattern(item) for item in items)
+
+
+@frozen(repr=False)
+class TunnelPattern:
+    """
+    One entry of [mitm] intercept or passthrough: a host pattern, maybe limited to one port
+    (C{host:port}, C{[v6]:port}, C{*:port}: any host on that port).
+    """
+
+    host: HostPattern
+    port: int | None = None
+
+    def __str__(self) -> str:
+        if self.port is None:
+            return str(self.host)
+        shown = str(self.host)
+        if ":" in shown:
+            shown = f"[{shown}]"
+        return f"{shown}:{self.port}"
+
+    def __repr__(self) -> str:
+        return f"TunnelPattern({str(self)!r})"
+
+    def matches(self, host: str, port: int) -> bool:
+        """Whether a CONNECT to C{host}:C{port} matches (a name, or an IP literal)."""
+        if self.port is not None and self.port != port:
+            return False
+        if self.host.matchesName(host):
+            return True
+        address = parseIP(host)
+        return address is not None and self.host.matchesAddress(address)
+
+
+def parseTunnelPattern(text: str) -> TunnelPattern:
+    """One intercept or passthrough entry; ValueError with one line naming it."""
+    item = text.strip()
+    host, port = item, None
+    if item.startswith("["):
+        end = item.find("]")
+        if end >= 0 and item[end + 1 : end + 2] == ":":
+            host, port = item[: end + 1], item[end + 2 :]
+    elif item.count(":") == 1:
+        host, port = item.split(":")
+    if port is None:
+        return TunnelPattern(parseHostPattern(item))
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"invalid host pattern {text!r}: bad port {port!r}")
+    return TunnelPattern(parseHostPattern(host), int(port))
+
+
+def parseTunnelPatterns(items: Iterable[str]) -> tuple[TunnelPattern, ...]:
+    return tuple(parseTunnelPattern(item) for item in items)
 
 
 # -- clients and ports -------------------------------------------------------------------------

@@ -409,6 +409,8 @@ class GatewayService(MultiService):
         for conn in list(rt.connections):
             conn.shutdown()
         rt.pool.closeAll()
+        if rt.h2pool is not None:
+            rt.h2pool.closeAll()
         if self.reverse is not None:
             self.reverse.pool.closeAll()
         # Let the aborts run their connectionLost before reporting stopped; a tunnel that

@@ -21,7 +21,7 @@ from gateway.config import (
     loadConfig,
     parseConfig,
 )
-from gateway.policy import parseHostPatterns
+from gateway.policy import parseHostPatterns, parseTunnelPatterns
 from gateway.upstream import ProxyURL, parseNoProxy
 
 SAMPLE = Path(__file__).resolve().parent.parent / "etc" / "proxygate.ini"
@@ -75,7 +75,7 @@ def test_defaultsAreDesignMd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         enabled=False,
         ca_cert=str(tmp_path / "proxygate-ca.pem"),
         ca_key=str(tmp_path / "proxygate-ca.key"),
-        intercept=parseHostPatterns(["*"]),
+        intercept=parseTunnelPatterns(["*"]),
         passthrough=(),
         upstream_ca_bundle=None,
         verify_upstream=True,
@@ -187,10 +187,12 @@ VALUES: list[tuple[str, str, str, str, Any]] = [
     ("mitm", "enabled", "on", "mitm.enabled", True),
     ("mitm", "ca_cert", "/var/lib/pg/ca.pem", "mitm.ca_cert", "/var/lib/pg/ca.pem"),
     ("mitm", "ca_key", "keys/ca.key", "mitm.ca_key", "/etc/pg/keys/ca.key"),
-    ("mitm", "intercept", ".example.com", "mitm.intercept", parseHostPatterns([".example.com"])),
+    ("mitm", "intercept", ".example.com", "mitm.intercept", parseTunnelPatterns([".example.com"])),
     ("mitm", "intercept", "", "mitm.intercept", ()),
     ("mitm", "passthrough", "*.bank.example pinned.example", "mitm.passthrough",
-     parseHostPatterns(["*.bank.example", "pinned.example"])),
+     parseTunnelPatterns(["*.bank.example", "pinned.example"])),
+    ("mitm", "passthrough", "*:21 *:25 ftp.example:2121 [::1]:22", "mitm.passthrough",
+     parseTunnelPatterns(["*:21", "*:25", "ftp.example:2121", "[::1]:22"])),
     ("mitm", "upstream_ca_bundle", "bundle.pem", "mitm.upstream_ca_bundle", "/etc/pg/bundle.pem"),
     ("mitm", "verify_upstream", "no", "mitm.verify_upstream", False),
     ("mitm", "http2", "off", "mitm.http2", False),
@@ -257,6 +259,9 @@ def test_keysAreCaseInsensitiveSectionsAreNot() -> None:
 def test_mitmDisabledStillValidated() -> None:
     message = refused("[mitm]\nenabled = off\nintercept = a..b\n")
     assert message.startswith(f"{FILE}: [mitm] intercept: invalid host pattern 'a..b'")
+    message = refused("[mitm]\npassthrough = *:99999\n")
+    assert message.startswith(f"{FILE}: [mitm] passthrough: invalid host pattern '*:99999'")
+    assert "self" in refused("[mitm]\npassthrough = self:22\n")
 
 
 # -- errors: every shape -----------------------------------------------------------------------

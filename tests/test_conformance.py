@@ -1935,7 +1935,8 @@ def test_D42_upgradedStreamIdleNeverGetsHTTP(proxy, rec) -> None:
         assert closed and extra == b""
 
 
-# -- E: RFC 9113 does not apply: the MITM speaks HTTP/1.1 only -----------------------------------
+# -- E: with [mitm] http2 = off the MITM speaks HTTP/1.1 only (RFC 9113 does not apply; with
+# -- http2 on, an origin that chooses h2 gets h2 on both legs: tests/test_h2_mitm.py) -----------
 
 
 @pytest.fixture(scope="module")
@@ -1954,7 +1955,9 @@ def tlsOrigin(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mitmProxy(tmp_path_factory, tlsOrigin):
     folder = tmp_path_factory.mktemp("conformance-mitm")
-    ini = INI + f"\n[mitm]\nenabled = on\nupstream_ca_bundle = {tlsOrigin.pki.caCert}\n"
+    ini = (
+        INI + f"\n[mitm]\nenabled = on\nhttp2 = off\nupstream_ca_bundle = {tlsOrigin.pki.caCert}\n"
+    )
     p = ProxyProcess(folder, ini).start()
     yield p
     p.stop()

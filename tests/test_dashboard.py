@@ -133,6 +133,7 @@ LANDED_NOW = {
     "proxygate_config_reloads_total",
     "proxygate_build_info",
     "proxygate_api_requests_total{method}",
+    "proxygate_api_grpc_status_total",
 }
 
 

@@ -332,3 +332,95 @@ def test_decryptedRequestsCountPerAPI() -> None:
     exchange.responseEnd()
     assert list(env.metrics.live.apis) == [("example.com", "/v1/users/:id")]
     assert env.requests() == {("mitm", b"GET", 200): 1}
+
+
+def test_aStreamTheOriginRefusedIsRetriedOnceWhateverItsMethod() -> None:
+    """RFC 9113 §8.7: a refused HTTP/2 stream was not processed; a bodyless POST is safe too."""
+    env = PlaybookEnv()
+    exchange, _down, _up = started(env, request(b"POST", length=0))
+    refused = Problem(502, "stream_refused", "The origin refused the stream.")
+    exchange.upstreamLost(refused)
+    assert env.take() == [("down.throttle", None), ("open", "example.com", 80, True)]
+    exchange.upstreamReady(RecordingUpstream(env.actions, "up2"), False)
+    env.take()
+    exchange.upstreamLost(refused)  # once only
+    actions = env.take()
+    assert actions[1][:2] == ("down.sendHead", 502)
+    assert exchange.problem.code == "stream_refused"
+
+
+def test_aRefusedStreamWithABodyIsNotRetried() -> None:
+    """The body went up and cannot be sent again: the client hears 502."""
+    env = PlaybookEnv()
+    exchange, _down, _up = started(env, request(b"PUT", length=3))
+    exchange.upstreamLost(Problem(502, "stream_refused", "The origin refused the stream."))
+    assert not any(a[0] == "open" for a in env.take())
+    assert exchange.code == 502
+
+
+def test_requestFlushReachesTheUpstream() -> None:
+    """An HTTP/2 downstream ends each batch of request events: the upstream sends them then."""
+    env = PlaybookEnv()
+    exchange, _down, _up = started(env, request(b"POST", length=UNKNOWN))
+    exchange.requestData(b"abc")
+    exchange.requestFlush()
+    assert env.take() == [("up.sendData", b"abc"), ("up.flush",)]
+
+
+def grpcCall(env: PlaybookEnv, path: bytes = b"/pkg.v1.Service/GetThing"):
+    from gateway.exchange.grpc import GRPCExchange
+
+    down = RecordingDownstream(env.actions)
+    req = request(b"POST", path, length=UNKNOWN, fields=[(b"content-type", b"application/grpc")])
+    exchange = GRPCExchange(env, down, req, mode="mitm", user=None)
+    exchange.begin()
+    exchange.upstreamReady(RecordingUpstream(env.actions), False)
+    return exchange
+
+
+def test_aGRPCCallCountsPerMethodWithItsTrailerStatus() -> None:
+    env = PlaybookEnv()
+    exchange = grpcCall(env)
+    exchange.responseHead(response(length=UNKNOWN, fields=[(b"content-type", b"application/grpc")]))
+    exchange.responseData(b"\x00\x00\x00\x00\x00")
+    exchange.responseEnd([(b"grpc-status", b"0"), (b"grpc-message", b"")])
+    figures = env.metrics.live.apis[("example.com", "/pkg.v1.Service/GetThing")]
+    assert figures.grpc == {"0": 1}
+    assert figures.codes == {(b"POST", 200): 1}
+
+
+def test_aTrailersOnlyGRPCAnswerCountsItsHeadStatus() -> None:
+    env = PlaybookEnv()
+    exchange = grpcCall(env, b"/pkg.Service/Missing?x")
+    exchange.responseHead(response(length=0, fields=[(b"grpc-status", b"12")]))
+    exchange.responseEnd()
+    assert env.metrics.live.apis[("example.com", "/pkg.Service/Missing")].grpc == {"12": 1}
+
+
+@pytest.mark.parametrize(
+    "path, api",
+    [
+        (b"/pkg.Service/Method", "/pkg.Service/Method"),  # never folded
+        (b"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Check"),
+        (b"/a/b/c", "/a/b/c"),  # not a method path: folded as any path
+        (b"/v1/users/12345", "/v1/users/:id"),
+    ],
+)
+def test_grpcMethodPathsAreKeptWhole(path, api) -> None:
+    env = PlaybookEnv()
+    exchange = grpcCall(env, path)
+    exchange.responseHead(response(length=0, fields=[(b"grpc-status", b"x7")]))
+    exchange.responseEnd()
+    assert list(env.metrics.live.apis) == [("example.com", api)]
+    assert env.metrics.live.apis[("example.com", api)].grpc == {"other": 1}
+
+
+def test_isGRPC() -> None:
+    from gateway.exchange.grpc import isGRPC
+
+    assert isGRPC([(b"content-type", b"application/grpc")])
+    assert isGRPC([(b"Content-Type", b"application/grpc+proto")])
+    assert isGRPC([(b"content-type", b"application/grpc-web-text")])
+    assert not isGRPC([(b"content-type", b"application/grpcx")])
+    assert not isGRPC([(b"content-type", b"application/json")])
+    assert not isGRPC([])

@@ -23,42 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import LOOPBACK_INI, PYTHON, REPO, rss, waitFor
-from tests.support.ftpserver import PASSWORD, USER, layout
+from tests.support import LOOPBACK_INI, rss, waitFor
+from tests.support.ftpserver import PASSWORD, USER, FTPServerProcess, layout
 
 HELLO = b"hello, ftp\n"
 DATA = bytes(range(256)) * 1000
 FTP_INI = LOOPBACK_INI  # loopback destinations allowed; ftp on, ftp_ports 21 1024-65535
-
-
-class FTPServerProcess:
-    """tests/support/ftpserver.py in a process of its own, stopped by PID."""
-
-    def __init__(self, root: Path, *extra: str) -> None:
-        self.proc = subprocess.Popen(
-            [PYTHON, str(REPO / "tests" / "support" / "ftpserver.py"), str(root), *extra],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            cwd=REPO,
-            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
-        )
-        line = self.proc.stdout.readline()
-        if not line.strip().isdigit():
-            self.stop()
-            raise RuntimeError("the FTP server did not start")
-        self.port = int(line)
-
-    def url(self, path: str, userinfo: str = "") -> str:
-        return f"ftp://{userinfo}127.0.0.1:{self.port}{path}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
 
 
 def _tree(root: Path) -> Path:

@@ -409,13 +409,15 @@ def test_aFailedDialIs502WithTheReason() -> None:
 class _Interceptor:
     """Intercepts every host; its contexts are never used by these tests."""
 
-    def intercepts(self, host: str) -> bool:
+    http2 = False
+
+    def intercepts(self, host: str, port: int) -> bool:
         return True
 
     def permits(self, host: str) -> bool:
         return True
 
-    def serverCreator(self, host: str):
+    def serverCreator(self, host: str, protocol: str = "http/1.1"):
         return object()
 
 
@@ -448,7 +450,7 @@ def test_aConnectInsideAnInterceptedTunnelIsRefused() -> None:
     from tests.support.wire import Transport
 
     class Tunnel:
-        client, user, host, port = "127.0.0.1", None, "o.test", 443
+        client, user, host, port, connector = "127.0.0.1", None, "o.test", 443, None
 
     rt = runtime()
     inner = ClientConnection(rt, Tunnel())
@@ -465,7 +467,7 @@ def test_aDecryptedRequestOnlyReachesTheTunnelsOrigin() -> None:
     from tests.support.wire import Transport
 
     class Tunnel:
-        client, user, host, port = "127.0.0.1", None, "o.test", 443
+        client, user, host, port, connector = "127.0.0.1", None, "o.test", 443, None
 
     rt = runtime()
     inner = ClientConnection(rt, Tunnel())

@@ -15,7 +15,7 @@ from gateway.h2.headers import (
     trailerFields,
     trailerHeaders,
 )
-from gateway.message import UNKNOWN, Request, Response
+from gateway.message import NO_BODY, UNKNOWN, Request, Response
 
 TARGET = ("https", "api.example.test", 443, b"api.example.test")
 
@@ -49,9 +49,11 @@ def test_requestFromClient():
 
 
 def test_requestLengths():
-    """No content-length: unknown; END_STREAM on the headers: 0."""
+    """No content-length: unknown; END_STREAM on the headers: no body (0 for a POST)."""
     assert fromClient(BASE).length is UNKNOWN
-    assert fromClient(BASE, endStream=True).length == 0
+    assert fromClient(BASE, endStream=True).length == 0  # a POST states its length
+    get = [(b":method", b"GET"), *BASE[1:]]
+    assert fromClient(get, endStream=True).length == NO_BODY  # a GET states none
     with pytest.raises(H2HeaderError, match="no body"):
         fromClient([*BASE, (b"content-length", b"3")], endStream=True)
 
@@ -132,14 +134,14 @@ def test_responseFromOrigin():
 
 
 def test_responseFromOriginLengths():
-    """Unknown without content-length; 0 with END_STREAM (gRPC trailers-only); HEAD/304."""
+    """Unknown without content-length; 0 with END_STREAM (gRPC trailers-only); none: HEAD/304."""
     assert responseFromHeaders([(b":status", b"200")], b"GET", False).length is UNKNOWN
     only = responseFromHeaders([(b":status", b"200"), (b"grpc-status", b"5")], b"POST", True)
     assert only.length == 0 and only.fields == [(b"grpc-status", b"5")]
     head = responseFromHeaders([(b":status", b"200"), (b"content-length", b"9")], b"HEAD", True)
-    assert (head.length, head.statedLength) == (0, b"9")
+    assert (head.length, head.statedLength) == (NO_BODY, b"9")
     info = responseFromHeaders([(b":status", b"103"), (b"link", b"</a>")], b"GET", False)
-    assert (info.status, info.length) == (103, 0)
+    assert (info.status, info.length) == (103, NO_BODY)
 
 
 @pytest.mark.parametrize(
@@ -183,3 +185,35 @@ def test_trailers():
     assert trailerHeaders(
         [(b"Grpc-Status", b"13"), (b"Connection", b"x"), (b"Content-Length", b"1")]
     ) == [(b"grpc-status", b"13")]
+
+
+def test_proxyFieldsGoOutBothWays():
+    """Via and X-Forwarded-For (the proxy's own fields) follow the end-to-end ones, lower case."""
+    request = Request(b"GET", "https", "o", 443, b"o", b"/", b"HTTP/1.1", [(b"X-A", b"1")], -1)
+    request.proxyFields = [(b"Via", b"1.1 proxygate"), (b"X-Forwarded-For", b"10.0.0.1")]
+    assert requestHeaders(request)[4:] == [
+        (b"x-a", b"1"),
+        (b"via", b"1.1 proxygate"),
+        (b"x-forwarded-for", b"10.0.0.1"),
+    ]
+    response = Response(200, b"OK", b"HTTP/1.1", [(b"X-B", b"2")], 0)
+    response.proxyFields = [(b"Via", b"1.1 proxygate")]
+    assert responseHeaders(response, b"GET") == [
+        (b":status", b"200"),
+        (b"x-b", b"2"),
+        (b"via", b"1.1 proxygate"),
+        (b"content-length", b"0"),
+    ]
+
+
+def test_secretsAreNeverIndexed() -> None:
+    """h2's own rule, kept with its normalisation off: out of the shared HPACK table."""
+    from hpack import NeverIndexedHeaderTuple
+
+    request = Request(
+        b"GET", "https", "o", 443, b"o", b"/", b"HTTP/1.1",
+        [(b"Authorization", b"Bearer x"), (b"Cookie", b"s=1"), (b"Cookie", b"a" * 30)], -1,
+    )  # fmt: skip
+    headers = requestHeaders(request)[4:]
+    assert [isinstance(h, NeverIndexedHeaderTuple) for h in headers] == [True, True, False]
+    assert headers == [(b"authorization", b"Bearer x"), (b"cookie", b"s=1"), (b"cookie", b"a" * 30)]

@@ -76,6 +76,14 @@ class BytesExchange:
         self.paused = False
         reactor.callLater(0, self._produce)
 
+    # the stream pauses what it is throttling as a producer
+    @property
+    def producer(self):
+        return self
+
+    pauseProducing = pause
+    resumeProducing = resume
+
     def downstreamLost(self) -> None:
         self.record["lost"] = self.record.get("lost", 0) + 1
 
@@ -192,11 +200,11 @@ class Collect:
     def responseFlush(self) -> None:
         pass
 
-    def upstreamLost(self, reason) -> None:
-        self.done.errback(reason)
+    def upstreamLost(self, problem) -> None:
+        self.done.errback(Exception(problem.detail))
 
-    def upstreamFailed(self, status, reason) -> None:
-        self.done.errback(Exception(f"{status} {reason}"))
+    def upstreamFailed(self, problem) -> None:
+        self.done.errback(Exception(f"{problem.status} {problem.detail}"))
 
 
 @defer.inlineCallbacks

@@ -78,11 +78,11 @@ class Relay:
     def responseFlush(self) -> None:
         self.down.flush()
 
-    def upstreamFailed(self, status: int, reason: str) -> None:
+    def upstreamFailed(self, problem) -> None:
         if self.headSent:
             self.down.abort()
         else:
-            self.down.answer(status, reason)
+            self.down.answer(problem.status, problem.detail)
 
     def upstreamLost(self, reason) -> None:
         self.down.abort()

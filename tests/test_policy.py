@@ -20,6 +20,7 @@ from gateway.policy import (
     parseHostPatterns,
     parseIP,
     parsePortRanges,
+    parseTunnelPattern,
     portAllowed,
 )
 
@@ -209,6 +210,40 @@ def test_matchesName(pattern: str, host: str, expected: bool) -> None:
 )
 def test_matchesAddress(pattern: str, address: str, expected: bool) -> None:
     assert parseHostPattern(pattern).matchesAddress(ip(address)) is expected
+
+
+@pytest.mark.parametrize(
+    "text, host, port, expected",
+    [
+        ("example.com", "example.com", 21, True),  # no port: every port
+        ("example.com:21", "example.com", 21, True),
+        ("example.com:21", "example.com", 443, False),
+        ("*:21", "anything.test", 21, True),
+        ("*:21", "10.1.2.3", 21, True),
+        ("*:21", "anything.test", 443, False),
+        (".example.com:8443", "a.example.com", 8443, True),
+        ("*.example.com:8443", "example.com", 8443, False),
+        ("[::1]:22", "::1", 22, True),
+        ("[::1]:22", "::1", 23, False),
+        ("::1", "::1", 22, True),  # an IPv6 address without brackets has no port
+        ("10.0.0.0/8:25", "10.9.8.7", 25, True),
+        ("10.0.0.0/8:25", "10.9.8.7", 587, False),
+        ("127.0.0.1:2121", "127.0.0.1", 2121, True),
+    ],
+)
+def test_tunnelPatterns(text: str, host: str, port: int, expected: bool) -> None:
+    assert parseTunnelPattern(text).matches(host, port) is expected
+
+
+@pytest.mark.parametrize("text", ["example.com:0", "example.com:x", "*:70000", "[::1]:", "a:b:c"])
+def test_tunnelPatternsRefuse(text: str) -> None:
+    with pytest.raises(ValueError, match="invalid host pattern"):
+        parseTunnelPattern(text)
+
+
+def test_tunnelPatternsShowAsWritten() -> None:
+    shown = [str(parseTunnelPattern(t)) for t in ("*:21", "[::1]:22", ".a.test:8443", "b.test")]
+    assert shown == ["*:21", "[::1]:22", ".a.test:8443", "b.test"]
 
 
 def test_parseHostPatternsKeepsOrder() -> None:

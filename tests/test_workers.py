@@ -191,6 +191,8 @@ def test_mergeAddsSamplesAndKeepsOneExpositionAsIs() -> None:
     a.live.clientConnections, b.live.clientConnections = 2, 3
     a.denied.labels("auth").inc()
     b.denied.labels("auth").inc(2)
+    for m in (a, b):  # one gRPC call in each process
+        m.api("o.test", "/pkg.S/M", b"POST", 200, 0.01, 5, b"14")
     textA, textB = generate_latest(a.registry).decode(), generate_latest(b.registry).decode()
 
     class One:
@@ -209,6 +211,7 @@ def test_mergeAddsSamplesAndKeepsOneExpositionAsIs() -> None:
     assert 'proxygate_request_duration_seconds_bucket{le="0.005",mode="forward"} 1.0' in merged
     assert 'proxygate_request_duration_seconds_bucket{le="0.25",mode="forward"} 2.0' in merged
     assert 'proxygate_request_duration_seconds_count{mode="forward"} 2.0' in merged
+    assert 'proxygate_api_grpc_status_total{api="/pkg.S/M",host="o.test",status="14"} 2.0' in merged
 
 
 # -- serving ----------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ LANDED: dict[str, bool] = {
     "proxygate_route_requests_total": True,
     "proxygate_route_request_duration_seconds": True,
     "proxygate_backend_up": True,
-    "proxygate_api_grpc_status_total": False,
+    "proxygate_api_grpc_status_total": True,
     "proxygate_config_reloads_total": True,
     "proxygate_build_info": True,
     "proxygate_api_requests_total{method}": True,  # the `method` label on it

@@ -153,6 +153,12 @@ class Exchange(Transaction):
         else:
             self.trailers = trailers  # upstreamReady ends it once the pending bytes are out
 
+    def requestFlush(self) -> None:
+        """The end of one read's worth of request events (an HTTP/2 downstream says so)."""
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.flush()
+
     # --- the response, from the upstream -------------------------------------------------
 
     def responseHead(self, response: Response) -> None:
@@ -186,7 +192,8 @@ class Exchange(Transaction):
             self.downstream.sendData(data)
 
     def responseFlush(self) -> None:
-        if self.phase == RESPONDING:
+        # Also once DONE: the response may have ended in the batch this closes.
+        if self.phase in (RESPONDING, DONE):
             self.downstream.flush()
 
     def responseEnd(self, trailers: Fields | None = None) -> None:
@@ -219,9 +226,10 @@ class Exchange(Transaction):
             return
         self.upstream = None
         self.downstream.throttle(None)
-        if problem is None and self.phase == SENDING and self._mayRetry():
-            # A pooled connection the origin had already closed: the request never reached
-            # it, so one retry on a fresh connection is safe (idempotent, no body).
+        if self.phase == SENDING and self._mayRetry(problem):
+            # A pooled connection the origin had already closed, or an HTTP/2 stream it
+            # refused: the request never reached it, so one retry on a fresh connection is
+            # safe (no body; idempotent, unless the origin said it processed nothing).
             self.retried = True
             self.reused = False
             self.phase = CONNECTING
@@ -240,14 +248,14 @@ class Exchange(Transaction):
         else:
             self._answer(problem)
 
-    def _mayRetry(self) -> bool:
+    def _mayRetry(self, problem: Problem | None) -> bool:
         length = self.request.length
-        return (
-            self.reused
-            and not self.retried
-            and self.request.method in _IDEMPOTENT
-            and (length == NO_BODY or length == 0)
-        )
+        if self.retried or not (length == NO_BODY or length == 0):
+            return False
+        if problem is None:
+            return self.reused and self.request.method in _IDEMPOTENT
+        # RFC 9113 §8.7: a refused stream was not processed, whatever its method.
+        return problem.code == "stream_refused"
 
     # --- the downstream's endings ----------------------------------------------------------
 

@@ -48,6 +48,8 @@ CODES: dict[str, tuple[str, str, tuple[str, str] | None]] = {
     "tls": ("tls_certificate_error", "TCP_MISS", ("upstream", "tls")),
     "upstream_refused": ("connection_refused", "TCP_MISS", ("upstream", "refused")),
     "incomplete": ("http_response_incomplete", "TCP_MISS", ("upstream", "reset")),
+    # an HTTP/2 origin refused a stream it never processed (REFUSED_STREAM, GOAWAY): retried
+    "stream_refused": ("destination_unavailable", "TCP_MISS", ("upstream", "reset")),
     "protocol": ("http_protocol_error", "TCP_MISS", ("upstream", "reset")),
     "internal": ("proxy_internal_error", "TCP_MISS", None),
     # endings without an answer

@@ -30,6 +30,8 @@ class Transaction:
         C{sentUpstream}: of those, the bytes that reached the next hop.
     @ivar problem: why it was refused or failed, if it was.
     @ivar answered: the proxy answered itself: what was sent came from no upstream.
+    @ivar grpcStatus: a gRPC call's grpc-status (from the trailers, or the head of a
+        trailers-only response), as the origin sent it; None for anything else.
     @ivar route: the inbound gateway's route that served it (its name), else None: then it
         is also counted in the route's own metrics, and logged with the route and
         C{backend} (the backend's URL as in the INI, None when none was chosen).
@@ -42,6 +44,7 @@ class Transaction:
         "code",
         "contentType",
         "env",
+        "grpcStatus",
         "ip",
         "logMode",
         "method",
@@ -81,6 +84,7 @@ class Transaction:
         self.answered = False
         self.route: str | None = None
         self.backend: str | None = None
+        self.grpcStatus: bytes | None = None
 
     def logURL(self) -> str:
         """The URL of the access line (no query, no credentials)."""
@@ -89,6 +93,10 @@ class Transaction:
     def apiKey(self) -> tuple[str, bytes] | None:
         """For decrypted traffic: the (host, path) whose per-API figures it adds to."""
         return None
+
+    def apiName(self, path: bytes) -> str:
+        """The C{api} label of C{path}: folded (L{normaliseAPI}); a gRPC call's is its method."""
+        return normaliseAPI(path)
 
     def localAnswer(self, problem: Problem, size: int, url: str) -> None:
         """The proxy answered C{problem} itself, with a body of C{size} bytes."""
@@ -122,7 +130,13 @@ class Transaction:
             api = self.apiKey()
             if api is not None:
                 metrics.api(
-                    api[0], normaliseAPI(api[1]), self.method, self.code, elapsed, self.received
+                    api[0],
+                    self.apiName(api[1]),
+                    self.method,
+                    self.code,
+                    elapsed,
+                    self.received,
+                    self.grpcStatus,
                 )
             fromUpstream = 0 if self.answered else self.sent
             metrics.moved(self.received, self.sentUpstream, fromUpstream, self.sent)

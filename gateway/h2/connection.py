@@ -37,6 +37,7 @@ PRIORITY is ignored; there is no server push (disabled in SETTINGS).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import h2.config
@@ -51,9 +52,10 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..exchange.problems import problemForStatus
 from ..proxy.flow import noDelay
 from .headers import H2HeaderError, requestFromHeaders
-from .stream import ClientStream, ServerStream, StreamRefused, StreamReset
+from .stream import ClientStream, ConnectionGone, ServerStream, StreamRefused, StreamReset
 
 __all__ = [
     "H2ClientProtocol",
@@ -65,6 +67,38 @@ __all__ = [
 ]
 
 _log = Logger()
+
+
+def _quietFrameTrace() -> bool:
+    """
+    Stop h2 from formatting every frame it receives for a trace log line that nobody reads
+    (C{logger.trace("Received frame: %s", repr(frame))}: the argument is built before the
+    no-op logger is called): 6% of the CPU of an intercepted h2 request. h2.connection
+    calls C{repr} there and nowhere else, so a module-level C{repr} of its own that formats
+    nothing changes only that line. Done only while its source still has that shape (a
+    later h2 that uses C{repr} elsewhere keeps the builtin: slower, never wrong); see
+    tests/test_h2.py.
+    """
+    import inspect
+
+    try:
+        source = inspect.getsource(h2.connection)
+    except (OSError, TypeError):
+        return False
+    if source.count("repr(") != 1 or 'trace("Received frame: %s", repr(frame))' not in source:
+        return False
+    h2.connection.repr = _noRepr
+    return True
+
+
+def _noRepr(obj) -> str:
+    return "-"
+
+
+QUIET_FRAME_TRACE = _quietFrameTrace()
+
+#: h2's table of streams is pruned of closed ones when it holds this many.
+_PRUNE_AT = 64
 
 #: RFC 9113 §6.9.2: every connection starts with this window, whatever SETTINGS say.
 _DEFAULT_WINDOW = 65535
@@ -141,14 +175,54 @@ class _Machine(h2.connection.H2Connection):
     @property
     def open_inbound_streams(self) -> int:
         # h2 counts (and prunes closed streams) here before accepting a stream, and raises
-        # a connection error past the limit; prune, and let the protocol refuse the stream.
-        self._open_streams(int(not self.config.client_side))
+        # a connection error past the limit; let the protocol refuse the stream, and prune
+        # now and then (a walk of every stream per request was 2% of its CPU): a closed
+        # stream kept a little longer answers late frames as a pruned one does.
+        if len(self.streams) >= _PRUNE_AT:
+            self._open_streams(int(not self.config.client_side))
         return 0
 
     def _local_settings_acked(self):
         changes = super()._local_settings_acked()
         self.decoder.max_header_list_size = self.hardHeaderListSize
         return changes
+
+
+class _Flusher:
+    """
+    Flushes, at the end of the reactor's turn, the connections that have frames waiting
+    and were not flushed by then: one timed call per turn for all of them, where one per
+    connection and batch (a call scheduled, then cancelled by the flush that usually comes
+    first) was a few per cent of the CPU of a request.
+    """
+
+    def __init__(self, reactor) -> None:
+        self.reactor = reactor
+        self.pending: dict = {}
+        self.call = None
+
+    def add(self, protocol) -> dict:
+        self.pending[protocol] = None
+        if self.call is None:
+            self.call = self.reactor.callLater(0, self.run)
+        return self.pending
+
+    def run(self) -> None:
+        self.call = None
+        pending, self.pending = self.pending, {}
+        for protocol in list(pending):
+            if protocol._flushCall is pending:
+                protocol.flush()
+
+
+_flushers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _flusher(reactor) -> _Flusher:
+    flusher = _flushers.get(reactor)
+    if flusher is None:
+        flusher = _flushers[reactor] = _Flusher(reactor)
+    return flusher
 
 
 @implementer(IPushProducer)
@@ -165,8 +239,9 @@ class H2Protocol(Protocol):
             header_encoding=None,
             validate_inbound_headers=True,
             normalize_inbound_headers=True,
-            validate_outbound_headers=True,
-            normalize_outbound_headers=True,
+            # What this proxy sends is normalised and checked as it is built (h2/headers.py).
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
         )
         self.conn = _Machine(config)
         self.conn.hardHeaderListSize = 2 * limits.maxHeaderListSize
@@ -209,12 +284,10 @@ class H2Protocol(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if self._flushCall is not None and self._flushCall.active():
-            self._flushCall.cancel()
         self._flushCall = None
         error = reason.value if isinstance(reason.value, Exception) else Exception(str(reason))
         for stream in list(self.streams.values()):
-            stream.connectionLost(StreamReset(ErrorCodes.CANCEL, f"connection lost: {error}"))
+            stream.connectionLost(ConnectionGone(ErrorCodes.CANCEL, f"connection lost: {error}"))
         self.streams.clear()
         self._blocked.clear()
 
@@ -287,13 +360,13 @@ class H2Protocol(Protocol):
     def dirty(self) -> None:
         """h2 has frames to send: they go at the end of this batch."""
         if not self._inRead and self._flushCall is None and not self.lost:
-            self._flushCall = self.reactor.callLater(0, self.flush)
+            self._flushCall = _flusher(self.reactor).add(self)
 
     def flush(self) -> None:
         """Write everything h2 has to send, in one write."""
-        call, self._flushCall = self._flushCall, None
-        if call is not None and call.active():
-            call.cancel()
+        if self._flushCall is not None:
+            self._flushCall.pop(self, None)
+            self._flushCall = None
         self._unflushed = 0
         if self.lost:
             return
@@ -451,6 +524,14 @@ class H2Protocol(Protocol):
     }
 
 
+def _pseudo(headers, name: bytes) -> bytes:
+    """A pseudo-header field's value (b"-" without one), for the log of a refused request."""
+    for field, value in headers:
+        if field == name:
+            return value
+    return b"-"
+
+
 class H2ServerProtocol(H2Protocol):
     """
     The client-facing connection inside an intercepted tunnel (ALPN h2).
@@ -460,9 +541,10 @@ class H2ServerProtocol(H2Protocol):
     @param dispatch: C{dispatch(stream) -> exchange}: makes the exchange serving a new
         stream (C{stream.request}); it gets the DownstreamEvents calls. Called at the end of
         the read that opened the stream, never for a stream reset within that read.
-    @param refused: C{refused(stream, status, reason)}: a request the proxy answered itself
-        (malformed, header list too large), for the access log and metrics; C{stream.request}
-        may be None.
+    @param refused: C{refused(stream, problem, method, path)}: a request the proxy answered
+        itself (malformed: 400, CONNECT: 501, header list too large: 431), for the access
+        log and metrics; C{stream.request} is None, C{method} and C{path} are what the
+        header block said (b"-" when it said nothing).
     """
 
     clientSide = False
@@ -504,9 +586,12 @@ class H2ServerProtocol(H2Protocol):
         except H2HeaderError as e:
             if endStream:
                 stream._remoteEnded = True
-            stream.answer(e.status, e.reason[:1].upper() + e.reason[1:].rstrip(".") + ".")
+            problem = problemForStatus(e.status, e.reason)
+            stream.answer(e.status, problem.detail, problem.proxyStatus)
             if self._refused is not None:
-                self._refused(stream, e.status, e.reason)
+                self._refused(
+                    stream, problem, _pseudo(headers, b":method"), _pseudo(headers, b":path")
+                )
             return
         if endStream:
             stream._remoteEnded = True
@@ -574,9 +659,10 @@ class H2ClientProtocol(H2Protocol):
 
     clientSide = True
 
-    def __init__(self, limits: H2Limits, reactor, ip: str = "-") -> None:
+    def __init__(self, limits: H2Limits, reactor, ip: str = "-", viaProxy: bool = False) -> None:
         super().__init__(limits, reactor)
         self.ip = ip
+        self.viaProxy = viaProxy
         self._opening = 0  # streams made but whose head is not sent yet
         self.onLost: Callable | None = None  # called once the connection is gone
 

@@ -10,13 +10,22 @@ any case. Cookies arrive as one field (h2's inbound normalisation joins them, §
 
 The h2 library has validated what it delivers (pseudo-header fields, forbidden fields, upper
 case); what is checked here is what h2 cannot know: the values proxygate relies on.
+
+What goes out is already what h2's outbound normalisation and validation would make of it
+(lower-case names, no connection-specific field, values as parsed: CR, LF and NUL were
+refused on the way in, on either wire), so the connections turn those off: they were a
+tenth of the proxy's CPU per request. The one part kept is h2's own rule for secrets:
+authorization, proxy-authorization and short cookies are sent never-indexed, out of the
+HPACK table that every client's requests to one origin share (L{_out}).
 """
 
 from __future__ import annotations
 
+from hpack import NeverIndexedHeaderTuple
+
 from ..http1.headers import parseAuthority
 from ..http1.parse import HTTPError
-from ..message import UNKNOWN, Fields, Request, Response
+from ..message import NO_BODY, UNKNOWN, Fields, Request, Response
 
 __all__ = [
     "H2HeaderError",
@@ -45,6 +54,10 @@ _NOT_FORWARDED = frozenset(
         b"content-length",
     )
 )
+
+#: Fields kept out of HPACK's dynamic table (h2's _secure_headers, after Firefox and
+#: nghttp2): a compression oracle cannot guess them from the sizes of other requests.
+_SECRET = frozenset((b"authorization", b"proxy-authorization"))
 
 #: Methods whose request states its length even when it is 0 (RFC 9110 §8.6).
 _BODY_METHODS = frozenset((b"POST", b"PUT", b"PATCH"))
@@ -111,7 +124,9 @@ def requestFromHeaders(
     if endStream:
         if length:
             raise H2HeaderError(400, "content-length with no body")
-        length = 0
+        # No body: an HTTP/1.1 origin is told "Content-Length: 0" only where it stated one,
+        # or for a method whose requests state their length.
+        length = 0 if lengths or method in _BODY_METHODS else NO_BODY
     return Request(method, scheme, host, port, authority, path, b"HTTP/2", fields, length)
 
 
@@ -122,6 +137,13 @@ def _checkAuthority(value: bytes) -> None:
         raise H2HeaderError(400, "an invalid :authority or host")
 
 
+def _out(name: bytes, value: bytes) -> tuple[bytes, bytes]:
+    """A field to send (its name lower case already), never-indexed if it is a secret."""
+    if name in _SECRET or (name == b"cookie" and len(value) < 20):
+        return NeverIndexedHeaderTuple(name, value)
+    return (name, value)
+
+
 def requestHeaders(request: Request) -> Headers:
     """The header block sending C{request} on an h2 stream to its origin."""
     headers: Headers = [
@@ -130,7 +152,8 @@ def requestHeaders(request: Request) -> Headers:
         (b":authority", request.authority),
         (b":path", request.path),
     ]
-    for name, value in request.fields:
+    # The proxy's own fields (Via, X-Forwarded-For) follow the end-to-end ones.
+    for name, value in (*request.fields, *request.proxyFields):
         name = name.lower()
         if name in _NOT_FORWARDED:
             continue
@@ -139,9 +162,9 @@ def requestHeaders(request: Request) -> Headers:
             if value.strip().lower() == b"trailers":
                 headers.append((b"te", b"trailers"))
             continue
-        headers.append((name, value))
+        headers.append(_out(name, value))
     length = request.length
-    if length is not UNKNOWN and (length or request.method in _BODY_METHODS):
+    if length is not UNKNOWN and length != NO_BODY and (length or request.method in _BODY_METHODS):
         headers.append((b"content-length", b"%d" % length))
     return headers
 
@@ -153,6 +176,7 @@ def responseFromHeaders(headers: Headers, method: bytes, endStream: bool) -> Res
     @raise H2HeaderError: 502 for a head the proxy cannot forward.
     """
     status = None
+    contentType = b""
     fields: Fields = []
     lengths: list[bytes] = []
     for name, value in headers:
@@ -161,6 +185,8 @@ def responseFromHeaders(headers: Headers, method: bytes, endStream: bool) -> Res
         elif name == b"content-length":
             lengths.append(value)
         elif name[:1] != b":":
+            if name == b"content-type":
+                contentType = value
             fields.append((name, value))
     if status is None or len(status) != 3 or not status.isdigit():
         raise H2HeaderError(502, "the origin's response has no valid :status")
@@ -168,33 +194,34 @@ def responseFromHeaders(headers: Headers, method: bytes, endStream: bool) -> Res
     if code < 100:
         raise H2HeaderError(502, f"the origin's response status {code} is invalid")
     length = _contentLength(lengths, 502)
-    if code < 200:
-        return Response(code, b"", b"HTTP/2", fields, 0)
-    if method == b"HEAD" or code in (204, 304):
+    if code < 200 or code == 204:
+        return Response(code, b"", b"HTTP/2", fields, NO_BODY, None, contentType)
+    if method == b"HEAD" or code == 304:
+        # No body by rule; the length stated is that of what a GET would get.
         stated = lengths[0] if lengths else None
-        return Response(code, b"", b"HTTP/2", fields, 0, statedLength=stated)
+        return Response(code, b"", b"HTTP/2", fields, NO_BODY, stated, contentType)
     if endStream:
         if length:
             raise H2HeaderError(502, "the origin's content-length with no body")
         length = 0
-    return Response(code, b"", b"HTTP/2", fields, length)
+    return Response(code, b"", b"HTTP/2", fields, length, None, contentType)
 
 
 def responseHeaders(response: Response, method: bytes) -> Headers:
     """The header block answering a client's h2 stream (whose request was C{method})."""
     headers: Headers = [(b":status", b"%d" % response.status)]
-    for name, value in response.fields:
+    for name, value in (*response.fields, *response.proxyFields):
         name = name.lower()
         if name in _NOT_FORWARDED or name == b"te":
             continue
-        headers.append((name, value))
+        headers.append(_out(name, value))
     status = response.status
     if status < 200:
         return headers
     if method == b"HEAD" or status in (204, 304):
         if response.statedLength is not None and status != 204:
             headers.append((b"content-length", response.statedLength))
-    elif response.length is not UNKNOWN:
+    elif response.length is not UNKNOWN and response.length >= 0:
         headers.append((b"content-length", b"%d" % response.length))
     return headers
 
@@ -210,5 +237,5 @@ def trailerHeaders(fields: Fields) -> Headers:
     for name, value in fields:
         name = name.lower()
         if name not in _NOT_FORWARDED and name != b"te" and name[:1] != b":":
-            out.append((name, value))
+            out.append(_out(name, value))
     return out

@@ -28,7 +28,8 @@ from collections import deque
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError, StreamClosedError
 
-from ..message import Fields, Request, Response
+from ..exchange.problems import Problem
+from ..message import NO_BODY, Fields, Request, Response
 from .headers import (
     H2HeaderError,
     requestHeaders,
@@ -38,7 +39,7 @@ from .headers import (
     trailerHeaders,
 )
 
-__all__ = ["ClientStream", "ServerStream", "StreamRefused", "StreamReset"]
+__all__ = ["ClientStream", "ConnectionGone", "ServerStream", "StreamRefused", "StreamReset"]
 
 
 class StreamReset(Exception):
@@ -49,11 +50,20 @@ class StreamReset(Exception):
         self.code = code
 
 
+class ConnectionGone(StreamReset):
+    """The connection ended (closed, reset) with the stream still open."""
+
+
 class StreamRefused(StreamReset):
     """
     The origin never processed the request (REFUSED_STREAM, or a stream beyond its GOAWAY):
     it may be retried on another connection (RFC 9113 §8.7).
     """
+
+
+#: Why a stream holds its received data (bits of C{_Stream._paused}).
+_EXCHANGE = 1  # the exchange paused it (its upstream is still being dialled)
+_PEER = 2  # the side this one delivers to cannot take more
 
 
 def _codeName(code: int) -> str:
@@ -71,8 +81,10 @@ class _Stream:
         self.id = 0
         self.exchange = None
         self.closed = False
-        # inbound: body bytes held while paused (or before an exchange is attached)
-        self._paused = False
+        # inbound: body bytes held while paused (or before an exchange is attached); paused
+        # for either reason: the exchange's (pause) or the other side's full buffer
+        # (pauseProducing), each cleared by its own call only
+        self._paused = 0
         self._held: list[bytes] = []
         self._heldFlow = 0  # flow-controlled bytes of _held, not yet acknowledged
         self._remoteEnded = False  # END_STREAM received
@@ -110,21 +122,39 @@ class _Stream:
         self._sendEnd(trailers)
 
     def pause(self) -> None:
-        self._paused = True
+        self._paused |= _EXCHANGE
 
     def resume(self) -> None:
-        if not self._paused:
-            return
-        self._paused = False
-        self._deliverHeld()
+        self._unpause(_EXCHANGE)
+
+    def _unpause(self, reason: int) -> None:
+        if self._paused & reason:
+            self._paused &= ~reason
+            if not self._paused:
+                self._deliverHeld()
+
+    # IPushProducer: what another side (an HTTP/1.1 transport, another stream) pauses while
+    # it cannot send what this one delivers (see throttle).
+    @property
+    def producer(self):
+        return self
+
+    def pauseProducing(self) -> None:
+        self._paused |= _PEER
+
+    def resumeProducing(self) -> None:
+        self._unpause(_PEER)
+
+    def stopProducing(self) -> None:
+        pass
 
     def throttle(self, other) -> None:
         previous, self._other = self._other, other
         if self._throttling:
             if previous is not None and previous is not other:
-                previous.resume()
+                previous.producer.resumeProducing()
             if other is not None and other is not previous:
-                other.pause()
+                other.producer.pauseProducing()
             if other is None:
                 self._throttling = False
 
@@ -190,14 +220,14 @@ class _Stream:
         if self._throttling:
             self._throttling = False
             if self._other is not None:
-                self._other.resume()
+                self._other.producer.resumeProducing()
 
     def _blocked(self) -> None:
         self.connection.blocked(self)
         if not self._throttling:
             self._throttling = True
             if self._other is not None:
-                self._other.pause()
+                self._other.producer.pauseProducing()
 
     def _sendEnd(self, trailers: Fields | None) -> None:
         conn = self.connection.conn
@@ -370,8 +400,12 @@ class ServerStream(_Stream):
         if response.status == 101 or (self._headSent and response.status >= 200):
             return  # no upgrades on HTTP/2 (RFC 9113 §8.6); one final head
         final = response.status >= 200
+        length = response.length
         noBody = final and (
-            response.length == 0 or self.request.method == b"HEAD" or response.status in (204, 304)
+            length == 0
+            or length == NO_BODY
+            or self.request.method == b"HEAD"
+            or response.status in (204, 304)
         )
         headers = responseHeaders(response, self.request.method)
         try:
@@ -455,14 +489,20 @@ class ClientStream(_Stream):
         super().__init__(connection)
         self.exchange = exchange
         self.ip = connection.ip
+        self.viaProxy = connection.viaProxy
         self.reserved = False  # counted by the connection as about to open
+        self._batchExchange = None
         self._method = b"GET"
         self._headReceived = False
+
+    def attach(self, exchange) -> None:
+        """The exchange this stream serves (the one it was opened for)."""
+        self.exchange = exchange
 
     def sendHead(self, request: Request) -> None:
         conn = self.connection.conn
         self._method = request.method
-        empty = request.length == 0
+        empty = request.length == 0 or request.length == NO_BODY
         try:
             self.id = conn.get_next_available_stream_id()
             conn.send_headers(self.id, requestHeaders(request), end_stream=empty)
@@ -488,7 +528,10 @@ class ClientStream(_Stream):
         """
         self.exchange = None
         if not self.closed:
-            self._reset(ErrorCodes.CANCEL)
+            if self._localEnded and self._remoteEnded:
+                self._gone()  # complete both ways (its last event is what ended it)
+            else:
+                self._reset(ErrorCodes.CANCEL)
         self.connection.released(self)
 
     def headReceived(self, headers, endStream: bool) -> None:
@@ -497,10 +540,12 @@ class ClientStream(_Stream):
                 raise H2HeaderError(502, "the origin's response head is too large")
             response = responseFromHeaders(headers, self._method, endStream)
         except H2HeaderError as e:
-            exchange = self.exchange
+            exchange, self.exchange = self.exchange, None
             self._reset(ErrorCodes.PROTOCOL_ERROR)
             if exchange is not None:
-                exchange.upstreamFailed(e.status, e.reason)
+                exchange.upstreamFailed(
+                    Problem(e.status, "protocol", f"Bad response from the origin: {e.reason}.")
+                )
             return
         if response.status >= 200:
             self._headReceived = True
@@ -516,8 +561,14 @@ class ClientStream(_Stream):
 
     def _lost(self, reason: Exception) -> None:
         exchange, self.exchange = self.exchange, None
-        if exchange is not None:
-            exchange.upstreamLost(reason)
+        if exchange is None:
+            return
+        if isinstance(reason, ConnectionGone) and not self._headReceived:
+            # The connection closed before any answer: as an HTTP/1.1 connection that closes
+            # (None), which the exchange retries once if it reused it and may repeat it.
+            exchange.upstreamLost(None)
+        else:
+            exchange.upstreamLost(problemOfReset(reason))
 
     def goneAway(self) -> None:
         """A GOAWAY from the origin excluded this stream: it was never processed."""
@@ -526,10 +577,30 @@ class ClientStream(_Stream):
         self._gone()
         self._lost(StreamRefused(ErrorCodes.REFUSED_STREAM, "the origin went away first"))
 
+    def _batch(self) -> None:
+        if not self._inBatch:
+            # The exchange that gets this read's events hears its end, even if the response
+            # ended in it (and released this stream): what it sent the client goes then.
+            self._batchExchange = self.exchange
+        super()._batch()
+
     def batchEnded(self) -> None:
         self._inBatch = False
-        if self.exchange is not None:
-            self.exchange.responseFlush()
+        exchange, self._batchExchange = self._batchExchange, None
+        if exchange is not None:
+            exchange.responseFlush()
 
     def __repr__(self) -> str:
         return f"<ClientStream {self.id}>"
+
+
+def problemOfReset(reason: Exception) -> Problem:
+    """
+    What an exchange makes of an origin stream that ended early: a refused one
+    (L{StreamRefused}: never processed, so it may be retried), or an incomplete response.
+    """
+    if isinstance(reason, StreamRefused):
+        return Problem(502, "stream_refused", f"The origin refused the stream: {reason}.")
+    if isinstance(reason, StreamReset) and reason.code == ErrorCodes.REFUSED_STREAM:
+        return Problem(502, "stream_refused", "The origin refused the stream (REFUSED_STREAM).")
+    return Problem(502, "incomplete", f"The origin's stream ended early: {reason}.")

@@ -395,6 +395,7 @@ class ClientConnection(TransportSide, Protocol):
         try:
             if tunnel is not None:
                 target = tunnelTarget(head, tunnel.host, tunnel.port)
+                connector = tunnel.connector
             elif head.target[:6].lower() == b"ftp://" and rt.config.proxy.ftp:
                 target, connector = _ftpTarget(rt, head)
                 mode = "ftp"
@@ -558,13 +559,16 @@ class ClientConnection(TransportSide, Protocol):
         writeNow(self.transport, ESTABLISHED)
         return self.takeStream()
 
-    def nested(self, tunnel: Tunnel) -> ClientConnection:
+    def nested(self, tunnel: Tunnel, inner=None):
         """
         The connection that serves the requests decrypted inside this one's intercepted
-        tunnel: it owns the timeouts from now on.
+        tunnel (C{inner}: an HTTP/2 one; by default an HTTP/1.1 L{ClientConnection}): it
+        owns the timeouts from now on, and drains with this one.
         """
         self._cancelTimer()
-        inner = self.nestedConnection = ClientConnection(self.rt, tunnel)
+        if inner is None:
+            inner = ClientConnection(self.rt, tunnel)
+        self.nestedConnection = inner
         return inner
 
     # --- the proxy's own answers -------------------------------------------------------

@@ -6,11 +6,13 @@ The 200 is written raw, with no Content-Length or Transfer-Encoding (RFC 9110 §
 the bytes the client sent right behind the CONNECT head (an eager TLS ClientHello) are the
 first bytes relayed or decrypted, never dropped.
 
-An intercepted tunnel is answered 200 at once; the client's first byte says what it carries:
-0x16 (a TLS handshake record) is decrypted, anything else (ws://, plain HTTP, SSH) is relayed
-blind as if the host were not intercepted. Decrypting means a TLS layer on the client's
-stream and a second client connection inside it (L{gateway.proxy.client.ClientConnection}
-with this tunnel as its C{tunnel}), whose requests go to the CONNECT target only.
+An intercepted tunnel is answered 200 at once; what comes next says what it carries
+(L{gateway.proxy.interception}): a TLS ClientHello is decrypted, anything else (ws://, plain
+HTTP, SSH) is relayed blind as if the host were not intercepted, and so is a tunnel whose
+server speaks first (FTP, SMTP). Decrypting means a TLS layer on the client's stream and,
+inside it, a second client connection (L{gateway.proxy.client.ClientConnection} with this
+tunnel as its C{tunnel}), or an HTTP/2 connection (L{gateway.proxy.h2tunnel}) when the client
+and the origin agreed on h2; either way the requests go to the CONNECT target only.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ..exchange.transaction import Transaction
 from ..http1.headers import bracketed, parseAuthority
 from ..http1.parse import HTTPError, RequestHead
 from ..policy import checkPort
+from ..tls.contexts import H2, HTTP11
 from ..tls.layer import TLSLayer, describeFailure
 from .dial import problemFor
 from .flow import CONNECTING
@@ -47,7 +50,17 @@ class Tunnel(Transaction):
     Counted as a request of the forward proxy, logged as a tunnel.
     """
 
-    __slots__ = ("connection", "creator", "done", "head", "host", "port", "rt", "splice")
+    __slots__ = (
+        "connection",
+        "connector",
+        "creator",
+        "done",
+        "head",
+        "host",
+        "port",
+        "rt",
+        "splice",
+    )
 
     def __init__(self, rt, connection, head: RequestHead, user: str | None) -> None:
         super().__init__(rt, connection.client, b"CONNECT", connection.mode, user, head.version)
@@ -59,6 +72,9 @@ class Tunnel(Transaction):
         self.port = 0
         self.splice: Splice | None = None
         self.creator = None
+        # What the decrypted requests' exchanges open their upstream with: None for the
+        # runtime's connector (see L{gateway.proxy.interception})
+        self.connector = None
         self.done = False  # logged: nothing more is counted
 
     def logURL(self) -> str:
@@ -87,7 +103,7 @@ class Tunnel(Transaction):
             self._refuse(Problem(403, "destination", f"Destination denied: {decision.detail}"))
             return
         mitm = rt.interceptor
-        if mitm is not None and mitm.intercepts(self.host):
+        if mitm is not None and mitm.intercepts(self.host, self.port):
             if not mitm.permits(self.host):
                 # Inspection was asked for, and the CA may not sign for this host: refused,
                 # never relayed blind.
@@ -102,16 +118,24 @@ class Tunnel(Transaction):
                 return
             self._intercept(mitm)
         else:
-            self._dial(None)
+            self.dial(None)
 
     # --- a blind tunnel -------------------------------------------------------------------
 
-    def _dial(self, stream: Stream | None) -> None:
+    def dial(self, stream: Stream | None) -> None:
         """
         Dial the target, then splice. C{stream}: the client's, when the 200 is out already
         (an intercepted tunnel found not to carry TLS); else the 200 waits for the dial and
         the client's early bytes stay in its buffer, unread further.
         """
+        if stream is not None:
+            stream.pauser.pause(CONNECTING)
+        self.dialRaw().addCallbacks(
+            lambda result: self._connected(*result, stream), self.dialFailed, None, None, (stream,)
+        )
+
+    def dialRaw(self):
+        """The target, dialled for a blind relay: a Deferred of (ip, L{TunnelOrigin})."""
         rt = self.rt
         origin = TunnelOrigin()
         route = rt.upstream.routeFor(self.host, self.port)
@@ -122,9 +146,7 @@ class Tunnel(Transaction):
             d = route.dialThrough(
                 rt.dialer, self.host, self.port, origin, timeout=rt.dialer.connectTimeout
             )
-        if stream is not None:
-            stream.pauser.pause(CONNECTING)
-        d.addCallbacks(self._connected, self._dialFailed, (origin, stream), None, (stream,))
+        return d.addCallback(lambda ip: (ip, origin))
 
     def _connected(self, ip: str, origin: TunnelOrigin, stream: Stream | None) -> None:
         self.ip = ip
@@ -141,7 +163,7 @@ class Tunnel(Transaction):
             stream, origin.stream, self.rt.reactor, self.rt.idleTimeout, self._ended
         )
 
-    def _dialFailed(self, failure, stream: Stream | None) -> None:
+    def dialFailed(self, failure, stream: Stream | None) -> None:
         if self.done:
             return
         problem = problemFor(failure.value)
@@ -170,12 +192,28 @@ class Tunnel(Transaction):
         except ValueError as e:
             self._refuse(Problem(400, "bad_request", f"Bad CONNECT target: {e}."))
             return
-        _Peek(self, self.connection.establish())
+        from .interception import Peek
 
-    def decrypt(self, stream: Stream) -> None:
-        """The client speaks TLS: be the origin to it, and serve what it asks inside."""
-        inner = self.connection.nested(self)
-        layer = TLSLayer(self.creator, inner)
+        Peek(self, self.connection.establish())
+
+    def relay(self, stream: Stream, ip: str, origin: TunnelOrigin) -> None:
+        """An intercepted tunnel that is not decrypted after all: relay it blind."""
+        self._connected(ip, origin, stream)
+
+    def decrypt(self, stream: Stream, protocol: str = HTTP11) -> None:
+        """
+        The client speaks TLS: be the origin to it (agreeing to ALPN C{protocol}: h2, or
+        http/1.1), and serve what it asks inside.
+        """
+        if protocol == H2:
+            from .h2tunnel import TunnelH2Server
+
+            inner = self.connection.nested(self, TunnelH2Server(self))
+            creator = self.rt.interceptor.serverCreator(self.host, H2)
+        else:
+            inner = self.connection.nested(self)
+            creator = self.creator
+        layer = TLSLayer(creator, inner)
         layer.makeConnection(stream.transport)
         stream.setReceiver(layer)
 
@@ -210,6 +248,16 @@ class Tunnel(Transaction):
         self.downstreamLost()
         self.connection.abort()
 
+    def silent(self, stream: Stream) -> None:
+        """An intercepted tunnel whose client sent nothing usable in header_timeout: closed."""
+        if not self.done:
+            self.problem = Problem(
+                0, "header_timeout", "The client sent no TLS ClientHello within header_timeout."
+            )
+            self.problem.count(self.rt.metrics)
+            self._end(200, action="TCP_TUNNEL")
+        stream.transport.abortConnection()
+
     def downstreamLost(self) -> None:
         """Client gone before the tunnel was up."""
         if self.done:
@@ -227,31 +275,3 @@ class Tunnel(Transaction):
             result = _RESULTS.get(why, why)
         self.rt.metrics.live.tunnelEnded(result)
         self.record(action)
-
-
-class _Peek:
-    """
-    The receiver of an intercepted tunnel's stream until its first byte says what it
-    carries. A client that closes before sending anything is closed at once (its socket
-    would otherwise sit in CLOSE-WAIT until the idle timeout, holding a connection slot).
-    """
-
-    def __init__(self, tunnel: Tunnel, stream: Stream) -> None:
-        self.tunnel = tunnel
-        self.stream = stream
-        stream.setReceiver(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        stream = self.stream
-        stream.unread(data)
-        if data[:1] == b"\x16":
-            self.tunnel.decrypt(stream)
-        else:
-            stream.receiver = None  # hold what follows until the splice takes it
-            self.tunnel._dial(stream)
-
-    def readConnectionLost(self) -> None:
-        self.stream.transport.loseConnection()
-
-    def connectionLost(self, reason) -> None:
-        self.tunnel.downstreamLost()

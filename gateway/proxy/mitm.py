@@ -64,12 +64,16 @@ class Interceptor:
             # Fail at start-up, not on the first request, when the bundle is unusable.
             clientCreator("localhost", self.bundle, self.verify)
 
-    def intercepts(self, host: str) -> bool:
+    def intercepts(self, host: str, port: int = 443) -> bool:
+        """
+        Whether a CONNECT to C{host}:C{port} is decrypted: it matches an C{intercept}
+        pattern and no C{passthrough} one (which wins).
+        """
         if not self.config.enabled:
             return False
-        if any(p.matchesName(host) or _addressMatch(p, host) for p in self.config.passthrough):
+        if any(p.matches(host, port) for p in self.config.passthrough):
             return False
-        return any(p.matchesName(host) or _addressMatch(p, host) for p in self.config.intercept)
+        return any(p.matches(host, port) for p in self.config.intercept)
 
     def permits(self, host: str) -> bool:
         """
@@ -111,10 +115,3 @@ def _caSource(config: MitmConfig) -> tuple:
         else:
             signature.append((path, st.st_ino, st.st_size, st.st_mtime_ns))
     return tuple(signature)
-
-
-def _addressMatch(pattern, host: str) -> bool:
-    from ..policy import parseIP
-
-    ip = parseIP(host)
-    return ip is not None and pattern.matchesAddress(ip)

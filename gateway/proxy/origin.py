@@ -140,6 +140,9 @@ class OriginConnection(TransportSide, Protocol):
     # --- reading the response ------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        # The exchange served, taken now: the response may end in this read, and its end
+        # of batch (responseFlush) is still its to hear.
+        exchange = self.exchange
         state = self._state
         if state == BODY:
             self._feedBody(data)
@@ -153,7 +156,6 @@ class OriginConnection(TransportSide, Protocol):
             # Bytes on an idle connection answer no request: the connection is unusable.
             self.transport.abortConnection()
             return
-        exchange = self.exchange
         if exchange is not None:
             exchange.responseFlush()
 

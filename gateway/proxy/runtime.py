@@ -184,6 +184,7 @@ class Runtime:
         self.maxHeaders = 100
         self.connections: set = set()
         self.pool = OriginPool(reactor)
+        self.h2pool = None  # origin HTTP/2 connections (gateway.h2.pool), made on first use
         self.selfAddresses: frozenset = frozenset()
         self.dialer = Dialer(reactor, DestinationPolicy((), ()), config.proxy.connect_timeout)
         self.connector = OriginConnector(self)

@@ -4,7 +4,8 @@ FTPRealm on a folder), on 127.0.0.1.
 
 - in process: L{listen} (the tests' reactor runs it), for the FTP side's tests;
 - as a process: ``python tests/support/ftpserver.py ROOT [--bounce ADDRESS]`` prints its port and
-  serves until killed, for the end-to-end tests through proxygate.
+  serves until killed, for the end-to-end tests through proxygate (L{FTPServerProcess} starts
+  one and stops it by PID).
 
 Anonymous users see ROOT/anonymous; ``alice`` / ``secret`` logs into ROOT/home/alice.
 ``bounce`` makes the server refuse EPSV and name ADDRESS in its PASV replies (the FTP
@@ -13,6 +14,7 @@ bounce): a client that obeys connects there, not to the server.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from twisted.protocols import ftp
 from zope.interface import implementer
 
 USER, PASSWORD = "alice", "secret"
+_REPO = Path(__file__).resolve().parent.parent.parent
 
 
 class _BounceFTP(ftp.FTP):
@@ -76,6 +79,36 @@ def factory(root: Path, bounce: str | None = None) -> ftp.FTPFactory:
 def listen(reactor, root: Path, bounce: str | None = None):
     """An FTP server on 127.0.0.1 (a free port) in C{reactor}: its listening port."""
     return reactor.listenTCP(0, factory(root, bounce), interface="127.0.0.1")
+
+
+class FTPServerProcess:
+    """tests/support/ftpserver.py in a process of its own, stopped by PID."""
+
+    def __init__(self, root: Path, *extra: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, str(root), *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            cwd=_REPO,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(_REPO)},
+        )
+        line = self.proc.stdout.readline()
+        if not line.strip().isdigit():
+            self.stop()
+            raise RuntimeError("the FTP server did not start")
+        self.port = int(line)
+
+    def url(self, path: str, userinfo: str = "") -> str:
+        return f"ftp://{userinfo}127.0.0.1:{self.port}{path}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
 
 
 def main(argv: list[str]) -> None:

@@ -215,17 +215,30 @@ class H2Origin(HTTPSOrigin):
         self.h2requests: list[dict] = []
         self.resets: list[int] = []
         self.http2 = http2
+        self._h2sockets: list[ssl.SSLSocket] = []
         super().__init__(pki)
-        protocols = ["h2", "http/1.1"] if http2 else ["http/1.1"]
-        self.context.set_alpn_protocols(protocols)
+        self.protocols = ["h2", "http/1.1"] if http2 else ["http/1.1"]
+        self.context.set_alpn_protocols(self.protocols)
         sni = self.context.sni_callback
 
         def pick(sslObject, serverName, context) -> None:
             if sni is not None:
                 sni(sslObject, serverName, context)
-            sslObject.context.set_alpn_protocols(protocols)
+            sslObject.context.set_alpn_protocols(self.protocols)
 
         self.context.sni_callback = pick
+
+    def onlyHTTP11(self) -> None:
+        """From now on choose http/1.1 only, and drop the h2 connections open now."""
+        self.protocols = ["http/1.1"]
+        self.context.set_alpn_protocols(self.protocols)
+        with self._lock:
+            sockets, self._h2sockets = self._h2sockets, []
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def finish_request(self, request, client_address) -> None:
         self.accepted(request)
@@ -239,6 +252,8 @@ class H2Origin(HTTPSOrigin):
             self.alpn.append(protocol)
         try:
             if protocol == "h2":
+                with self._lock:
+                    self._h2sockets.append(tls)
                 tls.settimeout(self.connectionTimeout)
                 try:
                     _H2Connection(self, tls).serve()
