@@ -127,6 +127,7 @@ def _split(
     host = None
     contentType = b""
     cookies = None
+    cookieAt = 0
     regular = False
     for field in headers:
         name, value = field
@@ -155,7 +156,8 @@ def _split(
         elif kind == _COOKIE:
             if cookies is None:
                 cookies = [field]
-                append(field)  # its place, should others join it
+                cookieAt = len(fields)  # where the joined field goes, should others come
+                append(field)
             else:
                 cookies.append(field)
         elif kind == _LENGTH:
@@ -178,8 +180,7 @@ def _split(
     if cookies is not None and len(cookies) > 1:
         joined = b"; ".join([value for _, value in cookies])
         secret = any(field.__class__ is NeverIndexed for field in cookies)
-        fields = [field for field in fields if field[0] != b"cookie"]
-        fields.append(NeverIndexed((b"cookie", joined)) if secret else (b"cookie", joined))
+        fields[cookieAt] = NeverIndexed((b"cookie", joined)) if secret else (b"cookie", joined)
     return fields, length, host, contentType
 
 

@@ -306,7 +306,10 @@ class Encoder:
     dynamic table, but for secrets (never indexed) and fields larger than the table (sent
     without indexing: they would only empty it).
 
-    @ivar huffman: Huffman-code literal strings when that makes them shorter.
+    @param maxTableSize: the largest table this side keeps, whatever the peer allows.
+    @param peerLimit: the peer's SETTINGS_HEADER_TABLE_SIZE (its decoder starts with a table
+        that size); L{setPeerLimit} when it changes.
+    @ivar huffman: Huffman-code literal strings unless that makes them longer.
     @ivar sensitive: names always sent never-indexed.
     """
 
@@ -315,13 +318,14 @@ class Encoder:
         maxTableSize: int = DEFAULT_TABLE_SIZE,
         huffman: bool = False,
         sensitive: frozenset[bytes] = frozenset((b"authorization", b"proxy-authorization")),
+        peerLimit: int = DEFAULT_TABLE_SIZE,
     ) -> None:
         self.huffman = huffman
         self.sensitive = sensitive
-        self._cap = maxTableSize  # the most this side uses, whatever the peer allows
-        self.maxSize = min(maxTableSize, DEFAULT_TABLE_SIZE)
+        self._cap = maxTableSize
+        self.maxSize = min(maxTableSize, peerLimit)
         self._updates: list[int] = []
-        if self.maxSize != DEFAULT_TABLE_SIZE:
+        if self.maxSize != peerLimit:
             self._updates.append(self.maxSize)
         self.size = 0
         self._entries: deque[tuple[tuple[bytes, bytes], int, int]] = deque()
@@ -393,7 +397,7 @@ class Encoder:
     def _string(self, out: bytearray, data: bytes) -> None:
         if self.huffman and data:
             coded = huffmanEncode(data)
-            if len(coded) < len(data):
+            if len(coded) <= len(data):
                 if len(coded) < 0x7F:
                     out.append(0x80 | len(coded))
                 else:
