@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""loadgen.py -- proxygate's own small load generator (asyncio, stdlib only, loopback only).
+"""loadgen.py -- proxygate's own small load generator (asyncio, stdlib, loopback only).
 
 It starts a tiny HTTP/1.1 origin (plain + TLS, in a child process), points at a proxygate that
 it starts itself (--start-proxy, fresh per scenario, config benchmarks/bench.ini) or at
@@ -26,7 +26,8 @@ Scenarios (defaults; -c/-n/-d/--size override):
   bulk-tunnel  GET 100 MB inside a CONNECT tunnel (plain TCP inside), 1 conn x 3
   bulk-tls     GET 100 MB inside a CONNECT tunnel with TLS to the origin, 1 conn x 3
   tunnel-h2    tunnel-tls over HTTP/2: one CONNECT per conn, TLS with ALPN h2, --streams
-               (default 8) GETs of 1 KiB in flight per connection, 8 conns
+               (default 8) GETs of 1 KiB in flight per connection, 8 conns; client and origin
+               speak HTTP/2 themselves (H2Lean below; needs hpack, installed with h2)
   grpc         gRPC unary calls (a 128-byte message echoed) through CONNECT (grpc.http_proxy),
                8 channels x --streams calls in flight; needs grpcio (the test extra)
   idle         N idle tunnels (--tunnels, default 2000): proxy RSS per tunnel, idle CPU
@@ -166,12 +167,17 @@ class BlockDecoder:
             return fields
         table = self.table
         entries = table.dynamic_entries
-        before = (len(entries), entries[0] if entries else None, table.maxsize)
+        # every entry added is a new tuple: the newest one, held here, tells whether any was
+        size, newest, limit = len(entries), entries[0] if entries else None, table.maxsize
         try:
             fields = self.dec.decode(block, raw=True)
         except Exception as e:  # every hpack error: the connection's HPACK state is lost
             raise H2Error(9, f"{type(e).__name__}: {e}") from None
-        if (len(entries), entries[0] if entries else None, table.maxsize) == before:
+        if (
+            len(entries) == size
+            and (entries[0] if entries else None) is newest
+            and table.maxsize == limit
+        ):
             if len(self.seen) < 256:
                 self.seen[block] = fields
         elif self.seen:
@@ -287,8 +293,8 @@ class H2Lean:
             return
         for i in range(0, len(payload), 6):
             key, value = struct.unpack_from(">HL", payload, i)
-            if key == 1:  # HEADER_TABLE_SIZE: ours stays empty, which we say once again
-                self.table_update = b"\x20"
+            if key == 1:  # the limit for our blocks' table: we index nothing, and our next
+                self.table_update = b"\x20"  # block says so (RFC 7541 4.2: a size update)
             elif key == 3:
                 self.peer_streams = value
             elif key == 4:
@@ -337,7 +343,7 @@ class H2Lean:
         """The peer changed INITIAL_WINDOW_SIZE: every open stream's window moves by delta."""
 
     def on_window(self, stream, inc):
-        pass
+        """A stream's WINDOW_UPDATE: only an end that sends bodies cares."""
 
 
 class H2ClientSession(H2Lean):
@@ -894,6 +900,7 @@ class H2Client(Conn):
 
     h2 = None
     finished = None
+    why = None  # what ended the connection
 
     def data_received(self, data):
         if self.h2 is None:
@@ -916,6 +923,8 @@ class H2Client(Conn):
         self.run, self.deadline, self.budget = run, deadline, run.n * run.a.streams
         self.finished = loop.create_future()
         self.watch = loop.call_later(1.0, self.check)
+        if self.closed:  # GOAWAY or the end before the first request
+            run._error(run.measure_start, self.why)
         for _ in range(run.a.streams):
             self.issue()
         self.tr.write(self.h2.take())
@@ -948,13 +957,12 @@ class H2Client(Conn):
 
     def lost(self, e):
         """The connection is over: every stream still open failed (or the connection did)."""
-        h2, self.closed = self.h2, True
+        h2, self.closed, self.why = self.h2, True, e
         h2.closed = True
         if self.finished is None or self.finished.done():
             return
-        now = perf()  # counted when it happens: a request of the warm-up may time out after it
-        for _ in range(len(h2.streams) or 1):
-            self.run._error(now, e)
+        for _ in range(len(h2.streams) or 1):  # counted even in the warm-up: the connection
+            self.run._error(self.run.measure_start, e)  # is gone for the rest of the run
         h2.streams.clear()
         self._finish()
 
@@ -1078,11 +1086,10 @@ class Run:
 
     async def client_h2(self, deadline):
         """One h2 connection (through CONNECT), --streams requests in flight on it."""
-        t0 = perf()
         try:
             conn = await asyncio.wait_for(self.open(), self.a.timeout)
-        except Exception as e:
-            self._error(t0, e)
+        except Exception as e:  # counted even in the warm-up: this connection never comes
+            self._error(self.measure_start, e)
             return
         try:
             await conn.begin(self, deadline)
@@ -1132,7 +1139,9 @@ class Run:
         warm = a.warmup if self.n > 1000 else 0  # count-bound scenarios: no warmup
         self.measure_start = perf() + warm
         self.last = self.measure_start
-        snap = {}
+        snap = dict(
+            t=perf(), cpu=proc_cpu(pid), ocpu=proc_cpu(origin_pid), me=resource.getrusage(0)
+        )
         loop.call_at(
             loop.time() + warm,
             lambda: snap.update(

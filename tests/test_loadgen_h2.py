@@ -251,3 +251,17 @@ def test_theBlockDecoderForgetsWhenTheTableMoves():
     assert decoder.seen == {} and decoder.decode(b"\xbe") == [(b"x-b", b"2")]
     with pytest.raises(loadgen.H2Error, match="COMPRESSION_ERROR"):
         decoder.decode(b"\xff\xff\xff\x0f")
+
+
+def test_theBlockDecoderSeesAnEqualEntryAdded():
+    """A table of two entries gets a copy of its newest: as long as before, the same newest
+    field, yet index 63 now means another field."""
+
+    def indexed(name, value):  # a literal with incremental indexing, new name (RFC 7541 6.2.1)
+        return b"\x40" + bytes([len(name)]) + name + bytes([len(value)]) + value
+
+    decoder = loadgen.BlockDecoder()
+    decoder.decode(loadgen.hpack_int(72, 5, 0x20) + indexed(b"x-a", b"1") + indexed(b"x-b", b"2"))
+    assert decoder.decode(b"\xbf") == [(b"x-a", b"1")] and b"\xbf" in decoder.seen
+    decoder.decode(indexed(b"x-b", b"2"))  # 36 bytes each: x-a falls out
+    assert decoder.decode(b"\xbf") == [(b"x-b", b"2")]
