@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""loadgen.py -- proxygate's own small load generator (asyncio, stdlib only, loopback only).
+"""loadgen.py -- proxygate's own small load generator (asyncio, stdlib, loopback only).
 
 It starts a tiny HTTP/1.1 origin (plain + TLS, in a child process), points at a proxygate that
 it starts itself (--start-proxy, fresh per scenario, config benchmarks/bench.ini) or at
@@ -26,7 +26,8 @@ Scenarios (defaults; -c/-n/-d/--size override):
   bulk-tunnel  GET 100 MB inside a CONNECT tunnel (plain TCP inside), 1 conn x 3
   bulk-tls     GET 100 MB inside a CONNECT tunnel with TLS to the origin, 1 conn x 3
   tunnel-h2    tunnel-tls over HTTP/2: one CONNECT per conn, TLS with ALPN h2, --streams
-               (default 8) GETs of 1 KiB in flight per connection, 8 conns
+               (default 8) GETs of 1 KiB in flight per connection, 8 conns; client and origin
+               speak HTTP/2 themselves (H2Lean below; needs hpack, installed with h2)
   grpc         gRPC unary calls (a 128-byte message echoed) through CONNECT (grpc.http_proxy),
                8 channels x --streams calls in flight; needs grpcio (the test extra)
   idle         N idle tunnels (--tunnels, default 2000): proxy RSS per tunnel, idle CPU
@@ -46,6 +47,7 @@ import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
@@ -72,12 +74,433 @@ SCEN = {  # name: (conns, requests per client, path, dict of options)
 }
 
 
+# ----------------------------------------------------------------------------- lean HTTP/2
+# tunnel-h2's client and origin speak HTTP/2 (RFC 9113) themselves: frames parsed with struct
+# from one bytearray, our header blocks built once (static table and literals that are never
+# indexed, so what we send never depends on the peer's HPACK state), hpack's Decoder only for the
+# blocks peers send, remembered while its dynamic table stands still. Built on the h2 library, the
+# two spent their CPU in it and stopped at ~4,800 req/s on their shared core, below what the
+# proxies they measure can do.
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+FRAME = struct.Struct(">HBBBL")  # a frame header: length (24 bits: 16 + 8), type, flags, stream
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE = range(9)
+CONTINUATION = 9
+END_STREAM = ACK = 0x1
+END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
+MAX_WINDOW = (1 << 31) - 1  # what both ends grant: window updates are rare
+REFILL = 1 << 30  # received bytes after which a window is topped up again
+MAX_FRAME = 16384  # SETTINGS_MAX_FRAME_SIZE: we keep the default
+H2_ERRORS = {0: "NO_ERROR", 1: "PROTOCOL_ERROR", 2: "INTERNAL_ERROR", 3: "FLOW_CONTROL_ERROR",
+             5: "STREAM_CLOSED", 6: "FRAME_SIZE_ERROR", 7: "REFUSED_STREAM", 8: "CANCEL",
+             9: "COMPRESSION_ERROR", 11: "ENHANCE_YOUR_CALM"}  # fmt: skip
+CHUNK = b"x" * (256 * 1024)  # every body is slices of this
+
+
+class H2Error(Exception):
+    """A connection error (RFC 9113 5.4.1): answered with GOAWAY and the end of the connection."""
+
+    def __init__(self, code, why):
+        super().__init__(f"{H2_ERRORS.get(code, code)}: {why}")
+        self.code = code
+
+
+def h2frame(ftype, flags, stream, payload=b""):
+    n = len(payload)
+    return FRAME.pack(n >> 8, n & 0xFF, ftype, flags, stream) + payload
+
+
+def h2settings(pairs):
+    return h2frame(SETTINGS, 0, 0, b"".join(struct.pack(">HL", k, v) for k, v in pairs))
+
+
+def hpack_int(value, bits, pattern=0):
+    """An HPACK integer (RFC 7541 5.1) in a bits-bit prefix under pattern."""
+    top = (1 << bits) - 1
+    if value < top:
+        return bytes([pattern | value])
+    out, value = [pattern | top], value - top
+    while value >= 128:
+        out.append(value & 127 | 128)
+        value >>= 7
+    return bytes([*out, value])
+
+
+def hpack_literal(index, value):
+    """A field whose name is static-table entry index, its value a plain literal never indexed
+    (RFC 7541 6.2.2): the peer's dynamic table is neither used nor changed."""
+    return hpack_int(index, 4) + hpack_int(len(value), 7) + value
+
+
+def request_block(authority, path):
+    """GET https://authority/path: :method GET (2) and :scheme https (7) fully static."""
+    return (
+        b"\x82\x87"
+        + hpack_literal(1, authority)
+        + hpack_literal(4, path)
+        + hpack_literal(58, b"loadgen/1")
+    )
+
+
+def response_block(status, size):
+    """:status 200 (8) or 404 (13) fully static, the rest never indexed."""
+    return (
+        (b"\x88" if status == 200 else b"\x8d")
+        + hpack_literal(31, b"application/octet-stream")
+        + hpack_literal(28, b"%d" % size)
+    )
+
+
+class BlockDecoder:
+    """hpack's Decoder, with the fields of every block that left its dynamic table alone
+    remembered until the table changes: the same bytes on the same table mean the same fields,
+    and a proxy that indexes what it sends repeats a few identical bytes per message."""
+
+    def __init__(self):
+        import hpack
+
+        self.dec, self.seen = hpack.Decoder(), {}
+        self.table = self.dec.header_table
+
+    def decode(self, block):
+        fields = self.seen.get(block)
+        if fields is not None:
+            return fields
+        table = self.table
+        entries = table.dynamic_entries
+        # every entry added is a new tuple: the newest one, held here, tells whether any was
+        size, newest, limit = len(entries), entries[0] if entries else None, table.maxsize
+        try:
+            fields = self.dec.decode(block, raw=True)
+        except Exception as e:  # every hpack error: the connection's HPACK state is lost
+            raise H2Error(9, f"{type(e).__name__}: {e}") from None
+        if (
+            len(entries) == size
+            and (entries[0] if entries else None) is newest
+            and table.maxsize == limit
+        ):
+            if len(self.seen) < 256:
+                self.seen[block] = fields
+        elif self.seen:
+            self.seen = {}  # the table moved: what they meant may have moved too
+        return fields
+
+
+class H2Lean:
+    """What both ends share, sans-IO: feed() the bytes read, take() the bytes to write.
+
+    Connection-level work happens here (SETTINGS and their ACK, PING, the connection windows,
+    header blocks with their CONTINUATIONs); streams go to the on_* methods of the subclass."""
+
+    server = False
+
+    def __init__(self, settings):
+        self.inbuf, self.block = bytearray(), None
+        self.out = [] if self.server else [PREFACE]
+        self.out += [
+            h2settings(settings),
+            h2frame(WINDOW_UPDATE, 0, 0, (MAX_WINDOW - 65535).to_bytes(4, "big")),
+        ]
+        self.need_preface = self.server
+        self.received = 0  # connection-window bytes received since our last WINDOW_UPDATE
+        self.send_window, self.peer_window, self.peer_frame = 65535, 65535, 16384
+        self.peer_streams = 1 << 31
+        self.table_update = b""  # our next header block first says "my table is 0 bytes"
+        self.hpack = BlockDecoder()
+        self.handlers = (
+            None, self._headers, None, self._rst, self._settings, self._push,
+            self._ping, self._goaway, self._window, self._continuation,
+        )  # fmt: skip
+
+    def take(self):
+        out = self.out
+        if not out:
+            return b""
+        data = b"".join(out)
+        out.clear()
+        return data
+
+    def goaway(self, code, last=0):
+        self.out.append(h2frame(GOAWAY, 0, 0, struct.pack(">LL", last, code)))
+
+    def feed(self, data):
+        buf = self.inbuf
+        buf += data
+        pos, end = 0, len(buf)
+        if self.need_preface:
+            if buf[: min(end, 24)] != PREFACE[: min(end, 24)]:
+                raise H2Error(1, "not the HTTP/2 client preface")
+            if end < 24:
+                return
+            pos, self.need_preface = 24, False
+        handlers = self.handlers
+        try:
+            while end - pos >= 9:
+                hi, lo, ftype, flags, stream = FRAME.unpack_from(buf, pos)
+                n = hi << 8 | lo
+                if n > MAX_FRAME:
+                    raise H2Error(6, f"a frame of {n} bytes")
+                start = pos + 9
+                if start + n > end:
+                    break
+                pos = start + n
+                stream &= 0x7FFFFFFF
+                if self.block is not None and ftype != CONTINUATION:
+                    raise H2Error(1, "a header block cut by another frame")
+                if ftype == DATA:
+                    self.received += n
+                    if self.received >= REFILL:
+                        self.out.append(
+                            h2frame(WINDOW_UPDATE, 0, 0, self.received.to_bytes(4, "big"))
+                        )
+                        self.received = 0
+                    pad = buf[start] + 1 if flags & PADDED and n else 0
+                    if pad > n or not stream:
+                        raise H2Error(1, "bad DATA frame")
+                    self.on_data(stream, flags & END_STREAM, n - pad, n)
+                elif ftype < 10 and handlers[ftype]:
+                    handlers[ftype](flags, stream, bytes(buf[start:pos]))
+                # PRIORITY and unknown frame types are ignored (RFC 9113 4.1, 5.3.2)
+        finally:
+            del buf[:pos]
+
+    def _headers(self, flags, stream, payload):
+        if flags & (PADDED | PRIORITY_FLAG):
+            i, end = 0, len(payload)
+            if flags & PADDED:
+                i, end = 1, end - payload[0]
+            i += 5 if flags & PRIORITY_FLAG else 0
+            if i > end or not stream:
+                raise H2Error(1, "bad HEADERS frame")
+            payload = payload[i:end]
+        if flags & END_HEADERS:
+            self.on_headers(stream, flags & END_STREAM, self.hpack.decode(payload))
+        else:
+            self.block = [stream, flags, bytearray(payload)]
+
+    def _continuation(self, flags, stream, payload):
+        if self.block is None or self.block[0] != stream:
+            raise H2Error(1, "CONTINUATION without its HEADERS")
+        self.block[2] += payload
+        if flags & END_HEADERS:
+            stream, first, block = self.block
+            self.block = None
+            self.on_headers(stream, first & END_STREAM, self.hpack.decode(bytes(block)))
+
+    def _settings(self, flags, stream, payload):
+        if stream or len(payload) % 6 or (flags & ACK and payload):
+            raise H2Error(1, "bad SETTINGS frame")
+        if flags & ACK:
+            return
+        for i in range(0, len(payload), 6):
+            key, value = struct.unpack_from(">HL", payload, i)
+            if key == 1:  # the limit for our blocks' table: we index nothing, and our next
+                self.table_update = b"\x20"  # block says so (RFC 7541 4.2: a size update)
+            elif key == 3:
+                self.peer_streams = value
+            elif key == 4:
+                if value > MAX_WINDOW:
+                    raise H2Error(3, "INITIAL_WINDOW_SIZE too large")
+                self.window_delta(value - self.peer_window)
+                self.peer_window = value
+            elif key == 5:
+                if not 16384 <= value < 1 << 24:
+                    raise H2Error(1, "bad MAX_FRAME_SIZE")
+                self.peer_frame = value
+        self.out.append(h2frame(SETTINGS, ACK, 0))
+
+    def _ping(self, flags, stream, payload):
+        if stream or len(payload) != 8:
+            raise H2Error(1, "bad PING frame")
+        if not flags & ACK:
+            self.out.append(h2frame(PING, ACK, 0, payload))
+
+    def _window(self, flags, stream, payload):
+        if len(payload) != 4:
+            raise H2Error(6, "bad WINDOW_UPDATE frame")
+        inc = int.from_bytes(payload, "big") & 0x7FFFFFFF
+        if stream:
+            self.on_window(stream, inc)
+        elif not inc:
+            raise H2Error(1, "a WINDOW_UPDATE of 0")
+        else:
+            self.send_window += inc
+
+    def _rst(self, flags, stream, payload):
+        if len(payload) != 4 or not stream:
+            raise H2Error(1, "bad RST_STREAM frame")
+        self.on_reset(stream, int.from_bytes(payload, "big"))
+
+    def _goaway(self, flags, stream, payload):
+        if len(payload) < 8 or stream:
+            raise H2Error(1, "bad GOAWAY frame")
+        last, code = struct.unpack_from(">LL", payload)
+        self.on_goaway(last & 0x7FFFFFFF, code)
+
+    def _push(self, flags, stream, payload):
+        raise H2Error(1, "PUSH_PROMISE, push is off")
+
+    def window_delta(self, delta):
+        """The peer changed INITIAL_WINDOW_SIZE: every open stream's window moves by delta."""
+
+    def on_window(self, stream, inc):
+        """A stream's WINDOW_UPDATE: only an end that sends bodies cares."""
+
+
+class H2ClientSession(H2Lean):
+    """The load's side: one pre-encoded GET, many streams; owner.done(state) when a response
+    ends, owner.failed(state, error) when the peer resets its stream, owner.lost(error) on GOAWAY.
+    A stream's state: [start time, :status, body bytes, flow-controlled bytes since a refill]."""
+
+    def __init__(self, authority, path, owner):
+        # no push; the peer may send 2 GiB per stream and per connection before it has to wait
+        super().__init__([(2, 0), (4, MAX_WINDOW)])
+        self.owner, self.streams, self.next_stream, self.closed = owner, {}, 1, False
+        self.req = request_block(authority, path)
+
+    def request(self, start):
+        stream, block = self.next_stream, self.req
+        self.next_stream += 2
+        if self.table_update:
+            block, self.table_update = self.table_update + block, b""
+        n = len(block)
+        self.out.append(
+            FRAME.pack(n >> 8, n & 0xFF, HEADERS, END_STREAM | END_HEADERS, stream) + block
+        )
+        self.streams[stream] = [start, 0, 0, 0]
+        return stream
+
+    def on_headers(self, stream, end, fields):
+        st = self.streams.get(stream)
+        if st is None:  # a stream we gave up: its block was still decoded, for the table
+            return
+        if not st[1]:
+            status = fields[0][1] if fields and fields[0][0] == b":status" else b""
+            st[1] = int(status) if status.isdigit() and len(status) == 3 else -1
+            if 100 <= st[1] < 200 and not end:  # informational: the real answer follows
+                st[1] = 0
+                return
+        if end:
+            del self.streams[stream]
+            self.owner.done(st)
+
+    def on_data(self, stream, end, size, flowed):
+        st = self.streams.get(stream)
+        if st is None:
+            return
+        st[2] += size
+        st[3] += flowed
+        if st[3] >= REFILL:
+            self.out.append(h2frame(WINDOW_UPDATE, 0, stream, st[3].to_bytes(4, "big")))
+            st[3] = 0
+        if end:
+            del self.streams[stream]
+            self.owner.done(st)
+
+    def on_reset(self, stream, code):
+        st = self.streams.pop(stream, None)
+        if st is not None:
+            self.owner.failed(st, ConnectionError(f"stream reset {H2_ERRORS.get(code, code)}"))
+
+    def on_goaway(self, last, code):
+        self.closed = True
+        self.owner.lost(ConnectionError(f"GOAWAY {H2_ERRORS.get(code, code)}"))
+
+
+class H2OriginSession(H2Lean):
+    """The origin's side: GET /bytes/N -> N bytes (else 404), answered as soon as the request's
+    HEADERS arrive, the body within the client's windows. Answers are built once per path."""
+
+    server = True
+    answers = {}  # :path -> (header block, body size, body if it fits one frame)
+
+    def __init__(self):
+        super().__init__([(4, MAX_WINDOW)])
+        self.pending = {}  # stream -> [its send window, body bytes left]
+        self.last_stream = 0
+
+    def on_headers(self, stream, end, fields):
+        if stream <= self.last_stream or not stream & 1:  # trailers, or not a client stream
+            return
+        self.last_stream = stream
+        path = b""
+        for name, value in fields:
+            if name == b":path":
+                path = value
+                break
+        answer = self.answers.get(path)
+        if answer is None:
+            _, bytes_, tail = path.rpartition(b"/bytes/")
+            size = int(tail) if bytes_ and tail.isdigit() else -1
+            block = response_block(200, size) if size >= 0 else response_block(404, 0)
+            answer = (block, max(size, 0), CHUNK[:size] if 0 <= size <= MAX_FRAME else None)
+            if len(self.answers) < 64:
+                self.answers[path] = answer
+        block, size, body = answer
+        if self.table_update:
+            block, self.table_update = self.table_update + block, b""
+        n, out = len(block), self.out
+        out.append(
+            FRAME.pack(
+                n >> 8, n & 0xFF, HEADERS, END_HEADERS if size else END_HEADERS | END_STREAM, stream
+            )
+            + block
+        )
+        if not size:
+            return
+        if (
+            body is not None
+            and size <= self.peer_frame
+            and size <= self.peer_window
+            and size <= self.send_window
+        ):
+            self.send_window -= size
+            out.append(FRAME.pack(size >> 8, size & 0xFF, DATA, END_STREAM, stream) + body)
+        else:
+            self.pending[stream] = [self.peer_window, size]
+
+    def pump(self, limit=1 << 18):
+        """DATA for the waiting streams, as far as the windows allow, about limit bytes."""
+        sent, out = 0, self.out
+        for stream, st in list(self.pending.items()):
+            while st[1] and st[0] > 0 and self.send_window > 0 and sent < limit:
+                n = min(st[1], st[0], self.send_window, self.peer_frame, len(CHUNK))
+                st[0] -= n
+                st[1] -= n
+                self.send_window -= n
+                sent += n
+                out.append(FRAME.pack(n >> 8, n & 0xFF, DATA, 0 if st[1] else END_STREAM, stream))
+                out.append(CHUNK if n == len(CHUNK) else CHUNK[:n])
+            if not st[1]:
+                del self.pending[stream]
+            if self.send_window <= 0 or sent >= limit:
+                break
+        return sent
+
+    def on_data(self, stream, end, size, flowed):
+        pass  # request bodies: counted against the connection window (H2Lean), nothing kept
+
+    def on_window(self, stream, inc):
+        st = self.pending.get(stream)
+        if st is not None:
+            st[0] += inc
+
+    def window_delta(self, delta):
+        for st in self.pending.values():
+            st[0] += delta
+
+    def on_reset(self, stream, code):
+        self.pending.pop(stream, None)
+
+    def on_goaway(self, last, code):
+        pass  # the client keeps its open streams; it closes when it is done
+
+
 # ----------------------------------------------------------------------------- origin
 class Origin(asyncio.Protocol):
     """GET /bytes/N -> N bytes; POST anything -> reads the whole body, then "ok\\n"."""
 
     cache = {}
-    chunk = b"x" * (256 * 1024)
+    chunk = CHUNK
 
     def connection_made(self, tr):
         self.tr, self.buf, self.need, self.left, self.paused = tr, b"", 0, 0, False
@@ -139,60 +562,38 @@ class Origin(asyncio.Protocol):
 
 
 class H2Origin(asyncio.Protocol):
-    """HTTP/2 (ALPN h2) on the TLS port: GET /bytes/N -> N bytes, within the client's windows."""
+    """HTTP/2 (ALPN h2) on the TLS port: H2OriginSession on the wire, DATA while not paused."""
 
     def connection_made(self, tr):
-        import h2.config
-        import h2.connection
-
-        self.tr, self.pending = tr, {}
-        self.conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=False, header_encoding=None)
-        )
-        self.conn.initiate_connection()
-        self.conn.increment_flow_control_window(16 << 20)
-        tr.write(self.conn.data_to_send())
+        self.tr, self.h2, self.paused = tr, H2OriginSession(), False
+        self._flush()
 
     def data_received(self, data):
-        import h2.events
-
-        conn = self.conn
         try:
-            events = conn.receive_data(data)
-        except Exception:
-            self.tr.abort()
+            self.h2.feed(data)
+        except Exception as e:  # H2Error, or something this small origin cannot read
+            self.h2.goaway(e.code if isinstance(e, H2Error) else 1, self.h2.last_stream)
+            self.tr.write(self.h2.take())
+            self.tr.close()
             return
-        for ev in events:
-            if isinstance(ev, h2.events.RequestReceived):
-                path = dict(ev.headers).get(b":path", b"")
-                size = int(path.rsplit(b"/", 1)[1]) if b"/bytes/" in path else 0
-                status = b"200" if b"/bytes/" in path else b"404"
-                headers = [(b":status", status), (b"content-length", b"%d" % size)]
-                conn.send_headers(ev.stream_id, headers, end_stream=not size)
-                if size:
-                    self.pending[ev.stream_id] = size
-            elif isinstance(ev, h2.events.DataReceived):
-                conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-            elif isinstance(ev, h2.events.StreamReset):
-                self.pending.pop(ev.stream_id, None)
-        self._send()
+        self._flush()
 
-    def _send(self):
-        conn = self.conn
-        for sid, left in list(self.pending.items()):
-            while left:
-                n = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size, left)
-                if n <= 0:
-                    break
-                left -= n
-                conn.send_data(sid, Origin.chunk[:n], end_stream=not left)
-            if left:
-                self.pending[sid] = left
-            else:
-                del self.pending[sid]
-        data = conn.data_to_send()
-        if data:
-            self.tr.write(data)
+    def _flush(self):
+        h2 = self.h2
+        while True:
+            if h2.pending and not self.paused:
+                h2.pump()
+            out = h2.take()
+            if not out:
+                return
+            self.tr.write(out)
+
+    def pause_writing(self):
+        self.paused = True
+
+    def resume_writing(self):
+        self.paused = False
+        self._flush()
 
 
 class AlpnOrigin(asyncio.Protocol):
@@ -207,12 +608,10 @@ class AlpnOrigin(asyncio.Protocol):
         self.inner.data_received(data)
 
     def pause_writing(self):
-        if isinstance(self.inner, Origin):
-            self.inner.pause_writing()
+        self.inner.pause_writing()
 
     def resume_writing(self):
-        if isinstance(self.inner, Origin):
-            self.inner.resume_writing()
+        self.inner.resume_writing()
 
 
 async def serve_grpc(certdir):
@@ -496,73 +895,90 @@ class Conn(asyncio.Protocol):
 
 
 class H2Client(Conn):
-    """Conn for the CONNECT, then HTTP/2 (the h2 library) after TLS: many streams at once."""
+    """Conn for the CONNECT, then H2ClientSession after TLS: --streams GETs in flight, each
+    answer recorded and followed at once by the next request, until the deadline."""
 
     h2 = None
-
-    def start_h2(self):
-        import h2.config
-        import h2.connection
-
-        self.h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, header_encoding=None)
-        )
-        self.h2.initiate_connection()
-        self.h2.increment_flow_control_window(16 << 20)
-        self.streams = {}  # stream id -> [future, status, body bytes]
-        self.tr.write(self.h2.data_to_send())
-
-    def request(self, headers):
-        sid = self.h2.get_next_available_stream_id()
-        self.h2.send_headers(sid, headers, end_stream=True)
-        self.tr.write(self.h2.data_to_send())
-        fut = asyncio.get_running_loop().create_future()
-        self.streams[sid] = [fut, 0, 0]
-        return fut
+    finished = None
+    why = None  # what ended the connection
 
     def data_received(self, data):
         if self.h2 is None:
             return super().data_received(data)
-        import h2.events
-
-        try:
-            events = self.h2.receive_data(data)
-        except Exception as e:
-            self._fail(e)
+        if self.closed:
             return
-        for ev in events:
-            st = self.streams.get(getattr(ev, "stream_id", None))
-            if isinstance(ev, h2.events.ResponseReceived) and st:
-                st[1] = int(dict(ev.headers)[b":status"])
-            elif isinstance(ev, h2.events.DataReceived):
-                self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-                if st:
-                    st[2] += len(ev.data)
-            elif isinstance(ev, h2.events.StreamEnded) and st:
-                del self.streams[ev.stream_id]
-                if not st[0].done():
-                    st[0].set_result((st[1], True, st[2]))
-            elif isinstance(ev, h2.events.StreamReset) and st:
-                del self.streams[ev.stream_id]
-                if not st[0].done():
-                    st[0].set_exception(ConnectionError(f"stream reset {ev.error_code!r}"))
-            elif isinstance(ev, h2.events.ConnectionTerminated):
-                self._fail(ConnectionError(f"GOAWAY {ev.error_code!r}"))
-        out = self.h2.data_to_send()
-        if out:
-            self.tr.write(out)
+        try:
+            self.h2.feed(data)
+        except Exception as e:  # H2Error, or a malformed answer
+            if isinstance(e, H2Error):
+                self.h2.goaway(e.code)
+            self.lost(e)
+        if self.finished is not None:  # until begin(), the TLS transport is not ours yet
+            out = self.h2.take()
+            if out:
+                self.tr.write(out)
 
-    def _fail(self, e):
-        self.closed = True
-        for fut, _, _ in self.streams.values():
-            if not fut.done():
-                fut.set_exception(e)
-        self.streams = {}
+    def begin(self, run, deadline):
+        loop = asyncio.get_running_loop()
+        self.run, self.deadline, self.budget = run, deadline, run.n * run.a.streams
+        self.finished = loop.create_future()
+        self.watch = loop.call_later(1.0, self.check)
+        if self.closed:  # GOAWAY or the end before the first request
+            run._error(run.measure_start, self.why)
+        for _ in range(run.a.streams):
+            self.issue()
+        self.tr.write(self.h2.take())
+        return self.finished
+
+    def issue(self):
+        h2 = self.h2
+        if self.budget and not h2.closed and len(h2.streams) < h2.peer_streams:
+            t = perf()
+            if t < self.deadline:
+                self.budget -= 1
+                self.run.attempts += 1
+                h2.request(t)
+                return
+        if not h2.streams:
+            self._finish()
+
+    def _finish(self):
+        if not self.finished.done():
+            self.finished.set_result(None)
+            self.watch.cancel()
+
+    def done(self, st):
+        self.run._record(st[0], st[0], perf(), st[1], st[2] + 64)
+        self.issue()
+
+    def failed(self, st, e):
+        self.run._error(st[0], e)
+        self.issue()
+
+    def lost(self, e):
+        """The connection is over: every stream still open failed (or the connection did)."""
+        h2, self.closed, self.why = self.h2, True, e
+        h2.closed = True
+        if self.finished is None or self.finished.done():
+            return
+        for _ in range(len(h2.streams) or 1):  # counted even in the warm-up: the connection
+            self.run._error(self.run.measure_start, e)  # is gone for the rest of the run
+        h2.streams.clear()
+        self._finish()
+
+    def check(self):
+        """Once a second: a request older than --timeout ends the connection."""
+        streams = self.h2.streams
+        if streams and perf() - next(iter(streams.values()))[0] > self.run.a.timeout:
+            self.lost(TimeoutError("request timed out"))
+            self.tr.abort()
+        elif not self.finished.done():
+            self.watch = asyncio.get_running_loop().call_later(1.0, self.check)
 
     def connection_lost(self, exc):
         if self.h2 is None:
             return super().connection_lost(exc)
-        self._fail(ConnectionError("closed by peer"))
+        self.lost(ConnectionError("closed by peer"))
 
 
 class Run:
@@ -586,8 +1002,7 @@ class Run:
         head += "Connection: close\r\n" if self.o.get("new") else ""
         self.req = (head + "\r\n").encode() + body
         self.connect = (f"CONNECT {auth} HTTP/1.1\r\nHost: {auth}\r\n\r\n").encode()
-        self.h2head = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", auth.encode()),
-                       (b":path", path.encode()), (b"user-agent", b"loadgen/1")]  # fmt: skip
+        self.auth, self.path = auth, path
         self.lat, self.ok, self.bad, self.errors, self.bytes = [], 0, 0, {}, 0
         self.attempts = 0
 
@@ -604,13 +1019,13 @@ class Run:
                 tr.abort()
                 raise ConnectionError(f"CONNECT answered {status}")
         conn.no_body = False
-        if self.o.get("h2"):
+        if self.o.get("h2"):  # the session first: the origin's SETTINGS may come with the handshake
+            conn.h2 = H2ClientSession(self.auth.encode(), self.path.encode(), conn)
             conn.tr = await loop.start_tls(tr, conn, self.h2ctx, server_hostname="127.0.0.1")
             chosen = conn.tr.get_extra_info("ssl_object").selected_alpn_protocol()
             if chosen != "h2":
                 conn.tr.abort()
                 raise ConnectionError(f"ALPN chose {chosen!r}, not h2")
-            conn.start_h2()
         elif self.o.get("tls"):
             conn.tr = await loop.start_tls(tr, conn, self.sslctx, server_hostname="127.0.0.1")
         return conn
@@ -671,30 +1086,16 @@ class Run:
 
     async def client_h2(self, deadline):
         """One h2 connection (through CONNECT), --streams requests in flight on it."""
-        t0 = perf()
         try:
             conn = await asyncio.wait_for(self.open(), self.a.timeout)
-        except Exception as e:
-            self._error(t0, e)
+        except Exception as e:  # counted even in the warm-up: this connection never comes
+            self._error(self.measure_start, e)
             return
-
-        async def stream():
-            for _ in range(self.n):
-                t1 = perf()
-                if t1 >= deadline or conn.closed:
-                    break
-                self.attempts += 1
-                try:
-                    status, _, nb = await asyncio.wait_for(
-                        conn.request(self.h2head), self.a.timeout
-                    )
-                except Exception as e:
-                    self._error(t1, e)
-                    break
-                self._record(t1, t1, perf(), status, nb + 64)
-
         try:
-            await asyncio.gather(*(stream() for _ in range(self.a.streams)))
+            await conn.begin(self, deadline)
+            if not conn.closed:
+                conn.h2.goaway(0)
+                conn.tr.write(conn.h2.take())
         finally:
             conn.tr.close()
 
@@ -738,7 +1139,9 @@ class Run:
         warm = a.warmup if self.n > 1000 else 0  # count-bound scenarios: no warmup
         self.measure_start = perf() + warm
         self.last = self.measure_start
-        snap = {}
+        snap = dict(
+            t=perf(), cpu=proc_cpu(pid), ocpu=proc_cpu(origin_pid), me=resource.getrusage(0)
+        )
         loop.call_at(
             loop.time() + warm,
             lambda: snap.update(

@@ -80,14 +80,24 @@ class NameConstraints:
         return " ".join([*self.domains, *(str(n) for n in self.networks)])
 
 
-def _hostIdentity(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | str:
+def ipOrText(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | str:
+    """
+    The IP address C{host} spells (in brackets or not; an IPv6 zone id dropped), else its
+    text without the brackets: a CONNECT target's or an SNI's host, before it is certified
+    (L{gateway.tls.mint.parseHost}) or checked against name constraints.
+    """
     text = host.strip()
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
     try:
         return ipaddress.ip_address(text.split("%", 1)[0] if ":" in text else text)
     except ValueError:
-        return text.rstrip(".").lower()
+        return text
+
+
+def _hostIdentity(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | str:
+    identity = ipOrText(host)
+    return identity.rstrip(".").lower() if isinstance(identity, str) else identity
 
 
 def _nameIn(name: str, constraint: str) -> bool:

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway.tls.ca import BACKDATE, CertificateAuthority
+from gateway.tls.ca import BACKDATE, CertificateAuthority, ipOrText
 
 __all__ = ["LEAF_LIFETIME", "mintLeaf", "newLeafKey", "normalizeHost", "parseHost"]
 
@@ -63,14 +63,10 @@ def parseHost(host: str) -> HostIdentity:
     @raise ValueError: If C{host} is neither a valid IP literal nor a valid
         DNS name (empty, a label over 63 characters, a space, a wildcard...).
     """
-    text = host.strip()
-    if text.startswith("[") and text.endswith("]"):
-        text = text[1:-1]
-    try:
-        return ipaddress.ip_address(text.split("%", 1)[0] if ":" in text else text)
-    except ValueError:
-        pass
-    name = text.rstrip(".").lower()
+    identity = ipOrText(host)
+    if not isinstance(identity, str):
+        return identity
+    name = identity.rstrip(".").lower()
     if not name.isascii():
         try:
             name = name.encode("idna").decode("ascii")
