@@ -137,9 +137,7 @@ def requestBlocks(string) -> list[bytes]:
 def test_requestBlocksAreTheRFCs():
     """The C.3 and C.4 blocks built here are the RFC's bytes (as hpack's tests have them)."""
     assert requestBlocks(literal)[0] == bytes.fromhex("828684410f7777772e6578616d706c652e636f6d")
-    assert requestBlocks(huffmanLiteral)[0] == bytes.fromhex(
-        "828684418cf1e3c2e5f23a6ba0ab90f4ff"
-    )
+    assert requestBlocks(huffmanLiteral)[0] == bytes.fromhex("828684418cf1e3c2e5f23a6ba0ab90f4ff")
     assert requestBlocks(huffmanLiteral)[2] == bytes.fromhex(
         "828785bf408825a849e95ba97d7f8925a849e95bb8e8b4bf"
     )
@@ -319,7 +317,7 @@ def test_theirEncoderOurDecoder(blocks, huffmanOn, never):
 
 def test_huffmanCodesAreTheRFCs():
     """The codes derived from the lengths (the code is canonical) are Appendix B's."""
-    assert huffman.CODES == list(REQUEST_CODES)
+    assert list(REQUEST_CODES) == huffman.CODES
     assert list(huffman.LENGTHS) == list(REQUEST_CODES_LENGTH)
 
 
