@@ -110,8 +110,11 @@ _RESET = 1
 _ENDED = 2
 #: Closed streams remembered (their ids, how they closed); half are forgotten past this.
 _REMEMBERED = 2048
-#: Header blocks remembered per connection (see H2Machine._parse).
+#: Header blocks remembered per connection (see H2Machine._parse), and the largest one
+#: remembered: a repeated request's block is a few dozen bytes (its fields indexed), and 64
+#: large ones would hold megabytes for the connection's life.
 _BLOCKS_KEPT = 64
+_BLOCK_KEPT_SIZE = 1024
 
 _U32 = struct.Struct(">L").unpack_from
 _U32x2 = struct.Struct(">LL").unpack_from
@@ -216,6 +219,7 @@ class H2Machine:
         self.hardHeaderListSize = hardHeaderListSize
         self._peerParity = 1 if not client else 0
         self._closed: dict[int, int] = {}
+        self._forgotten = 0  # the highest id forgotten from _closed
         self._blocks: dict[bytes, tuple] = {}  # header blocks decoded: see _parse
         self._outboundOpen = 0
         self._decoder = Decoder(maxListSize=hardHeaderListSize)
@@ -540,7 +544,7 @@ class H2Machine:
             if stream.localEnded:
                 self._close(stream, _ENDED)
             self._events.append(DataReceived(streamId, data[start:end], flow, True))
-        else:
+        elif flow:  # empty DATA carries nothing to deliver (CVE-2019-9518 floods)
             self._events.append(DataReceived(streamId, data[start:end], flow, False))
 
     def _frameOnClosed(self, stream: _Stream | None, streamId: int, kind: str) -> None:
@@ -549,8 +553,14 @@ class H2Machine:
             self._streamError(stream, ErrorCode.STREAM_CLOSED)
         elif self._idle(streamId):
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{kind} on idle stream {streamId}")
-        elif self._closed.get(streamId) == _ENDED:
-            raise ProtocolError(ErrorCode.STREAM_CLOSED, f"{kind} on closed stream {streamId}")
+        else:
+            how = self._closed.get(streamId)
+            if how == _ENDED:
+                raise ProtocolError(ErrorCode.STREAM_CLOSED, f"{kind} on closed stream {streamId}")
+            if how is None and streamId > self._forgotten:
+                # skipped over by a higher id: a HEADERS here is a decreasing id (§5.1.1)
+                code = ErrorCode.PROTOCOL_ERROR if kind == "HEADERS" else ErrorCode.STREAM_CLOSED
+                raise ProtocolError(code, f"{kind} on stream {streamId}, never opened")
         # else: a stream reset (or forgotten): ignored
 
     def _idle(self, streamId: int) -> bool:
@@ -589,7 +599,7 @@ class H2Machine:
         if block is None or block[0] != streamId:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "CONTINUATION out of sequence")
         block[2].append(data[start:end])
-        block[3] += end - start
+        block[3] += end - start + 9  # empty CONTINUATIONs cost too (CVE-2024-27316)
         self._checkBlockSize(block[3])
         if flags & END_HEADERS:
             self._block = None
@@ -684,7 +694,7 @@ class H2Machine:
             parsed = (headers, size, parse(headers), None)
         except Malformed as e:
             parsed = (headers, size, None, str(e))
-        if decoder.version == version:
+        if decoder.version == version and len(block) <= _BLOCK_KEPT_SIZE:
             if len(self._blocks) >= _BLOCKS_KEPT:
                 self._blocks.clear()
             self._blocks[block] = (version, parse, parsed)
@@ -863,8 +873,10 @@ class H2Machine:
         closed = self._closed
         closed[streamId] = how
         if len(closed) > _REMEMBERED:
-            for old in list(closed)[: _REMEMBERED >> 1]:
-                del closed[old]
+            old = list(closed)[: _REMEMBERED >> 1]
+            for streamId in old:
+                del closed[streamId]
+            self._forgotten = max(self._forgotten, *old)
 
 
 def _unpad(data: bytes, start: int, end: int) -> tuple[int, int]:
