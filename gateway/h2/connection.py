@@ -28,6 +28,11 @@ Limits (L{H2Limits}) are what bound what a peer can make the proxy hold or do:
    L{H2Limits.resetRate} per second); an empty bucket ends the connection with GOAWAY
    ENHANCE_YOUR_CALM. New streams are dispatched at the end of the read that opened them, so
    a stream opened and reset in one read never reaches an exchange (no origin is dialled);
+ - answers the peer does not read (CVE-2019-9512/9515: PING and SETTINGS floods, resets
+   provoked): what reads make the proxy write while the transport is paused (its buffer
+   full: the peer is not reading) may reach L{UNREAD_ANSWERS}; past that, GOAWAY
+   ENHANCE_YOUR_CALM and the connection is aborted (closing it would wait for the peer to
+   read);
  - idle: a connection with nothing received or sent for L{H2Limits.idleTimeout} says GOAWAY
    and closes (an exchange still running gets C{timedOut} first).
 
@@ -73,6 +78,10 @@ _DEFAULT_WINDOW = 65535
 #: Bytes of DATA framed before they are written without waiting for the end of the batch:
 #: what a batch may hold in h2's buffer before the transport (and its producer pause) sees it.
 FLUSH_MARK = 65536
+
+#: Bytes reads may make this side write while the transport is paused (see the module's
+#: docstring): some 15,000 PING acknowledgements, far more than any peer that reads needs.
+UNREAD_ANSWERS = 256 * 1024
 
 
 @frozen
@@ -192,6 +201,7 @@ class H2Protocol(Protocol):
         self._inRead = False
         self._flushCall = None
         self._unflushed = 0  # DATA bytes framed since the last write
+        self._unread = 0  # bytes reads made us write since the transport paused
         self.draining = False  # GOAWAY sent or received: no new streams
         self.closing = False  # ended by this side (an error, Rapid Reset): read nothing more
         self.lost = False
@@ -252,7 +262,17 @@ class H2Protocol(Protocol):
             self._readDone()
         finally:
             self._inRead = False
-        self.flush()
+        if self.writing:
+            self.flush()
+            return
+        self._unread += self.flush()
+        if self._unread > UNREAD_ANSWERS:
+            _log.info(
+                "HTTP/2 peer {peer} does not read what it asks for: GOAWAY ENHANCE_YOUR_CALM",
+                peer=self._peer(),
+            )
+            self._goAway(ErrorCode.ENHANCE_YOUR_CALM, "the peer does not read")
+            self.transport.abortConnection()
 
     def _readDone(self) -> None:
         """The end of one read's events: the exchanges that got some hear so."""
@@ -313,18 +333,19 @@ class H2Protocol(Protocol):
             return
         self.flush()
 
-    def flush(self) -> None:
-        """Write everything the machine has to send, in one write."""
+    def flush(self) -> int:
+        """Write everything the machine has to send, in one write: how many bytes."""
         if self._flushCall is not None:
             self._flushCall.pop(self, None)
             self._flushCall = None
         self._unflushed = 0
         if self.lost:
-            return
+            return 0
         data = self.conn.dataToSend()
         if data:
             self._deadline = self.reactor.seconds() + self.limits.idleTimeout
             self.transport.write(data)
+        return len(data)
 
     def blocked(self, stream) -> None:
         self._blocked[stream] = None
@@ -344,6 +365,7 @@ class H2Protocol(Protocol):
 
     def resumeProducing(self) -> None:
         self.writing = True
+        self._unread = 0
         self._pumpAll()
         self.flush()
 
