@@ -1065,9 +1065,20 @@ def test_headerBlockCacheHoldsOnlySmallBlocks():
 # -- what the Twisted protocol bounds -------------------------------------------------------------
 
 
-def protocolUnderTest() -> tuple[H2ServerProtocol, StringTransport]:
+class Exchange:
+    """An exchange that takes every call and does nothing."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kw: None
+
+
+def protocolUnderTest(**limits) -> tuple[H2ServerProtocol, StringTransport]:
     protocol = H2ServerProtocol(
-        H2Limits(), task.Clock(), ("https", "example.com", 443, b"example.com"), "-", list
+        H2Limits(**limits),
+        task.Clock(),
+        ("https", "example.com", 443, b"example.com"),
+        "-",
+        lambda stream: Exchange(),
     )
     transport = StringTransport()
     protocol.makeConnection(transport)
@@ -1118,3 +1129,48 @@ def test_pingsToAPeerThatReads():
         protocol.resumeProducing()
     assert not transport.disconnecting
     assert len(transport.value()) > 2 * UNREAD_ANSWERS - 17000
+
+
+def lastGoaway(transport: StringTransport) -> int:
+    goaways = [p for kind, _, _, p in parseFrames(transport.value()) if kind == GOAWAY]
+    return struct.unpack(">L", goaways[-1][4:8])[0]
+
+
+@pytest.mark.parametrize(
+    "provoke",
+    [
+        lambda streamId: windowUpdateFrame(streamId, 0),
+        lambda streamId: frame(PRIORITY, 0, streamId, struct.pack(">LB", streamId, 16)),
+        lambda streamId: frame(DATA, 0, streamId, b"x" * 10),  # content-length: 1
+    ],
+)
+def test_madeYouReset(provoke):
+    """
+    CVE-2025-8671: streams the client makes this side reset (a stream error on each) spend
+    the Rapid Reset budget like its own resets: GOAWAY ENHANCE_YOUR_CALM once it is spent.
+    """
+    protocol, transport = protocolUnderTest(resetBurst=20, resetRate=0.001)
+    encoder = Encoder()
+    fields = [*POST, (b"content-length", b"1")]
+    for streamId in range(1, 200, 2):
+        protocol.dataReceived(
+            frame(HEADERS, END_HEADERS, streamId, encoder.encode(fields)) + provoke(streamId)
+        )
+        if transport.disconnecting:
+            break
+    assert streamId == 41
+    assert lastGoaway(transport) == ErrorCode.ENHANCE_YOUR_CALM
+
+
+def test_streamErrorsBeforeTheStreamOpensCount():
+    """HEADERS depending on itself: reset by the machine, never seen by the protocol."""
+    protocol, transport = protocolUnderTest(resetBurst=20, resetRate=0.001)
+    encoder = Encoder()
+    flags = END_HEADERS | END_STREAM | PRIORITY_FLAG
+    for streamId in range(1, 200, 2):
+        payload = struct.pack(">LB", streamId, 16) + encoder.encode(REQUEST)
+        protocol.dataReceived(frame(HEADERS, flags, streamId, payload))
+        if transport.disconnecting:
+            break
+    assert streamId == 41
+    assert lastGoaway(transport) == ErrorCode.ENHANCE_YOUR_CALM

@@ -24,10 +24,12 @@ Limits (L{H2Limits}) are what bound what a peer can make the proxy hold or do:
    anything waits), at most L{FLUSH_MARK} framed and not written, and the transport's own
    buffer (whose producer this protocol is);
  - Rapid Reset (CVE-2023-44487): streams the client resets before their response is complete,
-   and streams refused, spend a token from a bucket (L{H2Limits.resetBurst}, refilled at
-   L{H2Limits.resetRate} per second); an empty bucket ends the connection with GOAWAY
-   ENHANCE_YOUR_CALM. New streams are dispatched at the end of the read that opened them, so
-   a stream opened and reset in one read never reaches an exchange (no origin is dialled);
+   streams this side resets for the client's errors on them (CVE-2025-8671, "MadeYouReset":
+   WINDOW_UPDATE of 0, DATA past content-length...), and streams refused, spend a token
+   from a bucket (L{H2Limits.resetBurst}, refilled at L{H2Limits.resetRate} per second); an
+   empty bucket ends the connection with GOAWAY ENHANCE_YOUR_CALM. New streams are
+   dispatched at the end of the read that opened them, so a stream opened and reset in one
+   read never reaches an exchange (no origin is dialled);
  - answers the peer does not read (CVE-2019-9512/9515: PING and SETTINGS floods, resets
    provoked): what reads make the proxy write while the transport is paused (its buffer
    full: the peer is not reading) may reach L{UNREAD_ANSWERS}; past that, GOAWAY
@@ -580,6 +582,8 @@ class H2ServerProtocol(H2Protocol):
     def _reset(self, event: events.StreamReset) -> None:
         stream = self.streams.get(event.streamId)
         if stream is None:
+            if not event.remote:  # the machine reset a stream the client broke before it opened
+                self._glitch("stream errors")
             return
         complete = stream._localEnded
         stream.peerReset(event.errorCode)
