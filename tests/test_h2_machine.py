@@ -427,6 +427,23 @@ def test_initialWindowSizeOverflowingAStream():
     )
 
 
+def test_initialWindowSizeManyTimesInOneFrame():
+    """
+    A SETTINGS frame full of INITIAL_WINDOW_SIZE values moves the windows once (to the last
+    value), yet an overflow at a value on the way is still an error.
+    """
+    machine = server()
+    machine.receiveData(b"".join(headersFrame(i, endStream=False) for i in range(1, 201, 2)))
+    values = [70000 + (i & 1) for i in range(2729)] + [1000]
+    payload = b"".join(struct.pack(">HL", Setting.INITIAL_WINDOW_SIZE, v) for v in values)
+    [event] = machine.receiveData(frame(SETTINGS, 0, 0, payload))
+    assert event.changed == {Setting.INITIAL_WINDOW_SIZE: 1000}
+    assert {stream.sendWindow for stream in machine.streams.values()} == {1000}
+    machine.receiveData(windowUpdateFrame(1, 2**31 - 1 - 2000))
+    payload = b"".join(struct.pack(">HL", Setting.INITIAL_WINDOW_SIZE, v) for v in (2001, 500))
+    connectionError(machine, frame(SETTINGS, 0, 0, payload), ErrorCode.FLOW_CONTROL_ERROR)
+
+
 def test_receiveWindowGivenBackAsConsumed():
     """WINDOW_UPDATEs go out as the application acknowledges, not as DATA arrives."""
     machine = server()
@@ -876,6 +893,79 @@ def test_contentLengthChecked():
     machine = server()
     machine.receiveData(headersFrame(1, [*POST, (b"content-length", b"3")], endStream=False))
     streamError(machine, frame(DATA, END_STREAM, 1, b"tw"), 1, ErrorCode.PROTOCOL_ERROR)
+
+
+def test_dataBeforeTheResponse():
+    machine = client()
+    machine.sendHeaders(1, REQUEST, endStream=True)
+    streamError(machine, frame(DATA, 0, 1, b"x"), 1, ErrorCode.PROTOCOL_ERROR)
+
+
+def test_trailersWithoutEndStream():
+    machine = server()
+    machine.receiveData(headersFrame(1, POST, endStream=False))
+    trailers = headersFrame(1, [(b"x-trailer", b"t")], endStream=False)
+    streamError(machine, trailers, 1, ErrorCode.PROTOCOL_ERROR)
+
+
+def test_headersOnAHalfClosedStream():
+    machine = server()
+    machine.receiveData(headersFrame(1))
+    streamError(machine, headersFrame(1, [(b"x-more", b"m")]), 1, ErrorCode.STREAM_CLOSED)
+
+
+def test_informationalResponsesFlagged():
+    """A 1xx that ends the stream, and 101 (no Upgrade in HTTP/2): delivered with an error."""
+    machine = client()
+    machine.sendHeaders(1, REQUEST, endStream=True)
+    machine.sendHeaders(3, REQUEST, endStream=True)
+    received = machine.receiveData(
+        headersFrame(1, [(b":status", b"100")], endStream=True)
+        + headersFrame(3, [(b":status", b"101")], endStream=False)
+    )
+    assert [(type(e), bool(e.error)) for e in received] == [
+        (events.InformationalResponseReceived, True)
+    ] * 2
+
+
+def test_resetByTheServer():
+    machine = client()
+    machine.sendHeaders(1, POST)
+    [event] = machine.receiveData(resetFrame(1, ErrorCode.REFUSED_STREAM))
+    assert (event.streamId, event.errorCode, event.remote) == (1, ErrorCode.REFUSED_STREAM, True)
+    with pytest.raises(StreamClosed):
+        machine.sendData(1, b"x")
+    with pytest.raises(StreamClosed):
+        machine.sendWindow(1)
+    assert machine.receiveData(frame(DATA, 0, 1, b"late")) == []  # in flight: ignored
+
+
+def test_frameEncoders():
+    """frames.py: the 24-bit length, the reserved bit, each frame's layout."""
+    assert frameHeader(0x123456, DATA, END_STREAM, 0x7FFFFFFF) == (
+        b"\x12\x34\x56\x00\x01\x7f\xff\xff\xff"
+    )
+    assert parseFrames(settingsFrame({Setting.MAX_FRAME_SIZE: 2**24 - 1, 0x99: 0})) == [
+        (SETTINGS, 0, 0, b"\x00\x05\x00\xff\xff\xff\x00\x99\x00\x00\x00\x00")
+    ]
+    assert settingsFrame({1: 2}, ack=True) == frame(SETTINGS, 1, 0)
+    assert parseFrames(windowUpdateFrame(3, 2**31 - 1)) == [
+        (WINDOW_UPDATE, 0, 3, b"\x7f\xff\xff\xff")
+    ]
+    assert parseFrames(resetFrame(5, ErrorCode.CANCEL)) == [(RST_STREAM, 0, 5, b"\0\0\0\x08")]
+    assert parseFrames(pingFrame(b"abcdefgh", ack=True)) == [(PING, 1, 0, b"abcdefgh")]
+    assert parseFrames(goawayFrame(7, ErrorCode.ENHANCE_YOUR_CALM, b"calm")) == [
+        (GOAWAY, 0, 0, b"\0\0\0\x07\0\0\0\x0bcalm")
+    ]
+
+
+def test_reservedBitIgnored():
+    """§4.1: the reserved bit of the stream id is ignored on receipt."""
+    machine = server()
+    data = headersFrame(1)
+    data = data[:5] + bytes([data[5] | 0x80]) + data[6:]
+    [event] = machine.receiveData(data)
+    assert event.streamId == 1
 
 
 def test_malformedRequestDeliveredFlagged():
