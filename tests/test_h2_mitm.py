@@ -9,8 +9,8 @@ that; ``http2 = off``), 20 parallel streams on one tunnel and one origin connect
 per-method metrics and grpc-status counts, the translations (an h2 client to an origin that
 fell back to HTTP/1.1, an HTTP/1.1 client over a pooled h2 origin connection), RST_STREAM of
 one stream leaving the others, Rapid Reset (GOAWAY, no origin dial per reset, the proxy
-serving others after), a PING flood from a client that reads nothing (cut), a slow reader of 60 MB with the proxy's memory measured, and one
-access line per stream.
+serving others after), a PING flood from a client that reads nothing (cut), a slow reader
+of 60 MB with the proxy's memory measured, and one access line per stream.
 """
 
 from __future__ import annotations

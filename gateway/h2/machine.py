@@ -30,7 +30,8 @@ Behaviours chosen for a proxy (where h2 differed, proxygate's wiring used to pat
  - Malformed header blocks are delivered flagged (L{gateway.h2.events}), for the
    application to answer or reset; body lengths that break content-length are reset here.
  - Frames for streams this side reset are ignored (their DATA's window given back); so are
-   frames for streams closed long enough ago to be forgotten.
+   frames for streams closed long enough ago to be forgotten. HEADERS or DATA on an id
+   below the peer's highest that was never opened is a connection error.
  - Received DATA is given back to the peer's windows only as the application acknowledges
    it (L{H2Machine.acknowledgeReceivedData}): a WINDOW_UPDATE once half a window is
    consumed, or as soon as what was consumed exceeds what the peer has left.
