@@ -60,9 +60,16 @@ def test_requestLengths():
 
 def test_requestRoutesToTheTunnel():
     """:authority and host are checked, never routed on: the tunnel's authority goes on."""
-    r = fromClient([*BASE[:2], (b":authority", b"other.test:8443"), BASE[3], (b"host", b"x")])
+    other = b"other.test:8443"
+    r = fromClient([*BASE[:2], (b":authority", other), BASE[3], (b"host", other)])
     assert r.authority == b"api.example.test" and r.host == "api.example.test"
     assert all(name != b"host" for name, _ in r.fields)
+    r = fromClient([BASE[0], BASE[1], BASE[3], (b"host", other)])  # Host alone
+    assert r.authority == b"api.example.test" and r.fields == []
+    with pytest.raises(H2HeaderError, match="host"):  # RFC 9113 §8.3.1
+        fromClient([*BASE[:2], (b":authority", other), BASE[3], (b"host", b"x")])
+    with pytest.raises(H2HeaderError, match=":authority or host"):
+        fromClient([BASE[0], BASE[1], BASE[3], (b"host", b"a b")])
 
 
 @pytest.mark.parametrize(
@@ -110,9 +117,16 @@ def test_requestToOrigin():
 
 
 def test_requestToOriginLengths():
-    """A TE other than trailers goes; a GET without body states no length, a POST does."""
-    get = Request(b"GET", "https", "o", 443, b"o", b"/", b"HTTP/2", [(b"te", b"gzip")], 0)
+    """
+    A TE other than trailers goes (from HTTP/1.1: an HTTP/2 request cannot carry one); a
+    GET without body states no length, a POST does.
+    """
+    get = Request(b"GET", "https", "o", 443, b"o", b"/", b"HTTP/1.1", [(b"TE", b"gzip")], 0)
     assert requestHeaders(get)[4:] == []
+    with pytest.raises(H2HeaderError, match="TE"):
+        fromClient([*BASE, (b"te", b"gzip")])
+    grpc = fromClient([*BASE, (b"te", b"Trailers")], endStream=True)
+    assert requestHeaders(grpc)[4:] == [(b"te", b"Trailers"), (b"content-length", b"0")]
     post = Request(b"POST", "https", "o", 443, b"o", b"/", b"HTTP/2", [], 0)
     assert requestHeaders(post)[4:] == [(b"content-length", b"0")]
     chunked = Request(b"POST", "https", "o", 443, b"o", b"/", b"HTTP/1.1", [], UNKNOWN)
@@ -207,13 +221,29 @@ def test_proxyFieldsGoOutBothWays():
 
 
 def test_secretsAreNeverIndexed() -> None:
-    """h2's own rule, kept with its normalisation off: out of the shared HPACK table."""
-    from hpack import NeverIndexedHeaderTuple
+    """
+    Authorization and short cookies go out never-indexed (h2's rule, after Firefox and
+    nghttp2), and so does a field that came in never-indexed (RFC 7541 §7.1.3): decoded by
+    the hpack library, they are out of the shared HPACK table.
+    """
+    from hpack import Decoder, NeverIndexedHeaderTuple
+
+    from gateway.h2.hpack import Encoder, NeverIndexed
 
     request = Request(
         b"GET", "https", "o", 443, b"o", b"/", b"HTTP/1.1",
-        [(b"Authorization", b"Bearer x"), (b"Cookie", b"s=1"), (b"Cookie", b"a" * 30)], -1,
+        [(b"Authorization", b"Bearer x"), (b"Cookie", b"s=1"), (b"Cookie", b"a" * 30),
+         NeverIndexed((b"x-token", b"t")), (b"x-plain", b"p")], -1,
     )  # fmt: skip
-    headers = requestHeaders(request)[4:]
-    assert [isinstance(h, NeverIndexedHeaderTuple) for h in headers] == [True, True, False]
-    assert headers == [(b"authorization", b"Bearer x"), (b"cookie", b"s=1"), (b"cookie", b"a" * 30)]
+    headers = requestHeaders(request)
+    assert headers[4:] == [
+        (b"authorization", b"Bearer x"),
+        (b"cookie", b"s=1"),
+        (b"cookie", b"a" * 30),
+        (b"x-token", b"t"),
+        (b"x-plain", b"p"),
+    ]
+    decoded = Decoder().decode(Encoder().encode(headers), raw=True)[4:]
+    assert [isinstance(h, NeverIndexedHeaderTuple) for h in decoded] == [
+        True, True, False, True, False,
+    ]  # fmt: skip

@@ -9,8 +9,8 @@ that; ``http2 = off``), 20 parallel streams on one tunnel and one origin connect
 per-method metrics and grpc-status counts, the translations (an h2 client to an origin that
 fell back to HTTP/1.1, an HTTP/1.1 client over a pooled h2 origin connection), RST_STREAM of
 one stream leaving the others, Rapid Reset (GOAWAY, no origin dial per reset, the proxy
-serving others after), a slow reader of 60 MB with the proxy's memory measured, and one
-access line per stream.
+serving others after), a PING flood from a client that reads nothing (cut), a slow reader
+of 60 MB with the proxy's memory measured, and one access line per stream.
 """
 
 from __future__ import annotations
@@ -500,3 +500,32 @@ def test_h2ThroughAnUpstreamProxy(fresh, tmp_path, h2origin):
         proxy.stop()  # first: the upstream would wait for the tunnel it carries
     finally:
         upstream.stop()
+
+
+def test_pingFloodFromAClientThatDoesNotReadIsCut(fresh, pki):
+    """
+    CVE-2019-9512: PINGs from a client that reads nothing; the proxy's acknowledgements
+    pile up to its cap, then GOAWAY and the connection is aborted; others are still served.
+    """
+    proxy = fresh()
+    origin = H2Origin(pki)
+    session = H2Session(proxy, origin.port)
+    flood = (b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"12345678") * 4000
+    sent = 0
+    try:
+        session.tls.settimeout(10)
+        with pytest.raises(OSError):
+            while sent < 200 * 2**20:  # bounded: the proxy must cut long before
+                session.tls.sendall(flood)
+                sent += len(flood)
+    finally:
+        session.close()
+        origin.close()
+    assert sent < 64 * 2**20
+    other = H2Origin(pki)
+    try:
+        done = curl(proxy, "--http2", "-w", "%{http_version}", "-o", "/dev/null",
+                    other.url("/bytes/10"))  # fmt: skip
+        assert done.stdout == b"2", done.stderr
+    finally:
+        other.close()

@@ -166,10 +166,12 @@ class H2Client:
     """The h2 library as the client, over the client's TLS to the proxy."""
 
     def __init__(self, client, down, tls) -> None:
-        from gateway.h2.connection import _Machine  # h2, less its closing on GOAWAY
+        from tests.support.h2origin import GracefulH2Connection  # drains on GOAWAY
 
         self.client, self.down, self.tls = client, down, tls
-        self.conn = _Machine(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        self.conn = GracefulH2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
         self.conn.initiate_connection()
         self.events: list = []
 

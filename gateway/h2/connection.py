@@ -1,21 +1,22 @@
 # -*- test-case-name: tests.test_h2 -*-
 """
-HTTP/2 connections on the h2 library (python-hyper), in both roles of an intercepted tunnel:
+HTTP/2 connections in both roles of an intercepted tunnel:
 L{H2ServerProtocol} faces the client (its streams are L{ServerStream}s, each dispatched into
 an exchange), L{H2ClientProtocol} faces an origin (the connector opens L{ClientStream}s on it).
 
-Shape, after Twisted's own C{twisted.web._http2} (which wires h2's flow control to producers):
-the protocol feeds every read to h2, turns h2's events into calls on the streams, and writes
-what h2 has to send once per batch: at the end of the read, or when an exchange calls
+Shape, after Twisted's own C{twisted.web._http2} (which wires flow control to producers): the
+protocol feeds every read to its L{H2Machine} (proxygate's HTTP/2 codec), turns the machine's
+events into calls on the streams, and writes what the machine has to send once per batch: at
+the end of the read, or when an exchange calls
 C{flush} after events from the other leg (a C{callLater(0)} covers an exchange that forgets).
 It is its transport's streaming producer: while the transport's buffer is full no stream
 hands data to h2, and each stream with data waiting pauses the side it throttles.
 
 Limits (L{H2Limits}) are what bound what a peer can make the proxy hold or do:
  - concurrent streams: advertised (SETTINGS_MAX_CONCURRENT_STREAMS) and enforced per stream
-   (RST_STREAM REFUSED_STREAM, not the whole connection as h2 alone would do);
+   (RST_STREAM REFUSED_STREAM, not a connection error);
  - header list size: advertised (SETTINGS_MAX_HEADER_LIST_SIZE) and enforced per stream
-   (431, or 502 from an origin); h2's HPACK decoder stops a block twice as large (a
+   (431, or 502 from an origin); the HPACK decoder stops a block twice as large (a
    connection error: nothing that size is decoded);
  - memory: receive windows of L{H2Limits.streamWindow} per stream and
    L{H2Limits.connectionWindow} per connection, given back only as the exchange takes data;
@@ -23,16 +24,23 @@ Limits (L{H2Limits}) are what bound what a peer can make the proxy hold or do:
    anything waits), at most L{FLUSH_MARK} framed and not written, and the transport's own
    buffer (whose producer this protocol is);
  - Rapid Reset (CVE-2023-44487): streams the client resets before their response is complete,
-   and streams refused, spend a token from a bucket (L{H2Limits.resetBurst}, refilled at
-   L{H2Limits.resetRate} per second); an empty bucket ends the connection with GOAWAY
-   ENHANCE_YOUR_CALM. New streams are dispatched at the end of the read that opened them, so
-   a stream opened and reset in one read never reaches an exchange (no origin is dialled);
+   streams this side resets for the client's errors on them (CVE-2025-8671, "MadeYouReset":
+   WINDOW_UPDATE of 0, DATA past content-length...), and streams refused, spend a token
+   from a bucket (L{H2Limits.resetBurst}, refilled at L{H2Limits.resetRate} per second); an
+   empty bucket ends the connection with GOAWAY ENHANCE_YOUR_CALM. New streams are
+   dispatched at the end of the read that opened them, so a stream opened and reset in one
+   read never reaches an exchange (no origin is dialled);
+ - answers the peer does not read (CVE-2019-9512/9515: PING and SETTINGS floods, resets
+   provoked): what reads make the proxy write while the transport is paused (its buffer
+   full: the peer is not reading) may reach L{UNREAD_ANSWERS}; past that, GOAWAY
+   ENHANCE_YOUR_CALM and the connection is aborted (closing it would wait for the peer to
+   read);
  - idle: a connection with nothing received or sent for L{H2Limits.idleTimeout} says GOAWAY
    and closes (an exchange still running gets C{timedOut} first).
 
 GOAWAY from the peer drains: no new streams, the open ones finish, then the connection closes.
-L{H2Protocol.drain} does the same from this side (service shutdown). PING is answered by h2;
-PRIORITY is ignored; there is no server push (disabled in SETTINGS).
+L{H2Protocol.drain} does the same from this side (service shutdown). PING is answered by the
+machine; PRIORITY is ignored; there is no server push (disabled in SETTINGS).
 """
 
 from __future__ import annotations
@@ -40,13 +48,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 
-import h2.config
-import h2.connection
-import h2.events
-import h2.settings
 from attrs import frozen
-from h2.errors import ErrorCodes
-from h2.exceptions import ProtocolError
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -54,7 +56,10 @@ from zope.interface import implementer
 
 from ..exchange.problems import problemForStatus
 from ..proxy.flow import noDelay
-from .headers import H2HeaderError, requestFromHeaders
+from . import events
+from .frames import ErrorCode, Setting
+from .headers import H2HeaderError, requestFromHead
+from .machine import H2Machine, ProtocolError
 from .stream import ClientStream, ConnectionGone, ServerStream, StreamRefused, StreamReset
 
 __all__ = [
@@ -69,43 +74,16 @@ __all__ = [
 _log = Logger()
 
 
-def _quietFrameTrace() -> bool:
-    """
-    Stop h2 from formatting every frame it receives for a trace log line that nobody reads
-    (C{logger.trace("Received frame: %s", repr(frame))}: the argument is built before the
-    no-op logger is called): 6% of the CPU of an intercepted h2 request. h2.connection
-    calls C{repr} there and nowhere else, so a module-level C{repr} of its own that formats
-    nothing changes only that line. Done only while its source still has that shape (a
-    later h2 that uses C{repr} elsewhere keeps the builtin: slower, never wrong); see
-    tests/test_h2.py.
-    """
-    import inspect
-
-    try:
-        source = inspect.getsource(h2.connection)
-    except (OSError, TypeError):
-        return False
-    if source.count("repr(") != 1 or 'trace("Received frame: %s", repr(frame))' not in source:
-        return False
-    h2.connection.repr = _noRepr
-    return True
-
-
-def _noRepr(obj) -> str:
-    return "-"
-
-
-QUIET_FRAME_TRACE = _quietFrameTrace()
-
-#: h2's table of streams is pruned of closed ones when it holds this many.
-_PRUNE_AT = 64
-
 #: RFC 9113 §6.9.2: every connection starts with this window, whatever SETTINGS say.
 _DEFAULT_WINDOW = 65535
 
 #: Bytes of DATA framed before they are written without waiting for the end of the batch:
 #: what a batch may hold in h2's buffer before the transport (and its producer pause) sees it.
 FLUSH_MARK = 65536
+
+#: Bytes reads may make this side write while the transport is paused (see the module's
+#: docstring): some 15,000 PING acknowledgements, far more than any peer that reads needs.
+UNREAD_ANSWERS = 256 * 1024
 
 
 @frozen
@@ -144,50 +122,6 @@ class H2Limits:
         )
 
 
-class _Machine(h2.connection.H2Connection):
-    """
-    h2's connection, leaving two limits to the protocol so that they refuse one stream
-    rather than the whole connection (RFC 9113 §5.1.2 and §6.5.2 both allow a stream error):
-    the concurrent-stream count (h2 raises a connection error for one stream too many) and
-    the header list size (h2's decoder would end the connection at the advertised size).
-
-    A third change: h2 moves the connection to CLOSED on any GOAWAY, sent or received, and
-    then refuses every frame, so open streams could never finish; RFC 9113 §6.8 says they
-    do (a graceful shutdown). A GOAWAY here leaves the state open; the protocol stops new
-    streams itself (L{H2Protocol.draining}). Protocol errors still close (h2's own path).
-    """
-
-    hardHeaderListSize = 2 * 65536
-
-    def close_connection(self, error_code=0, additional_data=None, last_stream_id=None):
-        state = self.state_machine.state
-        super().close_connection(error_code, additional_data, last_stream_id)
-        if error_code == ErrorCodes.NO_ERROR:
-            self.state_machine.state = state
-
-    def _receive_goaway_frame(self, frame):
-        state = self.state_machine.state
-        result = super()._receive_goaway_frame(frame)
-        if frame.error_code == ErrorCodes.NO_ERROR:
-            self.state_machine.state = state
-        return result
-
-    @property
-    def open_inbound_streams(self) -> int:
-        # h2 counts (and prunes closed streams) here before accepting a stream, and raises
-        # a connection error past the limit; let the protocol refuse the stream, and prune
-        # now and then (a walk of every stream per request was 2% of its CPU): a closed
-        # stream kept a little longer answers late frames as a pruned one does.
-        if len(self.streams) >= _PRUNE_AT:
-            self._open_streams(int(not self.config.client_side))
-        return 0
-
-    def _local_settings_acked(self):
-        changes = super()._local_settings_acked()
-        self.decoder.max_header_list_size = self.hardHeaderListSize
-        return changes
-
-
 class _Flusher:
     """
     Flushes, at the end of the reactor's turn, the connections that have frames waiting
@@ -218,6 +152,25 @@ class _Flusher:
 _flushers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+class _Reads:
+    """
+    The h2 reads under way (nested: a read of one connection makes its exchanges write on
+    others), and the connections they asked to flush: flushed once, as the outermost read
+    ends. Eight requests in one read of a client's connection then go to their origin in one
+    write, not eight; eight responses in one read of an origin's, to each client in one.
+    """
+
+    depth = 0
+    pending: dict = {}
+
+    @classmethod
+    def end(cls) -> None:
+        while cls.pending:
+            pending, cls.pending = cls.pending, {}
+            for protocol in pending:
+                protocol.flush()
+
+
 def _flusher(reactor) -> _Flusher:
     flusher = _flushers.get(reactor)
     if flusher is None:
@@ -227,33 +180,21 @@ def _flusher(reactor) -> _Flusher:
 
 @implementer(IPushProducer)
 class H2Protocol(Protocol):
-    """What both roles share: h2 events to streams, batching, flow, limits, timers."""
+    """What both roles share: the machine's events to streams, batching, flow, limits, timers."""
 
     clientSide = False
 
     def __init__(self, limits: H2Limits, reactor) -> None:
         self.limits = limits
         self.reactor = reactor
-        config = h2.config.H2Configuration(
-            client_side=self.clientSide,
-            header_encoding=None,
-            validate_inbound_headers=True,
-            normalize_inbound_headers=True,
-            # What this proxy sends is normalised and checked as it is built (h2/headers.py).
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-        )
-        self.conn = _Machine(config)
-        self.conn.hardHeaderListSize = 2 * limits.maxHeaderListSize
-        self.conn.decoder.max_header_list_size = self.conn.hardHeaderListSize
-        self.conn.local_settings = h2.settings.Settings(
-            client=self.clientSide,
-            initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.maxStreams,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: limits.streamWindow,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.maxHeaderListSize,
-                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+        self.conn = H2Machine(
+            self.clientSide,
+            {
+                Setting.MAX_CONCURRENT_STREAMS: limits.maxStreams,
+                Setting.INITIAL_WINDOW_SIZE: limits.streamWindow,
+                Setting.MAX_HEADER_LIST_SIZE: limits.maxHeaderListSize,
             },
+            hardHeaderListSize=2 * limits.maxHeaderListSize,
         )
         self.streams: dict[int, ServerStream | ClientStream] = {}
         self.writing = True  # the transport takes writes (not paused)
@@ -262,6 +203,7 @@ class H2Protocol(Protocol):
         self._inRead = False
         self._flushCall = None
         self._unflushed = 0  # DATA bytes framed since the last write
+        self._unread = 0  # bytes reads made us write since the transport paused
         self.draining = False  # GOAWAY sent or received: no new streams
         self.closing = False  # ended by this side (an error, Rapid Reset): read nothing more
         self.lost = False
@@ -273,9 +215,9 @@ class H2Protocol(Protocol):
     def connectionMade(self) -> None:
         noDelay(self.transport)
         self.transport.registerProducer(self, True)
-        self.conn.initiate_connection()
+        self.conn.initiateConnection()
         if self.limits.connectionWindow > _DEFAULT_WINDOW:
-            self.conn.increment_flow_control_window(self.limits.connectionWindow - _DEFAULT_WINDOW)
+            self.conn.incrementConnectionWindow(self.limits.connectionWindow - _DEFAULT_WINDOW)
         self._arm()
         self.flush()
 
@@ -287,7 +229,7 @@ class H2Protocol(Protocol):
         self._flushCall = None
         error = reason.value if isinstance(reason.value, Exception) else Exception(str(reason))
         for stream in list(self.streams.values()):
-            stream.connectionLost(ConnectionGone(ErrorCodes.CANCEL, f"connection lost: {error}"))
+            stream.connectionLost(ConnectionGone(ErrorCode.CANCEL, f"connection lost: {error}"))
         self.streams.clear()
         self._blocked.clear()
 
@@ -295,16 +237,25 @@ class H2Protocol(Protocol):
         if self.lost or self.closing:
             return
         self._deadline = self.reactor.seconds() + self.limits.idleTimeout
+        _Reads.depth += 1
+        try:
+            self._received(data)
+        finally:
+            _Reads.depth -= 1
+            if not _Reads.depth and _Reads.pending:
+                _Reads.end()
+
+    def _received(self, data: bytes) -> None:
         self._inRead = True
         try:
-            events = self.conn.receive_data(data)
+            received = self.conn.receiveData(data)
         except ProtocolError as e:
             self._inRead = False
             self._protocolError(e)
             return
         handlers = self._handlers
         try:
-            for event in events:
+            for event in received:
                 handler = handlers.get(type(event))
                 if handler is not None:
                     handler(self, event)
@@ -313,7 +264,17 @@ class H2Protocol(Protocol):
             self._readDone()
         finally:
             self._inRead = False
-        self.flush()
+        if self.writing:
+            self.flush()
+            return
+        self._unread += self.flush()
+        if self._unread > UNREAD_ANSWERS:
+            _log.info(
+                "HTTP/2 peer {peer} does not read what it asks for: GOAWAY ENHANCE_YOUR_CALM",
+                peer=self._peer(),
+            )
+            self._goAway(ErrorCode.ENHANCE_YOUR_CALM, "the peer does not read")
+            self.transport.abortConnection()
 
     def _readDone(self) -> None:
         """The end of one read's events: the exchanges that got some hear so."""
@@ -326,14 +287,14 @@ class H2Protocol(Protocol):
         if not self._inRead:
             if self.touched:
                 self._readDone()
-            self.flush()
+            self.flushSoon()
 
     def _protocolError(self, e: ProtocolError) -> None:
-        """The peer broke HTTP/2: h2 has queued GOAWAY; send it, close, fail every stream."""
+        """The peer broke HTTP/2: GOAWAY is queued; send it, close, fail every stream."""
         _log.info("HTTP/2 protocol error from {peer}: {error}", peer=self._peer(), error=e)
         self.closing = True
         self.flush()
-        failure = StreamReset(ErrorCodes.PROTOCOL_ERROR, f"HTTP/2 protocol error: {e}")
+        failure = StreamReset(e.code, f"HTTP/2 protocol error: {e}")
         self._failStreams(failure)
         self.transport.loseConnection()
 
@@ -358,22 +319,35 @@ class H2Protocol(Protocol):
             self.dirty()
 
     def dirty(self) -> None:
-        """h2 has frames to send: they go at the end of this batch."""
-        if not self._inRead and self._flushCall is None and not self.lost:
+        """The machine has frames to send: they go at the end of this batch."""
+        if self._inRead or self.lost:
+            return
+        if _Reads.depth:
+            _Reads.pending[self] = None
+        elif self._flushCall is None:
             self._flushCall = _flusher(self.reactor).add(self)
 
-    def flush(self) -> None:
-        """Write everything h2 has to send, in one write."""
+    def flushSoon(self) -> None:
+        """An exchange's flush: now, or once the h2 read under way ends (one write for all)."""
+        if _Reads.depth:
+            if not self._inRead:
+                _Reads.pending[self] = None
+            return
+        self.flush()
+
+    def flush(self) -> int:
+        """Write everything the machine has to send, in one write: how many bytes."""
         if self._flushCall is not None:
             self._flushCall.pop(self, None)
             self._flushCall = None
         self._unflushed = 0
         if self.lost:
-            return
-        data = self.conn.data_to_send()
+            return 0
+        data = self.conn.dataToSend()
         if data:
             self._deadline = self.reactor.seconds() + self.limits.idleTimeout
             self.transport.write(data)
+        return len(data)
 
     def blocked(self, stream) -> None:
         self._blocked[stream] = None
@@ -393,6 +367,7 @@ class H2Protocol(Protocol):
 
     def resumeProducing(self) -> None:
         self.writing = True
+        self._unread = 0
         self._pumpAll()
         self.flush()
 
@@ -401,50 +376,51 @@ class H2Protocol(Protocol):
 
     # -- events common to both roles -------------------------------------------------------------
 
-    def _data(self, event: h2.events.DataReceived) -> None:
-        stream = self.streams.get(event.stream_id)
+    def _data(self, event: events.DataReceived) -> None:
+        stream = self.streams.get(event.streamId)
         if stream is None:
             # A stream already over on this side: give the connection's window back.
-            if event.flow_controlled_length:
-                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            self.conn.acknowledgeReceivedData(event.flowLength, event.streamId)
             return
-        stream.dataReceived(event.data, event.flow_controlled_length)
-
-    def _trailers(self, event: h2.events.TrailersReceived) -> None:
-        stream = self.streams.get(event.stream_id)
-        if stream is not None:
-            stream.trailersReceived(event.headers)
-
-    def _ended(self, event: h2.events.StreamEnded) -> None:
-        stream = self.streams.get(event.stream_id)
-        if stream is not None:
+        stream.dataReceived(event.data, event.flowLength)
+        if event.endStream:
             stream.remoteEnded()
 
-    def _reset(self, event: h2.events.StreamReset) -> None:
-        stream = self.streams.get(event.stream_id)
-        if stream is not None:
-            stream.peerReset(event.error_code)
+    def _trailers(self, event: events.TrailersReceived) -> None:
+        stream = self.streams.get(event.streamId)
+        if stream is None:
+            return
+        if event.error is not None:
+            stream.malformed(f"malformed trailers: {event.error}")
+            return
+        stream.trailersReceived(event.head)
+        stream.remoteEnded()
 
-    def _window(self, event: h2.events.WindowUpdated) -> None:
+    def _reset(self, event: events.StreamReset) -> None:
+        stream = self.streams.get(event.streamId)
+        if stream is not None:
+            stream.peerReset(event.errorCode)
+
+    def _window(self, event: events.WindowUpdated) -> None:
         if not self._blocked:
             return
-        if event.stream_id == 0:
+        if event.streamId == 0:
             self._pumpAll()
         else:
-            stream = self.streams.get(event.stream_id)
+            stream = self.streams.get(event.streamId)
             if stream is not None and stream in self._blocked:
                 stream.pump()
 
-    def _settings(self, event: h2.events.RemoteSettingsChanged) -> None:
-        if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+    def _settings(self, event: events.RemoteSettingsChanged) -> None:
+        if Setting.INITIAL_WINDOW_SIZE in event.changed:
             self._pumpAll()
 
-    def _goaway(self, event: h2.events.ConnectionTerminated) -> None:
+    def _goaway(self, event: events.ConnectionTerminated) -> None:
         self.draining = True
         self._goneAway(event)
         self._closeIfDone()
 
-    def _goneAway(self, event: h2.events.ConnectionTerminated) -> None:
+    def _goneAway(self, event: events.ConnectionTerminated) -> None:
         pass
 
     # -- streams ---------------------------------------------------------------------------------
@@ -456,10 +432,6 @@ class H2Protocol(Protocol):
         if not self.streams:
             self._closeIfDone()
 
-    def headerListSize(self, headers) -> int:
-        """RFC 9113 §6.5.2: names, values, and 32 bytes per field."""
-        return sum(len(name) + len(value) + 32 for name, value in headers)
-
     # -- draining and closing --------------------------------------------------------------------
 
     def drain(self) -> None:
@@ -468,7 +440,7 @@ class H2Protocol(Protocol):
             self._closeIfDone()
             return
         self.draining = True
-        self.conn.close_connection(ErrorCodes.NO_ERROR)
+        self.conn.closeConnection(ErrorCode.NO_ERROR)
         self.flush()
         self._closeIfDone()
 
@@ -477,14 +449,11 @@ class H2Protocol(Protocol):
             self.flush()
             self.transport.loseConnection()
 
-    def _goAway(self, code: ErrorCodes, reason: str) -> None:
+    def _goAway(self, code: ErrorCode, reason: str) -> None:
         """End the connection now: GOAWAY with C{code}, every stream lost."""
         self.draining = True
         self.closing = True
-        try:
-            self.conn.close_connection(code)
-        except ProtocolError:
-            pass
+        self.conn.closeConnection(code)
         self.flush()
         self._failStreams(StreamReset(code, reason))
         self.transport.loseConnection()
@@ -508,19 +477,18 @@ class H2Protocol(Protocol):
         self._timedOutStreams()
         if self.lost:
             return
-        self._goAway(ErrorCodes.NO_ERROR, "idle timeout")
+        self._goAway(ErrorCode.NO_ERROR, "idle timeout")
 
     def _timedOutStreams(self) -> None:
         pass
 
     _handlers: dict[type, Callable] = {
-        h2.events.DataReceived: _data,
-        h2.events.TrailersReceived: _trailers,
-        h2.events.StreamEnded: _ended,
-        h2.events.StreamReset: _reset,
-        h2.events.WindowUpdated: _window,
-        h2.events.RemoteSettingsChanged: _settings,
-        h2.events.ConnectionTerminated: _goaway,
+        events.DataReceived: _data,
+        events.TrailersReceived: _trailers,
+        events.StreamReset: _reset,
+        events.WindowUpdated: _window,
+        events.RemoteSettingsChanged: _settings,
+        events.ConnectionTerminated: _goaway,
     }
 
 
@@ -568,27 +536,29 @@ class H2ServerProtocol(H2Protocol):
         self._tokensAt = reactor.seconds()
         self.requests = 0
 
-    def _requestReceived(self, event: h2.events.RequestReceived) -> None:
-        streamId = event.stream_id
+    def _requestReceived(self, event: events.RequestReceived) -> None:
+        streamId = event.streamId
         if self.draining or len(self.streams) >= self.limits.maxStreams:
-            self.conn.reset_stream(streamId, ErrorCodes.REFUSED_STREAM)
+            self.conn.resetStream(streamId, ErrorCode.REFUSED_STREAM)
             self._glitch("streams refused")
             return
-        endStream = event.stream_ended is not None
+        endStream = event.endStream
         stream = ServerStream(self, streamId, None, self.client)
         self.streams[streamId] = stream
-        headers = event.headers
         try:
-            if self.headerListSize(headers) > self.limits.maxHeaderListSize:
+            if event.size > self.limits.maxHeaderListSize:
                 raise H2HeaderError(431, "The request's header fields are larger than allowed.")
+            if event.error is not None:
+                raise H2HeaderError(400, f"a malformed HTTP/2 request: {event.error}")
             scheme, host, port, authority = self.target
-            stream.request = requestFromHeaders(headers, scheme, host, port, authority, endStream)
+            stream.request = requestFromHead(event.head, scheme, host, port, authority, endStream)
         except H2HeaderError as e:
             if endStream:
                 stream._remoteEnded = True
             problem = problemForStatus(e.status, e.reason)
             stream.answer(e.status, problem.detail, problem.proxyStatus)
             if self._refused is not None:
+                headers = event.headers
                 self._refused(
                     stream, problem, _pseudo(headers, b":method"), _pseudo(headers, b":path")
                 )
@@ -609,12 +579,14 @@ class H2ServerProtocol(H2Protocol):
                     stream.attach(exchange)
         super()._readDone()
 
-    def _reset(self, event: h2.events.StreamReset) -> None:
-        stream = self.streams.get(event.stream_id)
+    def _reset(self, event: events.StreamReset) -> None:
+        stream = self.streams.get(event.streamId)
         if stream is None:
+            if not event.remote:  # the machine reset a stream the client broke before it opened
+                self._glitch("stream errors")
             return
         complete = stream._localEnded
-        stream.peerReset(event.error_code)
+        stream.peerReset(event.errorCode)
         if not complete:
             self._glitch("streams reset")
 
@@ -635,7 +607,7 @@ class H2ServerProtocol(H2Protocol):
             peer=self.client,
             what=what,
         )
-        self._goAway(ErrorCodes.ENHANCE_YOUR_CALM, f"too many {what}")
+        self._goAway(ErrorCode.ENHANCE_YOUR_CALM, f"too many {what}")
 
     def _timedOutStreams(self) -> None:
         for stream in list(self.streams.values()):
@@ -644,8 +616,8 @@ class H2ServerProtocol(H2Protocol):
 
     _handlers = {
         **H2Protocol._handlers,
-        h2.events.RequestReceived: _requestReceived,
-        h2.events.StreamReset: _reset,
+        events.RequestReceived: _requestReceived,
+        events.StreamReset: _reset,
     }
 
 
@@ -671,9 +643,9 @@ class H2ClientProtocol(H2Protocol):
         """Whether another stream may be opened now."""
         if self.draining or self.lost or self.transport is None:
             return False
-        allowed = min(self.conn.remote_settings.max_concurrent_streams, self.limits.maxStreams)
+        allowed = min(self.conn.remoteSettings.maxConcurrentStreams, self.limits.maxStreams)
         return len(self.streams) + self._opening < allowed and (
-            self.conn.highest_outbound_stream_id < 2**31 - 1000
+            self.conn.highestOutboundStreamId < 2**31 - 1000
         )
 
     def openStream(self, exchange) -> ClientStream:
@@ -705,25 +677,27 @@ class H2ClientProtocol(H2Protocol):
             onLost, self.onLost = self.onLost, None
             onLost(self)
 
-    def _response(self, event) -> None:
-        stream = self.streams.get(event.stream_id)
+    def _response(self, event: events.ResponseReceived) -> None:
+        stream = self.streams.get(event.streamId)
         if stream is not None:
-            stream.headReceived(event.headers, getattr(event, "stream_ended", None) is not None)
+            stream.headReceived(event)
+            if event.endStream and not stream.closed:
+                stream.remoteEnded()
 
-    def _goneAway(self, event: h2.events.ConnectionTerminated) -> None:
+    def _goneAway(self, event: events.ConnectionTerminated) -> None:
         # Streams above the origin's last processed id were never seen: retry elsewhere.
-        last = event.last_stream_id if event.last_stream_id is not None else 2**31
+        last = event.lastStreamId
         for stream in list(self.streams.values()):
             if stream.id > last:
                 stream.goneAway()
 
     def _timedOutStreams(self) -> None:
-        error = StreamReset(ErrorCodes.CANCEL, "the origin connection was idle too long")
+        error = StreamReset(ErrorCode.CANCEL, "the origin connection was idle too long")
         for stream in list(self.streams.values()):
             stream.connectionLost(error)
 
     _handlers = {
         **H2Protocol._handlers,
-        h2.events.ResponseReceived: _response,
-        h2.events.InformationalResponseReceived: _response,
+        events.ResponseReceived: _response,
+        events.InformationalResponseReceived: _response,
     }

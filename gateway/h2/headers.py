@@ -6,31 +6,36 @@ Both directions of both roles, pure: what comes off an h2 stream loses what belo
 (pseudo-header fields, content-length as framing, Host next to :authority), and what goes onto
 one gains it and loses what HTTP/2 forbids (RFC 9113 §8.2.2: Connection and the fields it
 governs; TE except "trailers"). Names go out in lower case (§8.2.1): HTTP/1.1 fields may come in
-any case. Cookies arrive as one field (h2's inbound normalisation joins them, §8.2.3).
+any case.
 
-The h2 library has validated what it delivers (pseudo-header fields, forbidden fields, upper
-case); what is checked here is what h2 cannot know: the values proxygate relies on.
+What comes in was checked and taken apart by L{gateway.h2.fields} (in the connection's one
+pass: RFC 9113's rules, cookies joined); what is checked here is what proxygate relies on: the
+scheme of the tunnel, a path it can forward, an authority it can parse, CONNECT (refused).
 
-What goes out is already what h2's outbound normalisation and validation would make of it
-(lower-case names, no connection-specific field, values as parsed: CR, LF and NUL were
-refused on the way in, on either wire), so the connections turn those off: they were a
-tenth of the proxy's CPU per request. The one part kept is h2's own rule for secrets:
-authorization, proxy-authorization and short cookies are sent never-indexed, out of the
-HPACK table that every client's requests to one origin share (L{_out}).
+What goes out is built clean (lower-case names, no connection-specific field, values as
+parsed: CR, LF and NUL were refused on the way in, on either wire), so it is not checked
+again; the fields of a head that came over HTTP/2 are already what HTTP/2 sends, and go as
+they are (the proxy changes their values at most, never their names).
+
+Secrets stay out of HPACK's shared table: the encoder sends authorization,
+proxy-authorization and short cookies never-indexed, and a field that arrived never-indexed
+(L{gateway.h2.hpack.NeverIndexed}) leaves so (RFC 7541 §7.1.3).
 """
 
 from __future__ import annotations
 
-from hpack import NeverIndexedHeaderTuple
-
 from ..http1.headers import parseAuthority
 from ..http1.parse import HTTPError
 from ..message import NO_BODY, UNKNOWN, Fields, Request, Response
+from .fields import Malformed, requestHead, responseHead
+from .fields import trailerFields as _trailerFields
 
 __all__ = [
     "H2HeaderError",
+    "requestFromHead",
     "requestFromHeaders",
     "requestHeaders",
+    "responseFromHead",
     "responseFromHeaders",
     "responseHeaders",
     "trailerFields",
@@ -55,10 +60,6 @@ _NOT_FORWARDED = frozenset(
     )
 )
 
-#: Fields kept out of HPACK's dynamic table (h2's _secure_headers, after Firefox and
-#: nghttp2): a compression oracle cannot guess them from the sizes of other requests.
-_SECRET = frozenset((b"authorization", b"proxy-authorization"))
-
 #: Methods whose request states its length even when it is 0 (RFC 9110 §8.6).
 _BODY_METHODS = frozenset((b"POST", b"PUT", b"PATCH"))
 
@@ -72,20 +73,27 @@ class H2HeaderError(Exception):
         self.reason = reason
 
 
-def _contentLength(values: list[bytes], status: int) -> int | None:
-    if not values:
-        return UNKNOWN
-    first = values[0]
-    if any(v != first for v in values) or not first.isdigit() or len(first) > 18:
-        raise H2HeaderError(status, "invalid content-length")
-    return int(first)
-
-
 def requestFromHeaders(
     headers: Headers, scheme: str, host: str, port: int, authority: bytes, endStream: bool
 ) -> Request:
     """
-    The request of a client's h2 stream inside an intercepted tunnel to C{host}:C{port}.
+    L{requestFromHead} of a header block not taken apart yet.
+
+    @raise H2HeaderError: 400 for a malformed block, or what L{requestFromHead} raises.
+    """
+    try:
+        head = requestHead(headers)
+    except Malformed as e:
+        raise H2HeaderError(400, str(e)) from None
+    return requestFromHead(head, scheme, host, port, authority, endStream)
+
+
+def requestFromHead(
+    head: tuple, scheme: str, host: str, port: int, authority: bytes, endStream: bool
+) -> Request:
+    """
+    The request of a client's h2 stream inside an intercepted tunnel to C{host}:C{port},
+    from its header block taken apart (L{gateway.h2.fields.requestHead}).
 
     The destination is always the tunnel's (C{authority}, as the HTTP/1.1 path does): an
     :authority that names anything is only checked for validity, never routed on.
@@ -93,76 +101,96 @@ def requestFromHeaders(
     @param endStream: the header block ended the stream (no body).
     @raise H2HeaderError: 400 for a request the proxy refuses (CONNECT: 501).
     """
-    method = path = requestScheme = None
-    fields: Fields = []
-    lengths: list[bytes] = []
-    for name, value in headers:
-        if name[:1] == b":":
-            if name == b":method":
-                method = value
-            elif name == b":path":
-                path = value
-            elif name == b":scheme":
-                requestScheme = value
-            elif name == b":authority":
-                _checkAuthority(value)
-        elif name == b"content-length":
-            lengths.append(value)
-        elif name == b"host":
-            _checkAuthority(value)
-        else:
-            fields.append((name, value))
+    method, requestScheme, requestAuthority, path, fields, length, hostField = head
     if method == b"CONNECT":
         raise H2HeaderError(501, "CONNECT inside an HTTP/2 tunnel is not supported")
-    if method is None or path is None or requestScheme is None:
-        raise H2HeaderError(400, "a request without :method, :scheme or :path")
-    if requestScheme.decode("ascii", "replace").lower() != scheme:
+    if requestScheme != _SCHEMES.get(scheme) and requestScheme.lower() != _SCHEMES.get(scheme):
         raise H2HeaderError(400, f"a request for {requestScheme!r} inside an {scheme} tunnel")
     if path[:1] != b"/" and not (path == b"*" and method == b"OPTIONS"):
         raise H2HeaderError(400, "an invalid :path")
-    length = _contentLength(lengths, 400)
+    if requestAuthority is not None:
+        _checkAuthority(requestAuthority)
+    if hostField is not None and hostField != requestAuthority:
+        _checkAuthority(hostField)
+    if length < 0:
+        length = UNKNOWN
     if endStream:
         if length:
             raise H2HeaderError(400, "content-length with no body")
         # No body: an HTTP/1.1 origin is told "Content-Length: 0" only where it stated one,
         # or for a method whose requests state their length.
-        length = 0 if lengths or method in _BODY_METHODS else NO_BODY
-    return Request(method, scheme, host, port, authority, path, b"HTTP/2", fields, length)
+        length = 0 if length == 0 or method in _BODY_METHODS else NO_BODY
+    # The head may be shared (the connection remembers repeated header blocks): a copy of
+    # its fields, which the exchange may change.
+    return Request(method, scheme, host, port, authority, path, b"HTTP/2", list(fields), length)
+
+
+_SCHEMES = {"https": b"https", "http": b"http"}
 
 
 def _checkAuthority(value: bytes) -> None:
     try:
         parseAuthority(value, 443)
     except HTTPError:
-        raise H2HeaderError(400, "an invalid :authority or host")
+        raise H2HeaderError(400, "an invalid :authority or host") from None
 
 
-def _out(name: bytes, value: bytes) -> tuple[bytes, bytes]:
-    """A field to send (its name lower case already), never-indexed if it is a secret."""
-    if name in _SECRET or (name == b"cookie" and len(value) < 20):
-        return NeverIndexedHeaderTuple(name, value)
-    return (name, value)
+# What becomes of a field's name on the way out (remembered per spelling, bounded).
+_SAME = 0  # sent as it is
+_DROP = 1  # not sent
+_TE = 2  # TE: only "trailers" goes
+_RENAME = 3  # sent in lower case
+
+_outNames: dict[bytes, tuple[int, bytes]] = {}
+
+
+def _outName(name: bytes) -> tuple[int, bytes]:
+    lower = name.lower()
+    if lower in _NOT_FORWARDED or lower[:1] == b":":
+        action = (_DROP, lower)
+    elif lower == b"te":
+        action = (_TE, lower)
+    else:
+        action = (_SAME if lower == name else _RENAME, lower)
+    if len(_outNames) >= 4096:
+        _outNames.clear()
+    _outNames[name] = action
+    return action
+
+
+def _outFields(headers: Headers, fields, te: bool) -> None:
+    """Append C{fields} to C{headers} as HTTP/2 sends them (TE: trailers only if C{te})."""
+    names = _outNames
+    append = headers.append
+    for field in fields:
+        action = names.get(field[0])
+        if action is None:
+            action = _outName(field[0])
+        kind = action[0]
+        if kind == _SAME:
+            append(field)  # as it came: a never-indexed one stays so
+        elif kind == _RENAME:
+            append((action[1], field[1]))
+        elif kind == _TE and te and field[1].strip().lower() == b"trailers":
+            # gRPC origins require "te: trailers" (the only TE value HTTP/2 allows).
+            append((b"te", b"trailers"))
 
 
 def requestHeaders(request: Request) -> Headers:
     """The header block sending C{request} on an h2 stream to its origin."""
     headers: Headers = [
         (b":method", request.method),
-        (b":scheme", request.scheme.encode("ascii")),
+        (b":scheme", _SCHEMES.get(request.scheme) or request.scheme.encode("ascii")),
         (b":authority", request.authority),
         (b":path", request.path),
     ]
     # The proxy's own fields (Via, X-Forwarded-For) follow the end-to-end ones.
-    for name, value in (*request.fields, *request.proxyFields):
-        name = name.lower()
-        if name in _NOT_FORWARDED:
-            continue
-        if name == b"te":
-            # gRPC origins require "te: trailers" (the only TE value HTTP/2 allows).
-            if value.strip().lower() == b"trailers":
-                headers.append((b"te", b"trailers"))
-            continue
-        headers.append(_out(name, value))
+    if request.version == b"HTTP/2":
+        headers += request.fields
+    else:
+        _outFields(headers, request.fields, True)
+    if request.proxyFields:
+        _outFields(headers, request.proxyFields, True)
     length = request.length
     if length is not UNKNOWN and length != NO_BODY and (length or request.method in _BODY_METHODS):
         headers.append((b"content-length", b"%d" % length))
@@ -171,35 +199,34 @@ def requestHeaders(request: Request) -> Headers:
 
 def responseFromHeaders(headers: Headers, method: bytes, endStream: bool) -> Response:
     """
-    The response head an origin sent on an h2 stream (a 1xx included).
+    L{responseFromHead} of a header block not taken apart yet.
+
+    @raise H2HeaderError: 502 for a malformed block, or what L{responseFromHead} raises.
+    """
+    try:
+        head = responseHead(headers)
+    except Malformed as e:
+        raise H2HeaderError(502, f"the origin's response is malformed: {e}") from None
+    return responseFromHead(head, method, endStream)
+
+
+def responseFromHead(head: tuple, method: bytes, endStream: bool) -> Response:
+    """
+    The response head an origin sent on an h2 stream (a 1xx included), from its header
+    block taken apart (L{gateway.h2.fields.responseHead}).
 
     @raise H2HeaderError: 502 for a head the proxy cannot forward.
     """
-    status = None
-    contentType = b""
-    fields: Fields = []
-    lengths: list[bytes] = []
-    for name, value in headers:
-        if name == b":status":
-            status = value
-        elif name == b"content-length":
-            lengths.append(value)
-        elif name[:1] != b":":
-            if name == b"content-type":
-                contentType = value
-            fields.append((name, value))
-    if status is None or len(status) != 3 or not status.isdigit():
-        raise H2HeaderError(502, "the origin's response has no valid :status")
-    code = int(status)
-    if code < 100:
-        raise H2HeaderError(502, f"the origin's response status {code} is invalid")
-    length = _contentLength(lengths, 502)
+    code, fields, length, contentType = head
+    fields = list(fields)  # the head may be shared (see requestFromHead)
     if code < 200 or code == 204:
         return Response(code, b"", b"HTTP/2", fields, NO_BODY, None, contentType)
     if method == b"HEAD" or code == 304:
         # No body by rule; the length stated is that of what a GET would get.
-        stated = lengths[0] if lengths else None
+        stated = b"%d" % length if length >= 0 else None
         return Response(code, b"", b"HTTP/2", fields, NO_BODY, stated, contentType)
+    if length < 0:
+        length = UNKNOWN
     if endStream:
         if length:
             raise H2HeaderError(502, "the origin's content-length with no body")
@@ -210,11 +237,12 @@ def responseFromHeaders(headers: Headers, method: bytes, endStream: bool) -> Res
 def responseHeaders(response: Response, method: bytes) -> Headers:
     """The header block answering a client's h2 stream (whose request was C{method})."""
     headers: Headers = [(b":status", b"%d" % response.status)]
-    for name, value in (*response.fields, *response.proxyFields):
-        name = name.lower()
-        if name in _NOT_FORWARDED or name == b"te":
-            continue
-        headers.append(_out(name, value))
+    if response.version == b"HTTP/2":
+        headers += response.fields
+    else:
+        _outFields(headers, response.fields, False)
+    if response.proxyFields:
+        _outFields(headers, response.proxyFields, False)
     status = response.status
     if status < 200:
         return headers
@@ -227,15 +255,19 @@ def responseHeaders(response: Response, method: bytes) -> Headers:
 
 
 def trailerFields(headers: Headers) -> Fields:
-    """Trailer fields received on an h2 stream (h2 has refused pseudo-header fields)."""
-    return [(name, value) for name, value in headers if name not in _NOT_FORWARDED]
+    """
+    Trailer fields received on an h2 stream, checked (L{gateway.h2.fields.trailerFields}).
+
+    @raise H2HeaderError: 502 for malformed trailers.
+    """
+    try:
+        return _trailerFields(headers)
+    except Malformed as e:
+        raise H2HeaderError(502, str(e)) from None
 
 
 def trailerHeaders(fields: Fields) -> Headers:
     """Trailer fields to send on an h2 stream: lower case, nothing HTTP/2 forbids."""
     out: Headers = []
-    for name, value in fields:
-        name = name.lower()
-        if name not in _NOT_FORWARDED and name != b"te" and name[:1] != b":":
-            out.append(_out(name, value))
+    _outFields(out, fields, False)
     return out

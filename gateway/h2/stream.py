@@ -7,12 +7,12 @@ request).
 
 Flow control, both ways, is what bounds the proxy's memory:
 
- - Received DATA is acknowledged (WINDOW_UPDATE, through h2's window manager) only once the
+ - Received DATA is acknowledged (WINDOW_UPDATE, as the machine batches them) only once the
    exchange has taken it, that is when it was delivered while the stream was not paused. A
    paused stream keeps what arrives, unacknowledged: the peer can send at most the stream's
    window (L{gateway.h2.connection.H2Limits.streamWindow}) before it must stop, and the
    connection's window bounds all streams together.
- - Sent data goes to h2 only as far as the peer's window (and the transport) allows; the rest
+ - Sent data is framed only as far as the peer's window (and the transport) allows; the rest
    waits here, and while anything waits the side throttled by this one (L{throttle}) is
    paused. So what waits is at most what the producing side delivered before it was paused:
    one read of it.
@@ -25,19 +25,17 @@ from __future__ import annotations
 
 from collections import deque
 
-from h2.errors import ErrorCodes
-from h2.exceptions import ProtocolError, StreamClosedError
-
 from ..exchange.problems import Problem
 from ..message import NO_BODY, Fields, Request, Response
+from .frames import ErrorCode
 from .headers import (
     H2HeaderError,
     requestHeaders,
-    responseFromHeaders,
+    responseFromHead,
     responseHeaders,
-    trailerFields,
     trailerHeaders,
 )
+from .machine import H2Error
 
 __all__ = ["ClientStream", "ConnectionGone", "ServerStream", "StreamRefused", "StreamReset"]
 
@@ -68,37 +66,43 @@ _PEER = 2  # the side this one delivers to cannot take more
 
 def _codeName(code: int) -> str:
     try:
-        return ErrorCodes(code).name
+        return ErrorCode(code).name
     except ValueError:
         return f"error {code}"
 
 
 class _Stream:
-    """What both roles share: buffering, flow control, ending, resetting."""
+    """
+    What both roles share: buffering, flow control, ending, resetting.
+
+    The state starts as the class's defaults (a stream is made per request: setting two
+    dozen attributes each time showed in profiles); the buffers are made when first used.
+    """
+
+    id = 0
+    exchange = None
+    closed = False
+    # inbound: body bytes held while paused (or before an exchange is attached); paused for
+    # either reason: the exchange's (pause) or the other side's full buffer (pauseProducing),
+    # each cleared by its own call only
+    _paused = 0
+    _held: list[bytes] | tuple = ()
+    _heldFlow = 0  # flow-controlled bytes of _held, not yet acknowledged
+    _remoteEnded = False  # END_STREAM received
+    _endDelivered = False
+    _trailers: Fields | None = None
+    # outbound
+    _queue: deque[bytes] | tuple = ()
+    _queued = 0
+    _localEnded = False  # END_STREAM sent
+    _endPending = False  # end() called while data waited
+    _pendingTrailers: Fields | None = None
+    _other = None  # the side throttled by this one
+    _throttling = False
+    _inBatch = False
 
     def __init__(self, connection) -> None:
         self.connection = connection
-        self.id = 0
-        self.exchange = None
-        self.closed = False
-        # inbound: body bytes held while paused (or before an exchange is attached); paused
-        # for either reason: the exchange's (pause) or the other side's full buffer
-        # (pauseProducing), each cleared by its own call only
-        self._paused = 0
-        self._held: list[bytes] = []
-        self._heldFlow = 0  # flow-controlled bytes of _held, not yet acknowledged
-        self._remoteEnded = False  # END_STREAM received
-        self._endDelivered = False
-        self._trailers: Fields | None = None
-        # outbound
-        self._queue: deque[bytes] = deque()
-        self._queued = 0
-        self._localEnded = False  # END_STREAM sent
-        self._endPending = False  # end() called while data waited
-        self._pendingTrailers: Fields | None = None
-        self._other = None  # the side throttled by this one
-        self._throttling = False
-        self._inBatch = False
 
     # -- the Side interface ------------------------------------------------------------------
 
@@ -106,9 +110,7 @@ class _Stream:
         if self.closed or self._localEnded or self._endPending or not data:
             return
         if self._queue or not self.connection.writing:
-            self._queue.append(data)
-            self._queued += len(data)
-            self._blocked()
+            self._enqueue(data)
             return
         self._send(data)
 
@@ -159,13 +161,13 @@ class _Stream:
                 self._throttling = False
 
     def flush(self) -> None:
-        self.connection.flush()
+        self.connection.flushSoon()
 
     # -- sending -------------------------------------------------------------------------------
 
     def _frame(self, data: bytes) -> int:
         """
-        Hand C{data} to h2 as far as the peer's window and the transport allow: the bytes
+        Frame C{data} as far as the peer's window and the transport allow: the bytes
         taken. The connection writes every L{gateway.h2.connection.FLUSH_MARK} bytes framed,
         so a transport that fills up stops this loop (C{writing}) within one mark: the peer's
         window (which may be 2 GB) never decides what the proxy holds.
@@ -173,19 +175,19 @@ class _Stream:
         connection = self.connection
         conn = connection.conn
         try:
-            window = conn.local_flow_control_window(self.id)
-        except (StreamClosedError, ProtocolError):
+            window = conn.sendWindow(self.id)
+        except H2Error:
             return len(data)  # gone: nothing will ever take it
         total = len(data)
-        frame = conn.max_outbound_frame_size
+        frame = conn.maxOutboundFrameSize
         if window >= total <= frame:
-            conn.send_data(self.id, data)
+            conn.sendData(self.id, data)
             connection.framed(total)
             return total
         sent = 0
         while sent < total and window > 0 and connection.writing:
             size = min(window, frame, total - sent)
-            conn.send_data(self.id, data[sent : sent + size])
+            conn.sendData(self.id, data[sent : sent + size])
             sent += size
             window -= size
             connection.framed(size)
@@ -194,9 +196,15 @@ class _Stream:
     def _send(self, data: bytes) -> None:
         sent = self._frame(data)
         if sent < len(data):
-            self._queue.append(data[sent:])
-            self._queued += len(data) - sent
-            self._blocked()
+            self._enqueue(data[sent:] if sent else data)
+
+    def _enqueue(self, data: bytes) -> None:
+        """C{data} waits for a window (or the transport): the other side is throttled."""
+        if not self._queue:
+            self._queue = deque()
+        self._queue.append(data)
+        self._queued += len(data)
+        self._blocked()
 
     def pump(self) -> None:
         """The window or the transport opened: send what waits, then unthrottle."""
@@ -233,27 +241,31 @@ class _Stream:
         conn = self.connection.conn
         try:
             if trailers:
-                conn.send_headers(self.id, trailerHeaders(trailers), end_stream=True)
+                conn.sendHeaders(self.id, trailerHeaders(trailers), True)
             else:
-                conn.end_stream(self.id)
-        except (StreamClosedError, ProtocolError):
+                conn.endStream(self.id)
+        except H2Error:
             self._gone()
             return
         self._localEnded = True
         self.connection.dirty()
         self._localEnd()
 
-    def _reset(self, code: ErrorCodes) -> None:
+    def _reset(self, code: ErrorCode) -> None:
         """Send RST_STREAM (once) and forget the stream."""
         if self.closed:
             return
         if self.id:
-            try:
-                self.connection.conn.reset_stream(self.id, code)
-            except (StreamClosedError, ProtocolError):
-                pass
+            self.connection.conn.resetStream(self.id, code)
             self.connection.dirty()
         self._gone()
+
+    def malformed(self, reason: str) -> None:
+        """The peer sent what HTTP/2 forbids on this stream: RST_STREAM PROTOCOL_ERROR."""
+        if self.closed:
+            return
+        self._reset(ErrorCode.PROTOCOL_ERROR)
+        self._lost(StreamReset(ErrorCode.PROTOCOL_ERROR, reason))
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -262,15 +274,18 @@ class _Stream:
             self._acknowledge(flow)  # an empty frame (END_STREAM, or padding only)
             return
         if self._paused or self.exchange is None or self._held:
-            self._held.append(data)
+            if self._held:
+                self._held.append(data)
+            else:
+                self._held = [data]
             self._heldFlow += flow
             return
         self._batch()
         self._deliverData(data)
         self._acknowledge(flow)
 
-    def trailersReceived(self, headers) -> None:
-        self._trailers = trailerFields(headers)
+    def trailersReceived(self, fields: Fields) -> None:
+        self._trailers = fields
 
     def remoteEnded(self) -> None:
         self._remoteEnded = True
@@ -279,7 +294,7 @@ class _Stream:
 
     def _acknowledge(self, flow: int) -> None:
         if flow and not self.closed:
-            self.connection.conn.acknowledge_received_data(flow, self.id)
+            self.connection.conn.acknowledgeReceivedData(flow, self.id)
             self.connection.dirty()
 
     def _deliverHeld(self) -> None:
@@ -294,7 +309,7 @@ class _Stream:
         while self._held and not self._paused and not self.closed:
             data = b"".join(self._held)
             flow, self._heldFlow = self._heldFlow, 0
-            self._held = []
+            self._held = ()
             self._deliverData(data)
             self._acknowledge(flow)
         if self._remoteEnded and not self._held and not self._paused and not self.closed:
@@ -337,16 +352,13 @@ class _Stream:
         if self.closed:
             return
         self.closed = True
-        self._queue.clear()
+        self._queue = ()
         self._queued = 0
-        self._held = []
+        self._held = ()
         flow, self._heldFlow = self._heldFlow, 0
         if flow:
             # The connection's window must not shrink by what this stream never gave back.
-            try:
-                self.connection.conn.acknowledge_received_data(flow, self.id)
-            except (StreamClosedError, ProtocolError):
-                pass
+            self.connection.conn.acknowledgeReceivedData(flow, self.id)
         self.connection.streamClosed(self)
 
     def _maybeDone(self) -> None:
@@ -380,13 +392,14 @@ class ServerStream(_Stream):
     @ivar client: the client's address (for logs and X-Forwarded-For).
     """
 
+    _headSent = False
+    _requestFlush = None
+
     def __init__(self, connection, streamId: int, request: Request, client: str) -> None:
-        super().__init__(connection)
+        self.connection = connection
         self.id = streamId
         self.request = request
         self.client = client
-        self._headSent = False
-        self._requestFlush = None
 
     def attach(self, exchange) -> None:
         """The exchange that serves this stream; held body events are delivered now."""
@@ -409,8 +422,8 @@ class ServerStream(_Stream):
         )
         headers = responseHeaders(response, self.request.method)
         try:
-            self.connection.conn.send_headers(self.id, headers, end_stream=noBody)
-        except (StreamClosedError, ProtocolError):
+            self.connection.conn.sendHeaders(self.id, headers, noBody)
+        except H2Error:
             self._gone()
             return
         self.connection.dirty()
@@ -421,7 +434,7 @@ class ServerStream(_Stream):
             self._localEnd()
 
     def abort(self) -> None:
-        self._reset(ErrorCodes.INTERNAL_ERROR)
+        self._reset(ErrorCode.INTERNAL_ERROR)
 
     def answer(self, status: int, message: str, proxyStatus: str | None = None) -> None:
         """A proxy-made answer (a refusal, an error), complete, on this stream."""
@@ -436,8 +449,8 @@ class ServerStream(_Stream):
             headers.append((b"proxy-status", b"proxygate; error=" + proxyStatus.encode()))
         head = self.request is not None and self.request.method == b"HEAD"
         try:
-            self.connection.conn.send_headers(self.id, headers, end_stream=head)
-        except (StreamClosedError, ProtocolError):
+            self.connection.conn.sendHeaders(self.id, headers, head)
+        except H2Error:
             self._gone()
             return
         self._headSent = True
@@ -462,7 +475,7 @@ class ServerStream(_Stream):
         is complete); what it sent and was not taken is forgotten (and given back).
         """
         if not self._remoteEnded:
-            self._reset(ErrorCodes.NO_ERROR)
+            self._reset(ErrorCode.NO_ERROR)
         else:
             self._gone()
 
@@ -482,18 +495,19 @@ class ServerStream(_Stream):
 class ClientStream(_Stream):
     """
     A stream this proxy opens on an origin's connection: the Upstream side of its exchange.
-    Its id is taken when the head is sent (h2 requires ids in the order streams open).
+    Its id is taken when the head is sent (HTTP/2 requires ids in the order streams open).
     """
 
+    reserved = False  # counted by the connection as about to open
+    _batchExchange = None
+    _method = b"GET"
+    _headReceived = False
+
     def __init__(self, connection, exchange) -> None:
-        super().__init__(connection)
+        self.connection = connection
         self.exchange = exchange
         self.ip = connection.ip
         self.viaProxy = connection.viaProxy
-        self.reserved = False  # counted by the connection as about to open
-        self._batchExchange = None
-        self._method = b"GET"
-        self._headReceived = False
 
     def attach(self, exchange) -> None:
         """The exchange this stream serves (the one it was opened for)."""
@@ -504,13 +518,14 @@ class ClientStream(_Stream):
         self._method = request.method
         empty = request.length == 0 or request.length == NO_BODY
         try:
-            self.id = conn.get_next_available_stream_id()
-            conn.send_headers(self.id, requestHeaders(request), end_stream=empty)
-        except ProtocolError as e:
+            self.id = conn.nextStreamId()
+            conn.sendHeaders(self.id, requestHeaders(request), empty)
+        except H2Error as e:
             # The origin's limits changed under us (fewer streams, GOAWAY): not processed.
+            self.id = 0
             self.connection.unreserve(self)
             self._gone()
-            self._lost(StreamRefused(ErrorCodes.REFUSED_STREAM, f"cannot open a stream: {e}"))
+            self._lost(StreamRefused(ErrorCode.REFUSED_STREAM, f"cannot open a stream: {e}"))
             return
         self.connection.streamOpened(self)
         self.connection.dirty()
@@ -518,7 +533,7 @@ class ClientStream(_Stream):
             self._localEnded = True
 
     def abort(self) -> None:
-        self._reset(ErrorCodes.CANCEL)
+        self._reset(ErrorCode.CANCEL)
 
     def release(self, reuse: bool) -> None:
         """
@@ -531,17 +546,20 @@ class ClientStream(_Stream):
             if self._localEnded and self._remoteEnded:
                 self._gone()  # complete both ways (its last event is what ended it)
             else:
-                self._reset(ErrorCodes.CANCEL)
+                self._reset(ErrorCode.CANCEL)
         self.connection.released(self)
 
-    def headReceived(self, headers, endStream: bool) -> None:
+    def headReceived(self, event) -> None:
+        """A response head (L{gateway.h2.events.ResponseReceived} or a 1xx)."""
         try:
-            if self.connection.headerListSize(headers) > self.connection.limits.maxHeaderListSize:
+            if event.size > self.connection.limits.maxHeaderListSize:
                 raise H2HeaderError(502, "the origin's response head is too large")
-            response = responseFromHeaders(headers, self._method, endStream)
+            if event.error is not None:
+                raise H2HeaderError(502, f"a malformed HTTP/2 response: {event.error}")
+            response = responseFromHead(event.head, self._method, event.endStream)
         except H2HeaderError as e:
             exchange, self.exchange = self.exchange, None
-            self._reset(ErrorCodes.PROTOCOL_ERROR)
+            self._reset(ErrorCode.PROTOCOL_ERROR)
             if exchange is not None:
                 exchange.upstreamFailed(
                     Problem(e.status, "protocol", f"Bad response from the origin: {e.reason}.")
@@ -575,7 +593,7 @@ class ClientStream(_Stream):
         if self.closed:
             return
         self._gone()
-        self._lost(StreamRefused(ErrorCodes.REFUSED_STREAM, "the origin went away first"))
+        self._lost(StreamRefused(ErrorCode.REFUSED_STREAM, "the origin went away first"))
 
     def _batch(self) -> None:
         if not self._inBatch:
@@ -601,6 +619,6 @@ def problemOfReset(reason: Exception) -> Problem:
     """
     if isinstance(reason, StreamRefused):
         return Problem(502, "stream_refused", f"The origin refused the stream: {reason}.")
-    if isinstance(reason, StreamReset) and reason.code == ErrorCodes.REFUSED_STREAM:
+    if isinstance(reason, StreamReset) and reason.code == ErrorCode.REFUSED_STREAM:
         return Problem(502, "stream_refused", "The origin refused the stream (REFUSED_STREAM).")
     return Problem(502, "incomplete", f"The origin's stream ended early: {reason}.")

@@ -6,7 +6,7 @@ the runtime's L{H2Pool}, or an HTTP/1.1 L{OriginConnection} for the HTTP/1.1 poo
 
 Used twice: before an intercepted client's handshake is answered (the tunnel's pre-dial,
 L{gateway.proxy.interception}), and by the connector for requests that came over HTTP/2
-when no pooled connection takes them. Loaded only then: it imports the h2 library.
+when no pooled connection takes them. Loaded only then: it imports gateway.h2.
 """
 
 from __future__ import annotations

@@ -20,6 +20,10 @@ what this origin chose says what the proxy offered.
   HTTP/1.1 one (C{requests}, as mitmorigin does), streams reset by the client (C{resets})
   and the ALPN protocol each connection chose (C{alpn}).
 
+- L{GracefulH2Connection}: the h2 library's connection, but a GOAWAY NO_ERROR leaves it open
+  (h2 closes its state on any GOAWAY), so a test client can see its open streams finish
+  as RFC 9113 §6.8 says they do.
+
 Everything binds 127.0.0.1 on a free port; threads are daemons; every socket wait is bounded.
 """
 
@@ -31,15 +35,33 @@ import ssl
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 
 from tests.support import payloadChunks
 from tests.support.mitmorigin import HTTPSOrigin, OriginPKI
 
-__all__ = ["H2Origin", "h2fetch"]
+__all__ = ["GracefulH2Connection", "H2Origin", "h2fetch"]
 
 HELLO = b"h2 origin\n"
+
+
+class GracefulH2Connection(h2.connection.H2Connection):
+    """h2's connection, kept open by a GOAWAY NO_ERROR (sent or received): streams finish."""
+
+    def close_connection(self, error_code=0, additional_data=None, last_stream_id=None):
+        state = self.state_machine.state
+        super().close_connection(error_code, additional_data, last_stream_id)
+        if error_code == h2.errors.ErrorCodes.NO_ERROR:
+            self.state_machine.state = state
+
+    def _receive_goaway_frame(self, frame):
+        state = self.state_machine.state
+        result = super()._receive_goaway_frame(frame)
+        if frame.error_code == h2.errors.ErrorCodes.NO_ERROR:
+            self.state_machine.state = state
+        return result
 
 
 class _Body:
