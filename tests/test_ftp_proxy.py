@@ -141,9 +141,15 @@ def test_metricsAndAccessLog(ftpProxy, ftpServer):
     viaProxy(ftpProxy, ftpServer.url("/private.txt", f"{USER}:{PASSWORD}@"))
     # The client has every byte (Content-Length) before the FTP server's 226 ends the
     # exchange: its line and count follow a moment later (an earlier test's may too).
+    # Waiting for the count too: the line seen may be the earlier test's, counted after
+    # `before` was read.
     assert waitFor(lambda: ftpProxy.log().count(line) > lines)
-    after = ftpProxy.metric("proxygate_requests_total", mode="ftp", method="GET", code="200")
-    assert after >= before + 1
+    assert waitFor(
+        lambda: (
+            ftpProxy.metric("proxygate_requests_total", mode="ftp", method="GET", code="200")
+            >= before + 1
+        )
+    )
     log = ftpProxy.log()
     assert PASSWORD not in log and f"{USER}:" not in log
 
