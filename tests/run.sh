@@ -5,7 +5,8 @@
 #   chromium (a headless browser driving apps behind the inbound gateway: tests/browser.py),
 #   prometheus (promtool checks and unit-tests the alert rules; a real Prometheus scrapes proxygate),
 #   haproxy (a load balancer sending the PROXY protocol), logrotate (etc/logrotate.d),
-#   iproute2 (network namespaces for the `self` destination tests)
+#   iproute2 (network namespaces for the `self` destination tests), nghttp2-server (nghttpd: an
+#   HTTP/2 origin in C for the h2 codec's interop tests)
 # - a virtualenv (.venv, or $PROXYGATE_VENV) with proxygate and its test dependencies
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +14,7 @@ cd "$(dirname "$0")/.."
 need=()
 for pair in curl:curl openssl:openssl tinyproxy:tinyproxy squid:squid htpasswd:apache2-utils \
     chromium:chromium promtool:prometheus haproxy:haproxy logrotate:logrotate \
-    ip:iproute2; do
+    ip:iproute2 nghttpd:nghttp2-server; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need+=("${pair#*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
