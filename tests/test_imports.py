@@ -35,6 +35,12 @@ PURE = [
     "gateway.inbound.routes",
     "gateway.inbound.balance",
     "gateway.inbound.rewrite",
+    "gateway.h2.frames",
+    "gateway.h2.huffman",
+    "gateway.h2.hpack",
+    "gateway.h2.fields",
+    "gateway.h2.events",
+    "gateway.h2.machine",
 ]
 
 #: Layers below gateway/proxy/: they must not import it (prefix match on module names).
