@@ -189,3 +189,26 @@ def test_gatewayStillOffersItsAPI() -> None:
     assert callable(gateway.loadConfig) and callable(gateway.makeService)
     with pytest.raises(AttributeError):
         gateway.noSuchThing  # noqa: B018
+
+
+#: Packages the tests use as reference peers but proxygate must run without (setup.cfg's `test`
+#: extra, not install_requires): python-hyper's HTTP/2 stack.
+TEST_ONLY = ("h2", "hpack", "hyperframe")
+
+
+def test_noRuntimeImportOfTestOnlyPackages() -> None:
+    """
+    The test venv has h2 installed, so a stray `import h2` in gateway/ would pass every test and
+    fail only in a user's `pip install .`: checked here, on the source.
+    """
+    offenders = {}
+    for path in PACKAGE.rglob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                found.add(node.module.split(".")[0])
+        if found & set(TEST_ONLY):
+            offenders[moduleName(path)] = sorted(found & set(TEST_ONLY))
+    assert offenders == {}
