@@ -6,6 +6,9 @@ origins; nghttpd is a third, independent implementation in C that ends the conne
 GOAWAY at any frame, header block or window overrun it should not accept, and it logs what
 it received (``-v``), so the test can tell that the proxy's leg stayed clean.
 
+Also headless Chromium (tests/support/browser.py) as the client: a page and its fetches over h2
+through the proxy, as a browser behind a corporate MITM gateway loads them.
+
 What is checked: 20 parallel downloads of different sizes (up to 3 MiB, past every window) on
 one tunnel, byte for byte; a 6 MiB upload echoed back (``--echo-upload``: the proxy's flow
 control on both legs at once); trailers from the origin reaching an h2 client; and nghttpd's
@@ -14,6 +17,7 @@ log with no error code sent or received.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 import shutil
@@ -21,8 +25,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from tests.support import ProxyProcess, payload
+from tests.support.browser import CHROMIUM, Chromium
 from tests.support.h2origin import h2fetch
 from tests.support.mitmorigin import OriginPKI
 from tests.support.net import freePort, waitForPort
@@ -123,4 +130,50 @@ def test_uploadEchoedBackAndTrailers(proxy: ProxyProcess, nghttpd: Nghttpd, tmp_
     (nghttpd.htdocs / "small").write_bytes(b"small")
     status, _, got, trailers = h2fetch(nghttpd.port, "/small", proxy.ca, proxyPort=proxy.port)
     assert (status, got, trailers) == (200, b"small", [(b"x-origin-trailer", b"end")])
+    assert nghttpd.errors() == []
+
+
+PAGE = """<!doctype html><title>loading</title><script>
+const sizes = [1000, 65536, 100000, 262144, 1048576];
+Promise.all(sizes.map(async (n) => {
+  const body = new Uint8Array(await (await fetch("/f" + n, {cache: "no-store"})).arrayBuffer());
+  let sum = 0; for (const b of body) sum = (sum + b) % 65521;
+  return n + ":" + body.length + ":" + sum;
+})).then((parts) => {
+  const hops = performance.getEntriesByType("resource").map((e) => e.nextHopProtocol);
+  document.title = "done " + parts.join(" ") + " " + [...new Set(hops)].join(",");
+}, (e) => { document.title = "failed " + e; });
+</script>"""
+
+
+def spkiOf(pem: bytes) -> str:
+    """Chromium's form of a certificate's public key: base64 of the SHA-256 of its SPKI."""
+    key = x509.load_pem_x509_certificate(pem).public_key()
+    der = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return base64.b64encode(hashlib.sha256(der).digest()).decode()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_chromiumLoadsAPageOverH2ThroughInterception(
+    proxy: ProxyProcess, nghttpd: Nghttpd, tmp_path
+):
+    (nghttpd.htdocs / "index.html").write_text(PAGE)
+    expected = []
+    for size in (1000, 65536, 100000, 262144, 1048576):
+        body = payload(size)
+        (nghttpd.htdocs / f"f{size}").write_bytes(body)
+        expected.append(f"{size}:{size}:{sum(body) % 65521}")
+    seen = len(proxy.accessLines())
+    with Chromium(
+        tmp_path, proxy=f"127.0.0.1:{proxy.port}", spki=spkiOf(proxy.ca.read_bytes())
+    ) as b:
+        page = b.page()
+        page.navigate(nghttpd.url("/index.html"))
+        page.waitFor("document.title.startsWith('done') || document.title.startsWith('failed')")
+        title = page.evaluate("document.title")
+    assert title == "done " + " ".join(expected) + " h2", title
+    lines = proxy.accessLines()[seen:]
+    assert sum("/f1048576" in line and "HTTP/2" in line for line in lines) == 1, lines
     assert nghttpd.errors() == []

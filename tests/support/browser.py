@@ -56,8 +56,22 @@ class PageError(Exception):
 class Chromium:
     """One headless chromium process with its own profile under C{workdir}."""
 
-    def __init__(self, workdir: Path, executable: str | None = None) -> None:
+    def __init__(
+        self, workdir: Path, executable: str | None = None, proxy: str | None = None, spki: str = ""
+    ) -> None:
+        """
+        @param proxy: C{host:port} of an HTTP proxy for every URL, loopback ones included
+            (chromium otherwise goes direct to loopback whatever the proxy setting).
+        @param spki: base64 SHA-256 of a public key whose certificates chromium accepts
+            (a test CA's: the certificates proxygate mints under it).
+        """
         self.executable = executable or CHROMIUM
+        self.flags = list(_FLAGS)
+        if proxy is not None:
+            self.flags.remove("--no-proxy-server")
+            self.flags += [f"--proxy-server=http://{proxy}", "--proxy-bypass-list=<-loopback>"]
+        if spki:
+            self.flags.append(f"--ignore-certificate-errors-spki-list={spki}")
         if self.executable is None:
             raise RuntimeError("chromium is not installed (apt-get install chromium)")
         self.profile = workdir / "chromium-profile"
@@ -77,7 +91,7 @@ class Chromium:
         self.profile.mkdir(parents=True)
         self._log = open(self.logPath, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [self.executable, *_FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
+            [self.executable, *self.flags, f"--user-data-dir={self.profile}", "about:blank"],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
