@@ -79,6 +79,17 @@ def curl(proxy: ProxyProcess, *args: str, timeout: float = 60) -> subprocess.Com
     )
 
 
+def assertServesOthers(proxy: ProxyProcess, pki: OriginPKI) -> None:
+    """After cutting one abusive client, the proxy serves an h2 request to a fresh origin."""
+    other = H2Origin(pki)
+    try:
+        done = curl(proxy, "--http2", "-w", "%{http_version}", "-o", "/dev/null",
+                    other.url("/bytes/10"))  # fmt: skip
+        assert done.stdout == b"2", done.stderr
+    finally:
+        other.close()
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> OriginPKI:
     return OriginPKI(tmp_path_factory.mktemp("h2mitm-pki"))
@@ -428,13 +439,7 @@ def test_rapidResetGetsGoawayAndTheProxyServesOthers(fresh, pki):
     assert goaway == [h2.errors.ErrorCodes.ENHANCE_YOUR_CALM]
     assert len(origin.alpn) == 1, "no origin dial per reset stream: the pre-dialled one only"
     assert len(origin.h2requests) <= 250, "at most the reset budget reached the origin"
-    other = H2Origin(pki)
-    try:
-        done = curl(proxy, "--http2", "-w", "%{http_version}", "-o", "/dev/null",
-                    other.url("/bytes/10"))  # fmt: skip
-        assert done.stdout == b"2", done.stderr
-    finally:
-        other.close()
+    assertServesOthers(proxy, pki)
 
 
 # -- memory ----------------------------------------------------------------------------------------
@@ -522,10 +527,4 @@ def test_pingFloodFromAClientThatDoesNotReadIsCut(fresh, pki):
         session.close()
         origin.close()
     assert sent < 64 * 2**20
-    other = H2Origin(pki)
-    try:
-        done = curl(proxy, "--http2", "-w", "%{http_version}", "-o", "/dev/null",
-                    other.url("/bytes/10"))  # fmt: skip
-        assert done.stdout == b"2", done.stderr
-    finally:
-        other.close()
+    assertServesOthers(proxy, pki)
