@@ -56,11 +56,12 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 
-from gateway.h2.connection import H2Limits, H2ServerProtocol
+from gateway.h2.connection import H2ClientProtocol, H2Limits, H2ServerProtocol
 from gateway.h2.frames import MAX_WINDOW, PREFACE, frameHeader, settingsFrame
 from gateway.h2.hpack import Decoder, Encoder, HPACKError
 from gateway.h2.huffman import HuffmanError, huffmanDecode, huffmanEncode
 from gateway.h2.machine import H2Machine, ProtocolError
+from gateway.message import Request
 from tests.support import ProxyProcess
 from tests.support.h2origin import H2Origin
 from tests.support.mitmorigin import OriginPKI
@@ -683,6 +684,35 @@ def test_serverProtocolOnMutatedClientTraffic(data) -> None:
             clock.advance(0)  # what the exchanges' callLater(0)s do
         if not transport.disconnecting:
             # open: the application goes on; the idle timeout closes what stays open
+            assert not protocol.conn.terminated
+            for _ in range(5):
+                clock.advance(10.0)
+        assert transport.disconnecting, "a connection neither open nor closed"
+        protocol.connectionLost(Failure(ConnectionDone()))
+        clock.advance(60)
+    assert errors.events == []
+
+
+@settings(BASE, max_examples=examples(150), deadline=timedelta(seconds=2))
+@given(st.data())
+def test_clientProtocolOnMutatedServerTraffic(data) -> None:
+    """The same for the origin-facing side: streams opened by requests, an origin's answers."""
+    requests, (start, frames) = data.draw(serverTraffic())
+    reads = [start, *data.draw(splits(mutatedFrames(data.draw, frames)))]
+    with ErrorLog() as errors:
+        clock = task.Clock()
+        protocol = H2ClientProtocol(H2Limits(idleTimeout=10.0), clock)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        for i in range(requests):
+            stream = protocol.openStream(AnsweringExchange(None))
+            stream.sendHead(Request(b"GET", "https", "example.com", 443, b"example.com",
+                                    b"/%d" % i, b"HTTP/1.1", [], 0))  # fmt: skip
+        protocol.flush()
+        for chunk in reads:
+            protocol.dataReceived(chunk)
+            clock.advance(0)
+        if not transport.disconnecting:
             assert not protocol.conn.terminated
             for _ in range(5):
                 clock.advance(10.0)
