@@ -321,7 +321,7 @@ def echo():
 def h2gateway(startProxy, echo, pki, tmp_path):
     """proxygate with an ssl: [reverse] listener, http2 = on, and ROUTES to an echo backend."""
 
-    def start(http2: str = "on"):
+    def start(http2: str = "on", plain: bool = False):
         app, gone = echo("app"), echo("gone")
         gone.stop()
         users = tmp_path / "users"
@@ -329,7 +329,8 @@ def h2gateway(startProxy, echo, pki, tmp_path):
         users.write_text(f"alice:{{SHA}}{digest}\n")
         gw = startProxy(
             LOOPBACK_INI
-            + f"\n[auth]\nhtpasswd = {users}\n\n[reverse]\nlisten = {sslListen(pki)}\n"
+            + f"\n[auth]\nhtpasswd = {users}\n\n[reverse]\nlisten = {sslListen(pki)}"
+            + (" tcp:0:interface=127.0.0.1\n" if plain else "\n")
             + f"http2 = {http2}\n"
             + ROUTES.format(app=app.url, gone=gone.url)
         )
@@ -426,8 +427,12 @@ def test_curlOverH2GetsWhatHTTP11Gets(h2gateway, pki, tmp_path) -> None:
 
 
 def test_http11ClientsAndWebSocketsOnTheSameListener(h2gateway, pki) -> None:
-    gw = h2gateway()
+    gw = h2gateway(plain=True)
     assert fetch(pki, gw.base + "/app/", "--http1.1")[:2] == ("1.1", 200)
+    # a tcp: listener speaks HTTP/1.1 only, http2 = on or not (no h2c)
+    plain = f"http://127.0.0.1:{gw.gatewayPorts[1]}/app/"
+    assert fetch(pki, plain)[:2] == ("1.1", 200)
+    assert curl(pki, "--http2-prior-knowledge", plain).returncode != 0
     s = requests.Session()
     s.trust_env = False
     r = s.get(gw.base + "/app/r", verify=str(pki.caCert))
