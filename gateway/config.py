@@ -291,14 +291,16 @@ def _isLocalOnly(description: str) -> bool:
     return address is not None and address.is_loopback
 
 
-def serverEndpoint(reactor, description: str, wrapProxied=None):
+def serverEndpoint(reactor, description: str, wrapProxied=None, alpn: tuple[str, ...] = ()):
     """
     The server endpoint for C{description}: Twisted's C{serverFromString}, except C{ssl:},
     which is proxygate's own (L{gateway.tls.listener}: the standard library's TLS, no
     pyOpenSSL), and C{haproxy:}, proxygate's own too (L{gateway.proxyprotocol}: the PROXY
     header's client is the peer from the first request on). C{wrapProxied} makes the
     factory of a C{haproxy:} listener from the protocol factory (its clock, header timeout
-    and refusal report); by default L{gateway.proxyprotocol.ProxyHeaderFactory}'s.
+    and refusal report); by default L{gateway.proxyprotocol.ProxyHeaderFactory}'s. C{alpn}:
+    the protocols an C{ssl:} listener (not one inside C{haproxy:}) agrees to, in its order
+    of preference; empty: http/1.1 only.
     """
     kind, args, kwargs = endpointParts(description)
     if kind == "haproxy":
@@ -311,7 +313,7 @@ def serverEndpoint(reactor, description: str, wrapProxied=None):
     if kind == "ssl":
         from .tls.listener import sslServerEndpoint
 
-        return sslServerEndpoint(reactor, args, kwargs)
+        return sslServerEndpoint(reactor, args, kwargs, alpn)
     from twisted.internet.endpoints import serverFromString
 
     return serverFromString(reactor, description)

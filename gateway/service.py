@@ -179,11 +179,6 @@ class GatewayService(MultiService):
                 port=h.port,
                 routes=len(self.config.routes),
             )
-        if self.reverse is not None and self.config.reverse.http2:
-            self.log.info(
-                "[reverse] http2 = on: takes effect once proxygate speaks HTTP/2; "
-                "the gateway serves HTTP/1.1 until then"
-            )
         if self.reverse is None and self.config.routes:
             self.log.warn("[route] sections are not served: [reverse] listen is empty")
         for port in self.metricsPorts:
@@ -233,7 +228,11 @@ class GatewayService(MultiService):
             for description in self.config.reverse.listen:
                 scheme = "https" if endpointParts(description)[0] == "ssl" else "http"
                 gateway = ReverseFactory(self.reverse, scheme)
-                self.reversePorts.append(self._listenOne(description, gateway, self.listenReactor))
+                # h2 for the browsers that offer it, http/1.1 for the rest (and WebSockets).
+                alpn = ("h2", "http/1.1") if scheme == "https" and self.config.reverse.http2 else ()
+                self.reversePorts.append(
+                    self._listenOne(description, gateway, self.listenReactor, alpn)
+                )
         if self.config.metrics.listen:
             # A slow or idle scrape connection gets what a proxy client gets for its head.
             self.metricsFactory = MetricsServerFactory(
@@ -244,10 +243,11 @@ class GatewayService(MultiService):
             for description in self.config.metrics.listen:
                 self.metricsPorts.append(self._listenOne(description, self.metricsFactory))
 
-    def _listenOne(self, description: str, factory, reactor=None):
+    def _listenOne(self, description: str, factory, reactor=None, alpn: tuple = ()):
         if reactor is None:
             reactor = self.reactor
-        d = serverEndpoint(reactor, _withBacklog(description), self._proxied).listen(factory)
+        endpoint = serverEndpoint(reactor, _withBacklog(description), self._proxied, alpn)
+        d = endpoint.listen(factory)
         result: list = []
         d.addBoth(result.append)
         if not result:

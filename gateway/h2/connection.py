@@ -550,8 +550,7 @@ class H2ServerProtocol(H2Protocol):
                 raise H2HeaderError(431, "The request's header fields are larger than allowed.")
             if event.error is not None:
                 raise H2HeaderError(400, f"a malformed HTTP/2 request: {event.error}")
-            scheme, host, port, authority = self.target
-            stream.request = requestFromHead(event.head, scheme, host, port, authority, endStream)
+            stream.request = self.requestOf(event.head, endStream)
         except H2HeaderError as e:
             if endStream:
                 stream._remoteEnded = True
@@ -567,6 +566,16 @@ class H2ServerProtocol(H2Protocol):
             stream._remoteEnded = True
         self.requests += 1
         self._pending.append(stream)
+
+    def requestOf(self, head: tuple, endStream: bool):
+        """
+        The request of a stream's header block (taken apart): every request goes to the
+        C{target}. A subclass serving other destinations (the inbound gateway) says how.
+
+        @raise H2HeaderError: for a request refused (answered with its status).
+        """
+        scheme, host, port, authority = self.target
+        return requestFromHead(head, scheme, host, port, authority, endStream)
 
     def _readDone(self) -> None:
         # Dispatch what this read opened, unless this same read reset it (Rapid Reset:

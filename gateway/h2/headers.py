@@ -32,6 +32,7 @@ from .fields import trailerFields as _trailerFields
 
 __all__ = [
     "H2HeaderError",
+    "gatewayRequestFromHead",
     "requestFromHead",
     "requestFromHeaders",
     "requestHeaders",
@@ -101,8 +102,36 @@ def requestFromHead(
     @param endStream: the header block ended the stream (no body).
     @raise H2HeaderError: 400 for a request the proxy refuses (CONNECT: 501).
     """
+    method, path, fields, length = _checked(head, scheme, endStream)
+    # The head may be shared (the connection remembers repeated header blocks): a copy of
+    # its fields, which the exchange may change.
+    return Request(method, scheme, host, port, authority, path, b"HTTP/2", list(fields), length)
+
+
+def gatewayRequestFromHead(head: tuple, scheme: str, endStream: bool) -> Request:
+    """
+    The request of a client's h2 stream to the inbound gateway (an C{ssl:} C{[reverse]}
+    listener): as L{requestFromHead}, but its authority is the one it names (:authority,
+    else Host; empty without either, as an HTTP/1.0 request without Host), which picks the
+    route; the host and port are the backend's, set once a backend is chosen.
+
+    @raise H2HeaderError: 405 for CONNECT (the gateway is not a forward proxy), 400 for a
+        request the gateway refuses.
+    """
+    method, path, fields, length = _checked(head, scheme, endStream, connect=405)
+    authority = head[2] if head[2] is not None else head[6]
+    return Request(method, scheme, "", 0, authority or b"", path, b"HTTP/2", list(fields), length)
+
+
+def _checked(head: tuple, scheme: str, endStream: bool, connect: int = 501) -> tuple:
+    """
+    What a request head must be to be forwarded (see L{requestFromHead}): its method, path,
+    fields and length.
+    """
     method, requestScheme, requestAuthority, path, fields, length, hostField = head
     if method == b"CONNECT":
+        if connect == 405:
+            raise H2HeaderError(405, "CONNECT is refused: this is not a forward proxy")
         raise H2HeaderError(501, "CONNECT inside an HTTP/2 tunnel is not supported")
     if requestScheme != _SCHEMES.get(scheme) and requestScheme.lower() != _SCHEMES.get(scheme):
         raise H2HeaderError(400, f"a request for {requestScheme!r} inside an {scheme} tunnel")
@@ -120,9 +149,7 @@ def requestFromHead(
         # No body: an HTTP/1.1 origin is told "Content-Length: 0" only where it stated one,
         # or for a method whose requests state their length.
         length = 0 if length == 0 or method in _BODY_METHODS else NO_BODY
-    # The head may be shared (the connection remembers repeated header blocks): a copy of
-    # its fields, which the exchange may change.
-    return Request(method, scheme, host, port, authority, path, b"HTTP/2", list(fields), length)
+    return method, path, fields, length
 
 
 _SCHEMES = {"https": b"https", "http": b"http"}

@@ -21,7 +21,7 @@ from ..exchange.transaction import Transaction
 from ..h2.connection import H2Limits, H2ServerProtocol
 from ..http1.headers import bracketed
 
-__all__ = ["TunnelH2Server"]
+__all__ = ["TunnelH2Server", "maxForwardsProblem"]
 
 
 @implementer(IHandshakeListener)
@@ -72,7 +72,7 @@ class TunnelH2Server(H2ServerProtocol):
         tunnel = self.tunnel
         request = stream.request
         if request.method == b"TRACE" or request.method == b"OPTIONS":
-            problem = _maxForwards(request)
+            problem = maxForwardsProblem(request)
             if problem is not None:
                 self._answer(stream, problem, request.method, request.path)
                 return None
@@ -106,7 +106,7 @@ class TunnelH2Server(H2ServerProtocol):
         t.record()
 
 
-def _maxForwards(request) -> Problem | None:
+def maxForwardsProblem(request) -> Problem | None:
     """
     RFC 9110 §7.6.2 for TRACE and OPTIONS, as on HTTP/1.1: the proxy answers a Max-Forwards
     of 0 itself (200 for OPTIONS, 405 for TRACE) and refuses an invalid one (400); any

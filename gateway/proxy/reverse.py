@@ -14,7 +14,9 @@ forward listeners, the other way round, never consult the routes.)
 Between routing and the exchange, in this order, as the gateway's own answers: the route's
 login (401), a stated body over C{max_body_size} (413, before any backend is dialled), every
 backend down (503 with Retry-After). A chunked body is counted as it streams, and cut with
-413 when it passes the limit.
+413 when it passes the limit. These decisions are L{gateway.inbound.frontdoor}'s, shared
+with the HTTP/2 door (L{gateway.proxy.reverseh2}), to which a connection on an ssl: listener
+hands its socket when the client chose h2.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from ..http1.headers import Target
 from ..http1.parse import HTTPError, RequestHead
 from ..http1.rewrite import requestFromHead, upgradeOffer
 from ..inbound.exchange import RoutedExchange, publicURL
-from ..inbound.routes import Redirect, Routed, hostKey
+from ..inbound.frontdoor import ALLOW, NOT_A_PROXY, Local, admit, loginRequired, routeOf
+from ..inbound.routes import Routed
 from ..tls.contexts import clientCreator
 from ..tls.layer import wrapEndpoint
 from .backend import BackendConnector
@@ -36,12 +39,6 @@ from .flow import PIPELINE
 from .origin import OriginPool
 
 __all__ = ["LimitedBody", "ReverseConnection", "ReverseFactory", "ReverseRuntime"]
-
-_NOT_A_PROXY = (
-    "This is the inbound gateway of proxygate: it serves its routes, and is not a forward "
-    "proxy. Use proxygate's proxy listener as your http_proxy instead."
-)
-_ALLOW = [(b"Allow", b"GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH")]
 
 
 class ReverseRuntime:
@@ -153,23 +150,38 @@ class ReverseConnection(ClientConnection):
         self.mode = "reverse"
         self.scheme = scheme
 
+    def handshakeCompleted(self) -> None:
+        """
+        The ssl: listener's handshake: a client that chose h2 (offered with C{[reverse]
+        http2 = on}) is served by an h2 connection from now on, which takes this one's place
+        (in the connection count and the drain); any other speaks HTTP/1.1 here.
+        """
+        super().handshakeCompleted()
+        if self._state != CLOSED and self.transport.negotiatedProtocol == b"h2":
+            # Imported here: a gateway without h2 clients never loads the h2 codec.
+            from .reverseh2 import ReverseH2Server
+
+            rt = self.rt
+            self._state = CLOSED
+            self._cancelTimer()
+            rt.connections.discard(self)
+            layer = self.transport
+            server = ReverseH2Server(rt, self.client, self.scheme)
+            layer.wrappedProtocol = server
+            server.makeConnection(layer)
+
     def _dispatch(self, head: RequestHead, tokens, user: str | None) -> None:
         if head.method == b"CONNECT":
             self._answer(
-                head, Problem(405, "proxy_request", _NOT_A_PROXY), close=True, extraFields=_ALLOW
+                head, Problem(405, "proxy_request", NOT_A_PROXY), close=True, extraFields=ALLOW
             )
             return
         try:
             authority, target, absolute = gatewayTarget(head)
             framing = requestFraming(head)
-            final = maxForwards(head)
-            inbound = self.rt.inbound
-            if absolute and not inbound.namesHost(hostKey(authority)):
-                result = Problem(400, "proxy_request", _NOT_A_PROXY)
-            elif final is not None:
-                result = Problem(final, "max_forwards", "Max-Forwards reached zero at proxygate.")
-            else:
-                result = inbound.match(authority, target)
+            result = routeOf(
+                self.rt.inbound, head.method, authority, target, absolute, maxForwards(head)
+            )
         except HTTPError as e:
             self._reject(problemForStatus(e.status, e.reason), head)
             return
@@ -179,37 +191,24 @@ class ReverseConnection(ClientConnection):
             else:
                 self._forward(head, tokens, framing, authority, result, None)
             return
-        extraFields = ()
-        if result is None:
-            result = Problem(404, "no_route", "No route of this gateway serves this URL.")
-        elif isinstance(result, Redirect):
-            location = result.location
-            extraFields = [(b"Location", location)]
-            result = Problem(
-                result.status(head.method),
-                "redirect",
-                f"This is served under {location.decode('ascii', 'replace')}.",
-            )
-        self._local(head, result, framing, authority, target, extraFields)
+        self._local(head, result, framing, authority, target)
 
     def _local(
         self,
         head: RequestHead,
-        problem: Problem,
+        local: Local,
         framing: Framing,
         authority: bytes,
         target: bytes,
-        extraFields=(),
-        routed: Routed | None = None,
         user: str | None = None,
-        close: bool = False,
     ) -> None:
         """The gateway's own answer (and its record: the route's, when one was matched)."""
+        routed = local.routed
         self._answer(
             head,
-            problem,
-            close=close or not self.persistent or framing.kind != NONE,
-            extraFields=extraFields,
+            local.problem,
+            close=local.close or not self.persistent or framing.kind != NONE,
+            extraFields=local.fields,
             url=publicURL(self.scheme, authority, target),
             user=user,
             route=None if routed is None else routed.route.name,
@@ -242,11 +241,8 @@ class ReverseConnection(ClientConnection):
         if isinstance(user, str):
             self._forward(head, tokens, framing, authority, routed, user)
             return
-        problem = Problem(
-            401, "unauthorized", "This page needs you to log in: send your user name and password."
-        )
-        challenge = [(b"WWW-Authenticate", self.rt.users.challenge())]
-        self._local(head, problem, framing, authority, routed.publicTarget, challenge, routed)
+        local = loginRequired(self.rt.users, routed)
+        self._local(head, local, framing, authority, routed.publicTarget)
 
     def _forward(
         self,
@@ -258,29 +254,11 @@ class ReverseConnection(ClientConnection):
         user: str | None,
     ) -> None:
         """The request is the route's: check its body and backends, then the exchange."""
+        pick = admit(routed, framing.length if framing.kind == LENGTH else None, head.values)
+        if type(pick) is Local:
+            self._local(head, pick, framing, authority, routed.publicTarget, user)
+            return
         route = routed.route
-        name = route.name
-        if framing.kind == LENGTH and route.bodyTooLarge(framing.length):
-            # Before any backend is dialled; the body is not read: close after the answer.
-            problem = Problem(
-                413,
-                "too_large",
-                f"The request body ({framing.length} bytes) is larger than route {name} "
-                f"accepts ({route.config.max_body_size} bytes).",
-            )
-            self._local(
-                head, problem, framing, authority, routed.publicTarget, (), routed, user, True
-            )
-            return
-        pool = route.pool
-        pick = pool.pick(head.values(b"cookie") if pool.balance == "sticky" else ())
-        if pick is None:
-            problem = Problem(
-                503, "unavailable", f"Every backend of route {name} is down: retry later."
-            )
-            retry = [(b"Retry-After", b"%d" % pool.retryAfter())]
-            self._local(head, problem, framing, authority, routed.publicTarget, retry, routed, user)
-            return
         upgrade = upgradeOffer(head, framing) if b"upgrade" in tokens else None
         backend = pick.backend.url
         target = Target(backend.scheme, backend.host, backend.port, routed.target, authority)
@@ -305,7 +283,7 @@ class ReverseConnection(ClientConnection):
             body = framing.reader()
             limit = route.config.max_body_size
             if limit and framing.kind == CHUNKED:
-                body = LimitedBody(body, limit, name)
+                body = LimitedBody(body, limit, route.name)
         self._run(RoutedExchange(self.rt, self, request, routed, pick, self.scheme, user), body)
 
 

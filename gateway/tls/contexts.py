@@ -91,13 +91,15 @@ _SERVER_OPTIONS = (
 )
 
 
-def newServerContext(protocol: str = HTTP11) -> ssl.SSLContext:
+def newServerContext(protocol: str | tuple[str, ...] = HTTP11) -> ssl.SSLContext:
     """
     A server context with the shared security settings and ALPN, but no
     certificate yet.
 
     @param protocol: the one ALPN protocol agreed to (C{HTTP11} or C{H2}); a client that
         does not offer it gets no ALPN answer (and speaks HTTP/1.1, RFC 7301 §3.2 lets it).
+        Or several, in the server's order of preference (C{(H2, HTTP11)}: the inbound
+        gateway's ssl: listeners with C{[reverse] http2 = on}).
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -105,7 +107,7 @@ def newServerContext(protocol: str = HTTP11) -> ssl.SSLContext:
     ctx.set_ciphers(MODERN_CIPHERS)
     applyGroups(ctx)
     ctx.num_tickets = 0
-    ctx.set_alpn_protocols([protocol])
+    ctx.set_alpn_protocols([protocol] if isinstance(protocol, str) else list(protocol))
     return ctx
 
 

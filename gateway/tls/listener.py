@@ -26,7 +26,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IStreamServerEndpoint
 from zope.interface import implementer
 
-from .contexts import ServerTLS, loadChain, newServerContext
+from .contexts import HTTP11, ServerTLS, loadChain, newServerContext
 from .layer import TLSFactory, sslReason
 
 __all__ = ["SSLServerEndpoint", "sslServerEndpoint"]
@@ -61,10 +61,14 @@ class SSLServerEndpoint:
         )
 
 
-def sslServerEndpoint(reactor, args: list[str], kwargs: dict[str, str]) -> SSLServerEndpoint:
+def sslServerEndpoint(
+    reactor, args: list[str], kwargs: dict[str, str], alpn: tuple[str, ...] = ()
+) -> SSLServerEndpoint:
     """
     The endpoint for the fields of an C{ssl:} string (split by
-    L{gateway.config.endpointParts}).
+    L{gateway.config.endpointParts}), agreeing to the ALPN protocols C{alpn} (in the
+    server's order of preference; the protocol reads C{negotiatedProtocol}), by default
+    http/1.1 only.
 
     @raise ValueError: with one line saying what is wrong (an option, a port, a file).
     """
@@ -86,11 +90,11 @@ def sslServerEndpoint(reactor, args: list[str], kwargs: dict[str, str]) -> SSLSe
     if "extraCertChain" in kwargs:
         files.append(kwargs["extraCertChain"])
     files.append(privateKey)
-    context = serverContext(*files)
+    context = serverContext(*files, alpn=alpn or (HTTP11,))
     return SSLServerEndpoint(reactor, int(port), context, int(backlog), kwargs.get("interface", ""))
 
 
-def serverContext(*paths: str) -> ssl.SSLContext:
+def serverContext(*paths: str, alpn: tuple[str, ...] = (HTTP11,)) -> ssl.SSLContext:
     """
     A server context with the certificates and the key of the PEM files C{paths}
     (certificate first, then any chain, then the key), checked now.
@@ -109,7 +113,7 @@ def serverContext(*paths: str) -> ssl.SSLContext:
         raise ValueError(f"no PEM certificate in {paths[0]}")
     if b"PRIVATE KEY-----" not in pem[paths[-1]]:
         raise ValueError(f"no PEM private key in {paths[-1]}")
-    context = newServerContext()
+    context = newServerContext(alpn)
     try:
         loadChain(context, b"\n".join(pem.values()), password=_encrypted)
     except _EncryptedKey:
