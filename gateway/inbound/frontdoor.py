@@ -20,7 +20,7 @@ from ..message import Fields
 from .balance import Pick
 from .routes import Redirect, Routed, hostKey
 
-__all__ = ["ALLOW", "NOT_A_PROXY", "Local", "admit", "loginRequired", "routeOf"]
+__all__ = ["ALLOW", "NOT_A_PROXY", "Local", "admit", "backendFields", "loginRequired", "routeOf"]
 
 NOT_A_PROXY = (
     "This is the inbound gateway of proxygate: it serves its routes, and is not a forward "
@@ -112,3 +112,23 @@ def admit(routed: Routed, length: int | None, values: Callable[[bytes], list]) -
         )
         return Local(problem, [(b"Retry-After", b"%d" % pool.retryAfter())], routed)
     return pick
+
+
+def backendFields(
+    routed: Routed, fields: Fields, client, scheme: str, authority: bytes, user: str | None
+) -> Fields:
+    """
+    The fields a routed request takes to its backend, whichever door it came in by: the
+    route's rewriting (forwarding and identity fields, the prefix, static fields) of the
+    client's C{fields}.
+    """
+    return routed.route.requests.fields(
+        fields,
+        client=client,
+        scheme=scheme,
+        authority=authority,
+        prefix=routed.prefix,
+        stripped=routed.stripped,
+        publicTarget=routed.publicTarget,
+        user=user,
+    )

@@ -29,7 +29,15 @@ from ..http1.headers import Target
 from ..http1.parse import HTTPError, RequestHead
 from ..http1.rewrite import requestFromHead, upgradeOffer
 from ..inbound.exchange import RoutedExchange, publicURL
-from ..inbound.frontdoor import ALLOW, NOT_A_PROXY, Local, admit, loginRequired, routeOf
+from ..inbound.frontdoor import (
+    ALLOW,
+    NOT_A_PROXY,
+    Local,
+    admit,
+    backendFields,
+    loginRequired,
+    routeOf,
+)
 from ..inbound.routes import Routed
 from ..tls.contexts import clientCreator
 from ..tls.layer import wrapEndpoint
@@ -263,15 +271,8 @@ class ReverseConnection(ClientConnection):
         backend = pick.backend.url
         target = Target(backend.scheme, backend.host, backend.port, routed.target, authority)
         request = requestFromHead(head, target, framing, tokens, upgrade)
-        request.fields = route.requests.fields(
-            request.fields,
-            client=self.client,
-            scheme=self.scheme,
-            authority=authority,
-            prefix=routed.prefix,
-            stripped=routed.stripped,
-            publicTarget=routed.publicTarget,
-            user=user,
+        request.fields = backendFields(
+            routed, request.fields, self.client, self.scheme, authority, user
         )
         # The route's idle limit, for its body, its response and its WebSocket (the
         # connection's own was armed when the head was read).

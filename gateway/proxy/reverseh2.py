@@ -30,7 +30,7 @@ from ..h2.connection import H2Limits, H2ServerProtocol
 from ..h2.headers import gatewayRequestFromHead
 from ..http1.parse import HTTPError
 from ..inbound.exchange import RoutedExchange, publicURL
-from ..inbound.frontdoor import Local, admit, loginRequired, routeOf
+from ..inbound.frontdoor import Local, admit, backendFields, loginRequired, routeOf
 from ..inbound.routes import Routed
 from .h2tunnel import maxForwardsProblem
 
@@ -151,16 +151,7 @@ class ReverseH2Server(H2ServerProtocol):
         request.host = backend.host
         request.port = backend.port
         request.path = routed.target
-        request.fields = route.requests.fields(
-            fields,
-            client=self.client,
-            scheme=self.scheme,
-            authority=authority,
-            prefix=routed.prefix,
-            stripped=routed.stripped,
-            publicTarget=routed.publicTarget,
-            user=user,
-        )
+        request.fields = backendFields(routed, fields, self.client, self.scheme, authority, user)
         kind = CountedExchange if length is None and route.config.max_body_size else H2Exchange
         exchange = kind(self.rt, stream, request, routed, pick, self.scheme, user)
         exchange.begin()
