@@ -203,6 +203,20 @@ def _outFields(headers: Headers, fields, te: bool) -> None:
             append((b"te", b"trailers"))
 
 
+def _addFields(headers: Headers, message: Request | Response, te: bool) -> None:
+    """
+    A message's fields after its pseudo-header fields: the end-to-end ones (a head that came
+    over HTTP/2 was checked on the way in and goes as it is; an HTTP/1.1 one is filtered for
+    h2, TE kept on requests if C{te}), then the proxy's own (Via, X-Forwarded-For).
+    """
+    if message.version == b"HTTP/2":
+        headers += message.fields
+    else:
+        _outFields(headers, message.fields, te)
+    if message.proxyFields:
+        _outFields(headers, message.proxyFields, te)
+
+
 def requestHeaders(request: Request) -> Headers:
     """The header block sending C{request} on an h2 stream to its origin."""
     headers: Headers = [
@@ -211,13 +225,7 @@ def requestHeaders(request: Request) -> Headers:
         (b":authority", request.authority),
         (b":path", request.path),
     ]
-    # The proxy's own fields (Via, X-Forwarded-For) follow the end-to-end ones.
-    if request.version == b"HTTP/2":
-        headers += request.fields
-    else:
-        _outFields(headers, request.fields, True)
-    if request.proxyFields:
-        _outFields(headers, request.proxyFields, True)
+    _addFields(headers, request, True)
     length = request.length
     if length is not UNKNOWN and length != NO_BODY and (length or request.method in _BODY_METHODS):
         headers.append((b"content-length", b"%d" % length))
@@ -264,12 +272,7 @@ def responseFromHead(head: tuple, method: bytes, endStream: bool) -> Response:
 def responseHeaders(response: Response, method: bytes) -> Headers:
     """The header block answering a client's h2 stream (whose request was C{method})."""
     headers: Headers = [(b":status", b"%d" % response.status)]
-    if response.version == b"HTTP/2":
-        headers += response.fields
-    else:
-        _outFields(headers, response.fields, False)
-    if response.proxyFields:
-        _outFields(headers, response.proxyFields, False)
+    _addFields(headers, response, False)
     status = response.status
     if status < 200:
         return headers
