@@ -17,7 +17,6 @@ log with no error code sent or received.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import re
 import shutil
@@ -25,8 +24,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from tests.support import ProxyProcess, payload
 from tests.support.browser import CHROMIUM, Chromium
@@ -146,15 +143,6 @@ Promise.all(sizes.map(async (n) => {
 </script>"""
 
 
-def spkiOf(pem: bytes) -> str:
-    """Chromium's form of a certificate's public key: base64 of the SHA-256 of its SPKI."""
-    key = x509.load_pem_x509_certificate(pem).public_key()
-    der = key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return base64.b64encode(hashlib.sha256(der).digest()).decode()
-
-
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
 def test_chromiumLoadsAPageOverH2ThroughInterception(
     proxy: ProxyProcess, nghttpd: Nghttpd, tmp_path
@@ -166,9 +154,7 @@ def test_chromiumLoadsAPageOverH2ThroughInterception(
         (nghttpd.htdocs / f"f{size}").write_bytes(body)
         expected.append(f"{size}:{size}:{sum(body) % 65521}")
     seen = len(proxy.accessLines())
-    with Chromium(
-        tmp_path, proxy=f"127.0.0.1:{proxy.port}", spki=spkiOf(proxy.ca.read_bytes())
-    ) as b:
+    with Chromium(tmp_path, proxy=f"127.0.0.1:{proxy.port}", trust=proxy.ca.read_bytes()) as b:
         page = b.page()
         page.navigate(nghttpd.url("/index.html"))
         page.waitFor("document.title.startsWith('done') || document.title.startsWith('failed')")

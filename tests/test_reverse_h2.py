@@ -469,8 +469,6 @@ def shiny(tmp_path):
 @needsChromium
 def test_browserDrivesTheShinyAppOverH2(shiny, startProxy, pki, tmp_path) -> None:
     """The page over h2; the app's WebSocket on an HTTP/1.1 connection to the same listener."""
-    from tests.test_h2_nghttpd import spkiOf
-
     gateway = startProxy(
         LOOPBACK_INI
         + f"""
@@ -487,7 +485,7 @@ timeout = 3600
 """
     )
     port = gateway.gatewayPorts[0]
-    with Chromium(tmp_path, spki=spkiOf(pki.cert.read_bytes())) as browser:
+    with Chromium(tmp_path, trust=pki.cert.read_bytes()) as browser:
         page = browser.page()
         page.navigate(f"https://127.0.0.1:{port}/apps/shiny/")
         assert page.evaluate("location.pathname") == "/apps/shiny/"

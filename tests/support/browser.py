@@ -15,6 +15,8 @@ Every wait has a deadline.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import itertools
 import json
 import shutil
@@ -24,6 +26,8 @@ import urllib.request
 from pathlib import Path
 
 import websocket
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from tests.support import stopProcess
 
@@ -49,6 +53,15 @@ _FLAGS = [
 ]
 
 
+def _spki(pem: bytes) -> str:
+    """Chromium's form of a certificate's public key: base64 of the SHA-256 of its SPKI."""
+    key = x509.load_pem_x509_certificate(pem).public_key()
+    der = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return base64.b64encode(hashlib.sha256(der).digest()).decode()
+
+
 class PageError(Exception):
     """The page threw, or a condition was not met in time (the message says which)."""
 
@@ -57,21 +70,26 @@ class Chromium:
     """One headless chromium process with its own profile under C{workdir}."""
 
     def __init__(
-        self, workdir: Path, executable: str | None = None, proxy: str | None = None, spki: str = ""
+        self,
+        workdir: Path,
+        executable: str | None = None,
+        proxy: str | None = None,
+        trust: bytes = b"",
     ) -> None:
         """
         @param proxy: C{host:port} of an HTTP proxy for every URL, loopback ones included
             (chromium otherwise goes direct to loopback whatever the proxy setting).
-        @param spki: base64 SHA-256 of a public key whose certificates chromium accepts
-            (a test CA's: the certificates proxygate mints under it).
+        @param trust: a certificate (PEM) whose key chromium accepts in any chain it is
+            shown (a test CA's: the certificates proxygate mints under it), by SPKI hash, as
+            the profile has no trust store of its own to add it to.
         """
         self.executable = executable or CHROMIUM
         self.flags = list(_FLAGS)
         if proxy is not None:
             self.flags.remove("--no-proxy-server")
             self.flags += [f"--proxy-server=http://{proxy}", "--proxy-bypass-list=<-loopback>"]
-        if spki:
-            self.flags.append(f"--ignore-certificate-errors-spki-list={spki}")
+        if trust:
+            self.flags.append(f"--ignore-certificate-errors-spki-list={_spki(trust)}")
         if self.executable is None:
             raise RuntimeError("chromium is not installed (apt-get install chromium)")
         self.profile = workdir / "chromium-profile"
